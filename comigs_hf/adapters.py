@@ -1,0 +1,175 @@
+"""Generalist experts <-> standard PEFT LoRA adapters.
+
+A generalist is saved exactly as PEFT saves a LoRA adapter on the base model: `adapter_config.json` plus
+`adapter_model.safetensors` with keys `base_model.model.<module path>.lora_{A,B}.weight`. `target_modules` lists the
+full module paths of the expert projections, so GPT-2's `attn.c_proj` is never caught by a bare `c_proj`.
+
+What comes from the Hub or another client is untrusted: tensors are read with safetensors only, and every key, shape
+and value is checked before anything is written into the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from huggingface_hub import snapshot_download
+from peft import LoraConfig
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from .modeling_comigs import CoMiGSForCausalLM
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+def _generalist_layers(model: CoMiGSForCausalLM, index: int) -> list[tuple[str, object]]:
+    """(adapter name, layer) for every projection that generalist `index` occupies, attention adapter included."""
+    if not 0 <= index < model.config.num_generalists:
+        raise ValueError(f"Generalist index {index} is out of range: the model has {model.config.num_generalists}.")
+    name = f"generalist_{index}"
+    layers = []
+    for layer in model.lora_layers():
+        if name in layer.lora_A:
+            layers.append((name, layer))
+        elif "attention" in layer.lora_A:
+            layers.append(("attention", layer))
+    return layers
+
+
+def generalist_state_dict(model: CoMiGSForCausalLM, index: int = 0) -> dict[str, torch.Tensor]:
+    """Generalist `index` under PEFT's key names (`base_model.model.<path>.lora_A.weight`)."""
+    state = {}
+    for adapter, layer in _generalist_layers(model, index):
+        state[f"{_PEFT_PREFIX}{layer.base_path}.lora_A.weight"] = layer.lora_A[adapter].weight.detach()
+        state[f"{_PEFT_PREFIX}{layer.base_path}.lora_B.weight"] = layer.lora_B[adapter].weight.detach()
+    return state
+
+
+def generalist_peft_config(model: CoMiGSForCausalLM, index: int = 0) -> LoraConfig:
+    """The `LoraConfig` under which PEFT reproduces generalist `index` on the bare base model."""
+    config = model.config
+    layers = [layer for _, layer in _generalist_layers(model, index)]
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        target_modules=sorted(layer.base_path for layer in layers),
+        fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=config.base_model_name_or_path,
+    )
+
+
+def export_generalist(model: CoMiGSForCausalLM, save_directory: str | os.PathLike, index: int = 0) -> Path:
+    """Write generalist `index` as a standard PEFT LoRA adapter directory.
+
+    `PeftModel.from_pretrained(base, save_directory)` then computes what the CoMiGS model computes inside
+    `model.route_all_to(index)`. Files are written next to their final names and renamed into place, so an
+    interrupted export never leaves a half-written adapter over a good one.
+
+    Returns:
+        `Path`: the adapter directory.
+    """
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous().cpu() for k, v in generalist_state_dict(model, index).items()}
+    peft_config = generalist_peft_config(model, index)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as tmp:
+        save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        peft_config.save_pretrained(tmp)
+        for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
+            os.replace(os.path.join(tmp, name), directory / name)
+    return directory
+
+
+def resolve_adapter_directory(
+    source: str | os.PathLike, revision: str | None = None, subfolder: str | None = None, token: str | bool | None = None
+) -> Path:
+    """A local adapter directory for `source`: itself if it is a directory, else a download of the Hub repo."""
+    path = Path(source)
+    if path.is_dir():
+        return path / subfolder if subfolder else path
+    if path.is_absolute() or str(source).startswith((".", "~")) or os.sep + os.sep in str(source):
+        raise ValueError(f"Adapter directory {str(source)!r} does not exist.")
+    patterns = [f"{subfolder}/{n}" if subfolder else n for n in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)]
+    local = snapshot_download(repo_id=str(source), revision=revision, allow_patterns=patterns, token=token)
+    return Path(local) / subfolder if subfolder else Path(local)
+
+
+def _scaling(config: dict) -> float:
+    r, alpha = config["r"], config.get("lora_alpha", 8)
+    return alpha / (r**0.5 if config.get("use_rslora", False) else r)
+
+
+def load_generalist(
+    model: CoMiGSForCausalLM,
+    source: str | os.PathLike,
+    index: int = 0,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
+    check_base_model: bool = True,
+) -> None:
+    """Load a PEFT LoRA adapter (a directory or a Hub repo id at `revision`) into generalist `index`.
+
+    Any PEFT LoRA adapter of the same rank on exactly the generalist's projections can seed a generalist; a different
+    `lora_alpha` or rsLoRA setting is folded into `lora_B` so the update is unchanged. The model is modified only
+    after every check passed.
+
+    Raises:
+        `ValueError`: the adapter is not LoRA, has another rank, another base model, another set of target
+        modules, tensors of the wrong shape, or NaN/Inf values. The message names the mismatch.
+    """
+    directory = resolve_adapter_directory(source, revision=revision, subfolder=subfolder, token=token)
+    config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ValueError(f"{source}: missing {path.name} (expected a PEFT LoRA adapter).")
+    try:
+        adapter_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source}: {ADAPTER_CONFIG_NAME} is not valid JSON ({error}).") from error
+    if adapter_config.get("peft_type") != "LORA":
+        raise ValueError(f"{source}: peft_type is {adapter_config.get('peft_type')!r}, expected 'LORA'.")
+    if adapter_config.get("r") != model.config.lora_r:
+        raise ValueError(f"{source}: LoRA rank r={adapter_config.get('r')} does not match the model's "
+                         f"lora_r={model.config.lora_r}.")
+    theirs, ours = adapter_config.get("base_model_name_or_path"), model.config.base_model_name_or_path
+    if check_base_model and theirs and ours and theirs != ours:
+        raise ValueError(f"{source}: adapter was trained on base model {theirs!r}, this model's base is {ours!r} "
+                         "(pass check_base_model=False if they are the same weights under two names).")
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{source}: cannot read {ADAPTER_WEIGHTS_NAME} ({error}).") from error
+
+    expected = {f"{_PEFT_PREFIX}{layer.base_path}.lora_{ab}.weight": (adapter, layer, ab)
+                for adapter, layer in _generalist_layers(model, index) for ab in "AB"}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: target modules differ from the model's generalist projections; missing "
+            f"{missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+            f"{' ...' if len(unexpected) > 4 else ''}."
+        )
+    rescale = _scaling(adapter_config) / model.config.lora_scaling
+    module_names = {id(module): name for name, module in model.named_modules()}
+    named = {}
+    for key, (adapter, layer, ab) in expected.items():
+        tensor = state[key]
+        if ab == "B":
+            tensor = tensor.float() * rescale
+        module = (layer.lora_A if ab == "A" else layer.lora_B)[adapter]
+        named[f"{module_names[id(module)]}.weight"] = tensor.to(module.weight.dtype)
+    model.load_role_state_dict(named)  # checks every shape and value before writing any
+

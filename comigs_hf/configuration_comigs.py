@@ -1,0 +1,142 @@
+"""CoMiGS model configuration.
+
+This file travels with saved models as remote code: it imports only the standard library, torch and transformers
+(huggingface_hub is a hard dependency of transformers).
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import AutoConfig
+
+# The MLP projections that carry experts, relative to a decoder block, in the order the MLP applies them: the last
+# one maps back to the hidden size. Matching is on whole dotted paths, so GPT-2's "mlp.c_proj" never catches
+# "attn.c_proj". Tried in order when `target_modules` is not given.
+KNOWN_MLP_TARGETS: tuple[tuple[str, ...], ...] = (
+    ("mlp.c_fc", "mlp.c_proj"),  # GPT-2
+    ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),  # Llama, Mistral, Qwen2/3, Gemma
+    ("mlp.fc1", "mlp.fc2"),  # Phi, OPT-style
+    ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),  # GPT-NeoX, Falcon
+)
+KNOWN_ATTENTION_TARGETS: tuple[tuple[str, ...], ...] = (
+    ("attn.c_attn", "attn.c_proj"),
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
+    ("attention.query_key_value", "attention.dense"),
+)
+
+
+@strict
+class CoMiGSConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`CoMiGSForCausalLM`]: a frozen causal LM whose MLP blocks become mixtures of LoRA experts.
+
+    Experts `0 .. num_generalists - 1` are generalists (averaged across clients), the rest specialists (private).
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`):
+            Configuration of the frozen base causal LM (any model type known to `AutoConfig`).
+        base_model_name_or_path (`str`, *optional*):
+            Hub id or path of the base checkpoint, written into exported PEFT adapters and checked on import.
+        num_generalists (`int`, defaults to 1):
+            Experts shared with the federation. At least one.
+        num_specialists (`int`, defaults to 1):
+            Experts that never leave the client. Zero means the client only holds generalists.
+        lora_r (`int`, defaults to 8):
+            Rank of every expert's LoRA adapter (PEFT's `r`).
+        lora_alpha (`float`, defaults to 16):
+            LoRA scaling numerator (PEFT's `lora_alpha`).
+        lora_dropout (`float`, defaults to 0.0):
+            Dropout on the LoRA input.
+        use_rslora (`bool`, defaults to `True`):
+            Scale LoRA by `lora_alpha / sqrt(lora_r)` (rsLoRA, as the CoMiGS reference) instead of `lora_alpha / lora_r`.
+        target_modules (`list[str]`, *optional*):
+            The MLP projections carrying experts, as paths inside a decoder block in the order the MLP applies them
+            (e.g. `["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]`); the last maps back to the hidden size. Detected
+            for GPT-2, Llama/Mistral/Qwen2, Phi and GPT-NeoX bases when not given.
+        num_experts_per_tok (`int`, defaults to 2):
+            Experts mixed per token (the top-k of the router; `top_k` is accepted by `from_base`).
+        router_aux_loss_coef (`float`, defaults to 0.01):
+            Weight of the load-balancing loss added to the LM loss.
+        generalist_importance (`float`, defaults to 0.5):
+            Share of the load the balancing loss steers to the generalists (the rest goes to the specialists).
+        attention_lora (`bool`, defaults to `False`):
+            Add one shared LoRA adapter on the attention projections, treated like a generalist.
+        attention_target_modules (`list[str]`, *optional*):
+            Attention projections for `attention_lora`, as paths inside a decoder block; detected when not given.
+        router_init_std (`float`, defaults to 0.02):
+            Standard deviation of the routers' initial weights.
+    """
+
+    model_type = "comigs"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt2")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    base_model_name_or_path: str | None = None
+    num_generalists: int = 1
+    num_specialists: int = 1
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    use_rslora: bool = True
+    target_modules: list[str] | None = None
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.01
+    generalist_importance: float = 0.5
+    attention_lora: bool = False
+    attention_target_modules: list[str] | None = None
+    router_init_std: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        # the attention implementation setter propagates to sub-configs: without this, wrapping a loaded base
+        # would reset its (already resolved) implementation to None
+        if isinstance(self.text_config, PreTrainedConfig):
+            kwargs.setdefault("attn_implementation", self.text_config._attn_implementation)
+        super().__post_init__(**kwargs)
+        # generation and cache code read these from the top-level config
+        self.tie_word_embeddings = getattr(self.text_config, "tie_word_embeddings", False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_generalists + self.num_specialists
+
+    @property
+    def expert_names(self) -> list[str]:
+        """Expert names in router order: `generalist_0 ..`, then `specialist_0 ..`."""
+        return [f"generalist_{i}" for i in range(self.num_generalists)] + [
+            f"specialist_{j}" for j in range(self.num_specialists)
+        ]
+
+    @property
+    def lora_scaling(self) -> float:
+        return self.lora_alpha / (self.lora_r**0.5 if self.use_rslora else self.lora_r)
+
+    def validate_architecture(self):
+        """Cross-field checks, run at construction so a bad config never reaches forward."""
+        if self.num_generalists < 1:
+            raise ValueError(f"`num_generalists` must be at least 1, got {self.num_generalists}.")
+        if self.num_specialists < 0:
+            raise ValueError(f"`num_specialists` must be 0 or more, got {self.num_specialists}.")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"`num_experts_per_tok` (top-k, {self.num_experts_per_tok}) must be between 1 and the number of experts "
+                f"(`num_generalists` + `num_specialists` = {self.num_generalists} + {self.num_specialists})."
+            )
+        if self.lora_r < 1:
+            raise ValueError(f"`lora_r` must be at least 1, got {self.lora_r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
+        if not 0.0 < self.generalist_importance < 1.0 and self.num_specialists > 0:
+            raise ValueError(
+                f"`generalist_importance` must be in (0, 1) when there are specialists, got {self.generalist_importance}."
+            )
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"`router_aux_loss_coef` must be 0 or more, got {self.router_aux_loss_coef}.")
+        if self.target_modules is not None and len(self.target_modules) < 2:
+            raise ValueError(
+                f"`target_modules` needs at least an input and an output projection of the MLP, got {self.target_modules}."
+            )
+
+
+__all__ = ["CoMiGSConfig"]

@@ -1,0 +1,201 @@
+"""CoMiGS layers: the token router, LoRA-carrying projections and the mixture-of-experts MLP.
+
+Every expert is the whole base MLP with its own LoRA adapter on each target projection. Instead of running the MLP
+once per expert, the mixture inserts a "copy" axis K (one slot per chosen expert) after the input projections:
+
+* input projections (e.g. `c_fc`, `gate_proj`/`up_proj`) run the frozen base once on the N tokens and add, per copy,
+  the chosen expert's low-rank update: output `(..., K, out)`;
+* the MLP's own element-wise code (activation, gating) runs unchanged on `(..., K, inner)`;
+* the output projection (e.g. `c_proj`, `down_proj`) is linear, so the gated sum of the experts' base outputs is the
+  base applied once to the gated sum of their inputs; only the low-rank updates are taken per copy.
+
+The frozen base weights therefore run over N tokens exactly as in a single-LoRA model; all experts' LoRA factors are
+concatenated and applied in a few small matmuls, with no loop over experts or tokens.
+
+This file travels with saved models as remote code: it imports only the standard library, torch and transformers.
+
+Legend for shape comments: B batch, T tokens, N = B*T, H hidden, I inner (MLP width), E experts, K chosen experts per
+token (top-k), R LoRA rank, O output features.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class CoMiGSRouting:
+    """The routing decision of one mixture for one forward pass.
+
+    Attributes:
+        router_logits (`torch.Tensor` of shape `(batch_size, sequence_length, num_experts)`): raw router scores.
+        expert_index (`torch.LongTensor` of shape `(batch_size, sequence_length, top_k)`): chosen experts.
+        expert_weight (`torch.Tensor` of shape `(batch_size, sequence_length, top_k)`): mixing weights.
+    """
+
+    router_logits: torch.Tensor
+    expert_index: torch.LongTensor
+    expert_weight: torch.Tensor
+
+
+class CoMiGSRoutingState:
+    """Shared between a model and its mixtures: the forced expert (if any) and the routings recorded this pass."""
+
+    def __init__(self):
+        self.forced_expert: int | None = None
+        self.records: list[CoMiGSRouting] = []
+
+
+class CoMiGSRouter(nn.Module):
+    """Token-level linear router: scores every expert, keeps the top-k, mixes with softmax weights.
+
+    With `top_k > 1` the weights are a softmax over the k chosen logits. With `top_k == 1` the weight is the chosen
+    expert's softmax probability over all experts, so the LM loss still sends a gradient into the router.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor, forced_expert: int | None = None) -> CoMiGSRouting:
+        router_logits = F.linear(hidden_states, self.weight)  # (B, T, E)
+        if forced_expert is not None:
+            index = torch.full((*router_logits.shape[:-1], 1), forced_expert, device=router_logits.device)
+            weight = torch.ones(index.shape, dtype=hidden_states.dtype, device=router_logits.device)
+            return CoMiGSRouting(router_logits, index, weight)
+        # routing decisions in float32: bf16 logits make near-ties flip and softmax lose mass
+        logits32 = router_logits.float()
+        top_logits, index = logits32.topk(self.top_k, dim=-1)  # (B, T, K)
+        if self.top_k == 1:
+            weight = logits32.softmax(dim=-1).gather(-1, index)
+        else:
+            weight = top_logits.softmax(dim=-1)
+        return CoMiGSRouting(router_logits, index, weight.to(hidden_states.dtype))
+
+
+class CoMiGSLoraLinear(nn.Module):
+    """A frozen projection (`nn.Linear` or GPT-2's `Conv1D`) plus LoRA adapters kept in PEFT's layout.
+
+    `lora_A[name]` is `nn.Linear(in, R)` and `lora_B[name]` is `nn.Linear(R, out)`, keyed by expert name, exactly as a
+    PEFT `LoraLayer` keys them by adapter name. `role` decides how the mixture's routing is applied:
+
+    * `"input"`: consumes the block's hidden states, returns one output per chosen expert, `(..., K, out)`;
+    * `"output"`: consumes `(..., K, in)` and returns the gated sum `(..., out)`;
+    * `"shared"`: a plain single-adapter LoRA layer (the optional attention adapter), no routing.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_names: list[str], r: int, scaling: float, dropout: float,
+                 role: str, base_path: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.role = role
+        # path of the wrapped projection inside the unwrapped base model, used for PEFT key names
+        self.base_path = base_path
+        self.r = r
+        self.scaling = scaling
+        weight = base_layer.weight
+        is_conv1d = type(base_layer).__name__ == "Conv1D"  # GPT-2 stores (in, out)
+        self.fan_in_fan_out = is_conv1d
+        self.in_features, self.out_features = (weight.shape if is_conv1d else weight.shape[::-1])
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.set_adapters(adapter_names)
+        self.routing: CoMiGSRouting | None = None
+
+    # transformers' `_init_weights` of some bases (GPT-2) reads `module.c_proj.weight` directly
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def set_adapters(self, adapter_names: list[str]) -> None:
+        """Keep the adapters named, in this order (the router's order); new ones start as a zero update."""
+        weight = self.base_layer.weight
+        old_A, old_B = self.lora_A, self.lora_B
+        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
+        for name in adapter_names:
+            if name in old_A:
+                self.lora_A[name], self.lora_B[name] = old_A[name], old_B[name]
+                continue
+            self.lora_A[name] = nn.Linear(self.in_features, self.r, bias=False, device=weight.device, dtype=weight.dtype)
+            self.lora_B[name] = nn.Linear(self.r, self.out_features, bias=False, device=weight.device,
+                                          dtype=weight.dtype)
+            self.reset_adapter(name)
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str) -> None:
+        """PEFT's default LoRA init: Kaiming-uniform `A`, zero `B`, so a fresh expert leaves the base unchanged."""
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+
+    def _stacked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # (E*R, in) and (O, E*R); concatenating E small matrices is far cheaper than E separate matmuls
+        lora_A = torch.cat([a.weight for a in self.lora_A.values()], dim=0)
+        lora_B = torch.cat([b.weight for b in self.lora_B.values()], dim=1)
+        return lora_A, lora_B
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.role == "shared":
+            (name,) = self.lora_A.keys()
+            update = self.lora_B[name](self.lora_A[name](self.lora_dropout(x)))
+            return self.base_layer(x) + update * self.scaling
+        routing = self.routing
+        if routing is None:
+            raise RuntimeError(f"{self.base_path} is part of a CoMiGS mixture and must be called through it.")
+        num_experts = len(self.lora_A)
+        lora_A, lora_B = self._stacked_factors()
+        # one-hot of each copy's expert, (..., K, E)
+        expert_mask = F.one_hot(routing.expert_index, num_experts).to(x.dtype)
+        if self.role == "input":
+            result = self.base_layer(x).unsqueeze(-2)  # (..., 1, O): the base runs once per token
+            codes = F.linear(self.lora_dropout(x), lora_A).unflatten(-1, (num_experts, self.r))  # (..., E, R)
+            # keep, per copy, only its expert's R-slice, then map all experts' slices through B at once
+            codes = expert_mask.unsqueeze(-1) * codes.unsqueeze(-3)  # (..., K, E, R)
+            return result + F.linear(codes.flatten(-2), lora_B) * self.scaling  # (..., K, O)
+        # output projection: x is (..., K, I)
+        gate = routing.expert_weight.unsqueeze(-1)  # (..., K, 1)
+        gate_sum = gate.sum(dim=-2)  # (..., 1); 1 for top-k > 1, the chosen probability for top-1
+        # W(sum_k g_k x_k) + b * sum_k g_k == sum_k g_k (W x_k + b), and it runs the base once per token
+        mixed = (gate * x).sum(dim=-2) / gate_sum  # (..., I)
+        result = self.base_layer(mixed) * gate_sum  # (..., O)
+        codes = F.linear(self.lora_dropout(x), lora_A).unflatten(-1, (num_experts, self.r))  # (..., K, E, R)
+        codes = ((expert_mask * gate).unsqueeze(-1) * codes).sum(dim=-3)  # gated per-expert codes, (..., E, R)
+        return result + F.linear(codes.flatten(-2), lora_B) * self.scaling  # (..., O)
+
+
+class CoMiGSMoeMLP(nn.Module):
+    """A base MLP turned into a mixture of LoRA experts with a token-level router.
+
+    The wrapped `base_mlp` keeps its own forward; its target projections were replaced by [`CoMiGSLoraLinear`]s which
+    read this mixture's routing for the duration of the call.
+    """
+
+    def __init__(self, base_mlp: nn.Module, projections: list[CoMiGSLoraLinear], hidden_size: int, num_experts: int,
+                 top_k: int, state: CoMiGSRoutingState):
+        super().__init__()
+        self.base_mlp = base_mlp
+        self.router = CoMiGSRouter(hidden_size, num_experts, top_k)
+        # plain list: the projections are registered (and saved) under base_mlp already
+        self._projections = projections
+        self._state = state
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        routing = self.router(hidden_states, self._state.forced_expert)
+        self._state.records.append(routing)
+        for projection in self._projections:
+            projection.routing = routing
+        try:
+            return self.base_mlp(hidden_states, *args, **kwargs)
+        finally:
+            for projection in self._projections:
+                projection.routing = None

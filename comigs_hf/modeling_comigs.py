@@ -1,0 +1,448 @@
+"""CoMiGS: a frozen causal LM whose MLP blocks are mixtures of LoRA generalists and specialists.
+
+This file travels with saved models as remote code: it imports only the standard library, torch, transformers and
+its sibling `*_comigs.py` files.
+
+Legend for shape comments: B batch, T tokens, H hidden, E experts, K chosen experts per token (top-k), L layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .configuration_comigs import KNOWN_ATTENTION_TARGETS, KNOWN_MLP_TARGETS, CoMiGSConfig
+from .layer_comigs import CoMiGSLoraLinear, CoMiGSMoeMLP, CoMiGSRouter, CoMiGSRouting, CoMiGSRoutingState
+
+ROLES = ("generalist", "specialist", "router")
+_ROLE_PATTERN = re.compile(r"\.(?:lora_[AB]\.(generalist|specialist|attention)(?:_\d+)?\.|(router)\.)")
+
+
+def parameter_role(name: str) -> str:
+    """The role of a parameter or state-dict key of a [`CoMiGSForCausalLM`].
+
+    Returns `"generalist"` for generalist experts and the shared attention adapter (both averaged across clients),
+    `"specialist"` for specialist experts, `"router"` for the token routers, and `"base"` for the frozen base model.
+    Training and federation select tensors with this one rule.
+    """
+    match = _ROLE_PATTERN.search(name)
+    if match is None:
+        return "base"
+    role = match.group(1) or match.group(2)
+    return "generalist" if role == "attention" else role
+
+
+@dataclass
+class CoMiGSCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    r"""
+    Output of [`CoMiGSForCausalLM`]: `MoeCausalLMOutputWithPast` plus routing statistics.
+
+    routing_stats (`list[dict[str, torch.Tensor]]`, *optional*, returned when `output_routing_stats=True`):
+        One entry per mixture layer with `tokens` (`torch.LongTensor` of shape `(num_experts,)`: tokens routed to each
+        expert) and `weight` (`torch.Tensor` of shape `(num_experts,)`: mean mixing weight each expert receives per
+        token, zero where not chosen), over the non-padding tokens.
+    """
+
+    routing_stats: list[dict[str, torch.Tensor]] | None = None
+
+
+def _resolve_targets(names: set[str], candidates: tuple[tuple[str, ...], ...], given: list[str] | None) -> list[str]:
+    # A target set applies when every one of its paths exists in at least one block.
+    options = (tuple(given),) if given is not None else candidates
+    for option in options:
+        if all(any(n == t or n.endswith("." + t) for n in names) for t in option):
+            return list(option)
+    return []
+
+
+def load_balancing_loss(
+    routings: list[CoMiGSRouting], target_share: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch-style load balancing toward a target share per expert, averaged over layers.
+
+    Per layer `sum_e f_e * P_e / t_e`, with `f_e` the fraction of routed token copies going to expert `e`, `P_e` its
+    mean router probability and `t_e` its target share. Its minimum, 1, is reached when both match the target; with a
+    uniform target it is Switch Transformer's `E * sum_e f_e P_e`. CoMiGS gives the generalists together the share
+    `generalist_importance`, so they are not crowded out by the specialists.
+    """
+    losses = []
+    for routing in routings:
+        probs = routing.router_logits.float().softmax(dim=-1)  # (B, T, E)
+        chosen = nn.functional.one_hot(routing.expert_index, probs.shape[-1]).float().sum(dim=-2)  # (B, T, E)
+        if attention_mask is not None and attention_mask.shape == probs.shape[:-1]:
+            mask = attention_mask.to(probs.dtype).unsqueeze(-1)
+            fraction = (chosen * mask).sum(dim=(0, 1)) / (mask.sum() * routing.expert_index.shape[-1]).clamp_min(1)
+            mean_prob = (probs * mask).sum(dim=(0, 1)) / mask.sum().clamp_min(1)
+        else:
+            fraction = chosen.mean(dim=(0, 1)) / routing.expert_index.shape[-1]
+            mean_prob = probs.mean(dim=(0, 1))
+        losses.append((fraction * mean_prob / target_share.to(probs.device)).sum())
+    return torch.stack(losses).mean()
+
+
+def routing_statistics(routings: list[CoMiGSRouting], attention_mask: torch.Tensor | None = None) -> list[dict]:
+    """Tokens routed to, and mean mixing weight received by, each expert, per layer (detached)."""
+    stats = []
+    for routing in routings:
+        num_experts = routing.router_logits.shape[-1]
+        onehot = nn.functional.one_hot(routing.expert_index, num_experts)  # (B, T, K, E)
+        weight = (onehot * routing.expert_weight.unsqueeze(-1)).sum(dim=-2).float()  # (B, T, E)
+        tokens = onehot.sum(dim=-2)  # (B, T, E)
+        if attention_mask is not None and attention_mask.shape == weight.shape[:-1]:
+            mask = attention_mask.unsqueeze(-1).to(weight.dtype)
+            tokens, weight, count = tokens * mask.long(), weight * mask, mask.sum()
+        else:
+            count = torch.tensor(float(weight.shape[0] * weight.shape[1]))
+        stats.append({
+            "tokens": tokens.sum(dim=(0, 1)).detach(),
+            "weight": (weight.sum(dim=(0, 1)) / count.clamp_min(1)).detach(),
+        })
+    return stats
+
+
+class CoMiGSPreTrainedModel(PreTrainedModel):
+    config_class = CoMiGSConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, CoMiGSRouter):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.router_init_std)
+        elif isinstance(module, CoMiGSLoraLinear):
+            for name in module.lora_A:
+                module.reset_adapter(name)
+
+
+class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
+    """A frozen causal LM whose target MLP blocks are mixtures of LoRA experts, one token router per block.
+
+    The base model is held once, under `self.model`, with every parameter frozen; only the experts' LoRA factors and
+    the routers train. Use [`~CoMiGSForCausalLM.from_base`] to wrap a pretrained base.
+    """
+
+    def __init__(self, config: CoMiGSConfig, base_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.model = base_model if base_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        _check_causal_lm(self.model)
+        self.model.requires_grad_(False)
+        self._routing_state = CoMiGSRoutingState()
+        self.mixtures: list[CoMiGSMoeMLP] = []
+        self._wrap_base()
+        self.post_init()
+        # post_init re-initialises modules inside the base with the *base's* `_init_weights` (normal init for every
+        # nn.Linear, LoRA B included): restore the LoRA init (zero B) and the router init afterwards.
+        self.reset_experts()
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_base(
+        cls,
+        base: str | os.PathLike | PreTrainedModel,
+        *,
+        revision: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        token: str | bool | None = None,
+        **config_kwargs: Any,
+    ) -> CoMiGSForCausalLM:
+        """Wrap a pretrained causal LM (Hub id, local path or loaded model) into a fresh CoMiGS model.
+
+        Args:
+            base (`str`, `os.PathLike` or `PreTrainedModel`):
+                The base causal LM. A loaded model is wrapped in place (its MLPs are replaced), not copied.
+            revision (`str`, *optional*):
+                Hub revision of `base`.
+            dtype (`torch.dtype` or `str`, *optional*):
+                Dtype to load `base` in.
+            token (`str` or `bool`, *optional*):
+                Hub token for a private base; defaults to the standard `HF_TOKEN` / login.
+            config_kwargs:
+                Fields of [`CoMiGSConfig`]: `num_generalists`, `num_specialists`, `lora_r`, `lora_alpha`, `top_k` (alias of `num_experts_per_tok`), ...
+
+        Example:
+
+        ```python
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from comigs_hf import CoMiGSForCausalLM
+        >>> base = GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2))
+        >>> model = CoMiGSForCausalLM.from_base(base, num_generalists=1, num_specialists=2, top_k=2)
+        >>> model.config.expert_names
+        ['generalist_0', 'specialist_0', 'specialist_1']
+        ```
+        """
+        name = None
+        if isinstance(base, (str, os.PathLike)):
+            name = str(base)
+            try:
+                base = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype, token=token)
+            except ValueError as error:
+                if "Unrecognized configuration class" in str(error):
+                    raise ValueError(f"{name!r} is not a causal language model: {error}") from error
+                raise
+        _check_causal_lm(base)
+        if "top_k" in config_kwargs:  # the name used in the CoMiGS paper and reference code
+            config_kwargs["num_experts_per_tok"] = config_kwargs.pop("top_k")
+        name = name or config_kwargs.pop("base_model_name_or_path", None) or base.config.name_or_path or None
+        config = CoMiGSConfig(text_config=base.config, base_model_name_or_path=name, **config_kwargs)
+        return cls(config, base_model=base)
+
+    def _wrap_base(self) -> None:
+        """Replace each target MLP of the base by a [`CoMiGSMoeMLP`] (and attention projections by LoRA layers)."""
+        config = self.config
+        names = {name for name, _ in self.model.named_modules()}
+        targets = _resolve_targets(names, KNOWN_MLP_TARGETS, config.target_modules)
+        if not targets:
+            searched = [list(t) for t in ((config.target_modules,) if config.target_modules else KNOWN_MLP_TARGETS)]
+            raise ValueError(
+                f"No expert target modules found in the base model {type(self.model).__name__}: searched for "
+                f"{searched}. Pass `target_modules` with the MLP projections of one decoder block in the order the "
+                "MLP applies them (the last maps back to the hidden size)."
+            )
+        config.target_modules = targets
+        mlp_suffix = targets[0].rsplit(".", 1)[0]
+        if any(t.rsplit(".", 1)[0] != mlp_suffix for t in targets):
+            raise ValueError(f"`target_modules` {targets} must all live in the same MLP module.")
+        hidden_size = self.model.get_input_embeddings().weight.shape[-1]
+        experts = config.expert_names
+        blocks = sorted({n[: -len(targets[0]) - 1] for n in names if n.endswith("." + targets[0])})
+        for block in blocks:
+            mlp_path = f"{block}.{mlp_suffix}"
+            mlp = self.model.get_submodule(mlp_path)
+            projections = []
+            for i, target in enumerate(targets):
+                attribute = target.rsplit(".", 1)[1]
+                layer = CoMiGSLoraLinear(
+                    getattr(mlp, attribute), experts, config.lora_r, config.lora_scaling, config.lora_dropout,
+                    role="output" if i == len(targets) - 1 else "input", base_path=f"{block}.{target}",
+                )
+                setattr(mlp, attribute, layer)
+                projections.append(layer)
+            mixture = CoMiGSMoeMLP(mlp, projections, hidden_size, len(experts), config.num_experts_per_tok, self._routing_state)
+            self.model.set_submodule(mlp_path, mixture)
+            self.mixtures.append(mixture)
+        if config.attention_lora:
+            attention = _resolve_targets(names, KNOWN_ATTENTION_TARGETS, config.attention_target_modules)
+            if not attention:
+                raise ValueError(
+                    "`attention_lora=True` but no attention projections found: searched for "
+                    f"{[list(t) for t in KNOWN_ATTENTION_TARGETS]}; pass `attention_target_modules`."
+                )
+            config.attention_target_modules = attention
+            for block in blocks:
+                for target in attention:
+                    path = f"{block}.{target}"
+                    layer = CoMiGSLoraLinear(
+                        self.model.get_submodule(path), ["attention"], config.lora_r, config.lora_scaling,
+                        config.lora_dropout, role="shared", base_path=path,
+                    )
+                    self.model.set_submodule(path, layer)
+
+    def lora_layers(self) -> Iterator[CoMiGSLoraLinear]:
+        """Every LoRA-carrying projection (expert projections, then the optional attention adapter layers)."""
+        return (m for m in self.modules() if isinstance(m, CoMiGSLoraLinear))
+
+    @torch.no_grad()
+    def reset_experts(self) -> None:
+        """Re-initialise every expert (zero update) and router, as in a freshly built model."""
+        for module in self.modules():
+            if isinstance(module, (CoMiGSRouter, CoMiGSLoraLinear)):
+                self._init_weights(module)
+
+    def set_num_specialists(self, num_specialists: int) -> None:
+        """Resize every mixture to `num_specialists` specialists (existing experts are kept, new ones start fresh).
+
+        Routers get new rows for new experts; used to swap clients with different resources through one base.
+        """
+        config = self.config
+        if num_specialists == config.num_specialists:
+            return
+        old_names = config.expert_names
+        config.num_specialists = num_specialists
+        config.validate_architecture()
+        names = config.expert_names
+        for mixture in self.mixtures:
+            for layer in mixture._projections:
+                layer.set_adapters(names)
+            old = mixture.router.weight
+            router = CoMiGSRouter(old.shape[1], len(names), config.num_experts_per_tok).to(old.device, old.dtype)
+            self._init_weights(router)
+            with torch.no_grad():
+                for new_index, name in enumerate(names):
+                    if name in old_names:
+                        router.weight[new_index] = old[old_names.index(name)]
+            mixture.router = router
+
+    # ---- parameter groups ----------------------------------------------------------------------------------------
+    def named_parameters_by_role(self, *roles: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters whose [`parameter_role`] is one of `roles` (`"generalist"`, `"specialist"`, `"router"`)."""
+        unknown = set(roles) - set(ROLES) - {"base"}
+        if unknown:
+            raise ValueError(f"Unknown roles {sorted(unknown)}; expected some of {ROLES}.")
+        return ((n, p) for n, p in self.named_parameters() if parameter_role(n) in roles)
+
+    def role_state_dict(self, *roles: str) -> dict[str, torch.Tensor]:
+        """Detached copies of the tensors of the given roles, keyed by parameter name."""
+        return {n: p.detach().clone() for n, p in self.named_parameters_by_role(*roles)}
+
+    @torch.no_grad()
+    def load_role_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy expert/router tensors into the model, checking every key, shape and value first.
+
+        Nothing is written unless the whole state fits: a base key, an unknown key, a shape mismatch or a
+        non-finite value raises `ValueError` naming it.
+        """
+        params = dict(self.named_parameters())
+        for key, value in state.items():
+            if parameter_role(key) == "base":
+                raise ValueError(f"{key!r} belongs to the frozen base model and cannot be loaded as expert state.")
+            if key not in params:
+                raise ValueError(f"{key!r} is not a parameter of this model (expert names: {self.config.expert_names}).")
+            if tuple(value.shape) != tuple(params[key].shape):
+                raise ValueError(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(params[key].shape)}.")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{key!r} holds NaN or infinite values.")
+        for key, value in state.items():
+            params[key].copy_(value)
+
+    # ---- routing control -----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def route_all_to(self, expert: int | str) -> Iterator[None]:
+        """Send every token of every mixture to one expert with weight 1 (index or name such as `"generalist_0"`)."""
+        names = self.config.expert_names
+        index = names.index(expert) if isinstance(expert, str) and expert in names else expert
+        if not isinstance(index, int) or not 0 <= index < len(names):
+            raise ValueError(f"Unknown expert {expert!r}; this model has experts {names}.")
+        previous, self._routing_state.forced_expert = self._routing_state.forced_expert, index
+        try:
+            yield
+        finally:
+            self._routing_state.forced_expert = previous
+
+    def load_balancing_target(self) -> torch.Tensor:
+        """Target share of the load per expert: `generalist_importance` split over the generalists, the rest over
+        the specialists (uniform over the generalists when there are none)."""
+        config = self.config
+        if config.num_specialists == 0:
+            return torch.full((config.num_generalists,), 1.0 / config.num_generalists)
+        return torch.tensor(
+            [config.generalist_importance / config.num_generalists] * config.num_generalists
+            + [(1 - config.generalist_importance) / config.num_specialists] * config.num_specialists
+        )
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.model.get_output_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool | None = None,
+        output_routing_stats: bool = False,
+        **kwargs: Any,
+    ) -> CoMiGSCausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Targets for the LM loss (shifted inside, `-100` ignored). `loss` is then the LM loss plus
+                `router_aux_loss_coef * aux_loss`.
+            output_router_logits (`bool`, *optional*): also return every layer's router logits.
+            output_routing_stats (`bool`, defaults to `False`): also return per-layer routing statistics.
+
+        Returns:
+            [`CoMiGSCausalLMOutputWithPast`] with `loss`, `aux_loss` (the load-balancing loss, always computed),
+            `logits`, `cache`, and on request `router_logits` and `routing_stats`.
+        """
+        kwargs.pop("return_dict", None)  # always a ModelOutput inside; generate() passes it
+        self._routing_state.records = []
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            return_dict=True,
+            **kwargs,
+        )
+        # gradient checkpointing re-runs mixtures during backward and appends again: keep this pass's records only
+        routings, self._routing_state.records = self._routing_state.records[: len(self.mixtures)], []
+        aux_loss = load_balancing_loss(routings, self.load_balancing_target(), attention_mask)
+        loss = None
+        if labels is not None:
+            loss = outputs.loss + self.config.router_aux_loss_coef * aux_loss.to(outputs.loss.device)
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else getattr(self.config, "output_router_logits",
+                                                                                  False)
+        )
+        return CoMiGSCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=outputs.logits,
+            cache=getattr(outputs, "cache", None),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=tuple(r.router_logits for r in routings) if output_router_logits else None,
+            routing_stats=routing_statistics(routings, attention_mask) if output_routing_stats else None,
+        )
+
+    # ---- PEFT adapters --------------------------------------------------------------------------------------------
+    def export_generalist(self, save_directory: str | os.PathLike, index: int = 0, **kwargs: Any) -> None:
+        """Write generalist `index` as a standard PEFT LoRA adapter (see `comigs_hf.adapters.export_generalist`)."""
+        from comigs_hf.adapters import export_generalist
+
+        export_generalist(self, save_directory, index=index, **kwargs)
+
+    def load_generalist(self, source: str | os.PathLike, index: int = 0, revision: str | None = None,
+                        **kwargs: Any) -> None:
+        """Load a PEFT LoRA adapter (directory or Hub repo id) into generalist `index`
+        (see `comigs_hf.adapters.load_generalist`)."""
+        from comigs_hf.adapters import load_generalist
+
+        load_generalist(self, source, index=index, revision=revision, **kwargs)
+
+
+def _check_causal_lm(model: nn.Module) -> None:
+    is_causal = isinstance(model, PreTrainedModel) and (
+        type(model) in MODEL_FOR_CAUSAL_LM_MAPPING.values()
+        or (isinstance(model, GenerationMixin) and model.get_output_embeddings() is not None)
+    )
+    if not is_causal:
+        raise ValueError(
+            f"The base must be a causal language model (an `AutoModelForCausalLM` class such as GPT2LMHeadModel or "
+            f"LlamaForCausalLM), got {type(model).__name__}."
+        )
+
+
+__all__ = ["CoMiGSCausalLMOutputWithPast", "CoMiGSForCausalLM", "CoMiGSPreTrainedModel", "parameter_role"]
