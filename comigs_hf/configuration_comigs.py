@@ -76,16 +76,16 @@ class CoMiGSConfig(PreTrainedConfig):
     num_generalists: int = 1
     num_specialists: int = 1
     lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_alpha: int | float = 16.0
+    lora_dropout: int | float = 0.0
     use_rslora: bool = True
     target_modules: list[str] | None = None
     num_experts_per_tok: int = 2
-    router_aux_loss_coef: float = 0.01
-    generalist_importance: float = 0.5
+    router_aux_loss_coef: int | float = 0.01
+    generalist_importance: int | float = 0.5
     attention_lora: bool = False
     attention_target_modules: list[str] | None = None
-    router_init_std: float = 0.02
+    router_init_std: int | float = 0.02
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -94,6 +94,7 @@ class CoMiGSConfig(PreTrainedConfig):
         if isinstance(self.text_config, PreTrainedConfig):
             kwargs.setdefault("attn_implementation", self.text_config._attn_implementation)
         super().__post_init__(**kwargs)
+        self.validate_experts()
         # generation and cache code read these from the top-level config
         self.tie_word_embeddings = getattr(self.text_config, "tie_word_embeddings", False)
 
@@ -112,8 +113,11 @@ class CoMiGSConfig(PreTrainedConfig):
     def lora_scaling(self) -> float:
         return self.lora_alpha / (self.lora_r**0.5 if self.use_rslora else self.lora_r)
 
-    def validate_architecture(self):
-        """Cross-field checks, run at construction so a bad config never reaches forward."""
+    def validate_experts(self) -> None:
+        """Cross-field checks, run at construction so a bad config never reaches forward.
+
+        Raised as plain `ValueError`s (not through `@strict`'s class validators, which wrap them in another type).
+        """
         if self.num_generalists < 1:
             raise ValueError(f"`num_generalists` must be at least 1, got {self.num_generalists}.")
         if self.num_specialists < 0:

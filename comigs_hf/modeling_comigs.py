@@ -9,6 +9,7 @@ Legend for shape comments: B batch, T tokens, H hidden, E experts, K chosen expe
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 from collections.abc import Iterator
@@ -202,6 +203,14 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
         config = CoMiGSConfig(text_config=base.config, base_model_name_or_path=name, **config_kwargs)
         return cls(config, base_model=base)
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> CoMiGSForCausalLM:
+        loaded = super().from_pretrained(*args, **kwargs)
+        # loading materialises fresh parameters (requires_grad=True): the base must stay frozen
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        model.model.requires_grad_(False)
+        return loaded
+
     def _wrap_base(self) -> None:
         """Replace each target MLP of the base by a [`CoMiGSMoeMLP`] (and attention projections by LoRA layers)."""
         config = self.config
@@ -274,7 +283,7 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
             return
         old_names = config.expert_names
         config.num_specialists = num_specialists
-        config.validate_architecture()
+        config.validate_experts()
         names = config.expert_names
         for mixture in self.mixtures:
             for layer in mixture._projections:
@@ -420,17 +429,23 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
     # ---- PEFT adapters --------------------------------------------------------------------------------------------
     def export_generalist(self, save_directory: str | os.PathLike, index: int = 0, **kwargs: Any) -> None:
         """Write generalist `index` as a standard PEFT LoRA adapter (see `comigs_hf.adapters.export_generalist`)."""
-        from comigs_hf.adapters import export_generalist
-
-        export_generalist(self, save_directory, index=index, **kwargs)
+        _adapters().export_generalist(self, save_directory, index=index, **kwargs)
 
     def load_generalist(self, source: str | os.PathLike, index: int = 0, revision: str | None = None,
                         **kwargs: Any) -> None:
         """Load a PEFT LoRA adapter (directory or Hub repo id) into generalist `index`
         (see `comigs_hf.adapters.load_generalist`)."""
-        from comigs_hf.adapters import load_generalist
+        _adapters().load_generalist(self, source, index=index, revision=revision, **kwargs)
 
-        load_generalist(self, source, index=index, revision=revision, **kwargs)
+
+def _adapters():
+    # Imported by name: transformers installs every `import` it finds in remote code, and PEFT conversion is a
+    # comigs_hf feature, not needed to run a saved model.
+    try:
+        return importlib.import_module("comigs_hf.adapters")
+    except ImportError as error:
+        raise ImportError("Exporting and loading PEFT generalists needs the comigs_hf package: "
+                          "pip install comigs-hf") from error
 
 
 def _check_causal_lm(model: nn.Module) -> None:

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny GPT-2- and Llama-shaped bases built in code; nothing is downloaded."""
+
+import os
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 99
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0,
+                         eos_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+BASES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+@pytest.fixture(params=sorted(BASES))
+def make_base(request):
+    """A factory of tiny bases of one architecture; equal seeds give equal weights."""
+    return BASES[request.param]
+
+
+@pytest.fixture
+def input_ids() -> torch.LongTensor:
+    return torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def perturb_experts(model, std: float = 0.1, seed: int = 0) -> None:
+    """Give every LoRA B a non-zero value (fresh experts are a zero update) and the routers a spread."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "router" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)

@@ -1,0 +1,159 @@
+import pytest
+import torch
+
+from comigs_hf.aggregation import AGGREGATORS, aggregate_trimmed_mean, aggregate_weighted_mean, get_aggregator
+
+
+def test_weighted_mean_matches_hand_computation():
+    states = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
+    # (1 * 1 + 3 * 3) / 4 = 2.5 and (1 * 2 + 3 * 6) / 4 = 5
+    result = aggregate_weighted_mean(states, weights=[1, 3])
+    torch.testing.assert_close(result["w"], torch.tensor([2.5, 5.0]))
+
+
+def test_weights_are_normalised():
+    states = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
+    torch.testing.assert_close(
+        aggregate_weighted_mean(states, [100, 300])["w"], aggregate_weighted_mean(states, [0.25, 0.75])["w"]
+    )
+
+
+def test_zero_weight_client_does_not_count():
+    states = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([50.0])}]
+    torch.testing.assert_close(aggregate_weighted_mean(states, [1, 0])["w"], torch.tensor([1.0]))
+
+
+def test_result_keeps_the_first_clients_key_order_and_dtype():
+    states = [
+        {"b": torch.ones(2, dtype=torch.bfloat16), "a": torch.ones(1, dtype=torch.float16)},
+        {"a": torch.zeros(1, dtype=torch.float16), "b": torch.zeros(2, dtype=torch.bfloat16)},
+    ]
+    result = aggregate_weighted_mean(states, [1, 1])
+    assert list(result) == ["b", "a"]
+    assert result["b"].dtype == torch.bfloat16
+    assert result["a"].dtype == torch.float16
+
+
+def test_low_precision_states_are_accumulated_in_float64():
+    # a bfloat16 running sum starting at 256 / 4 = 64 (spacing 0.5) would drop every 1 / 4 and return 64
+    values = [256.0, 1.0, 1.0, 1.0]
+    states = [{"w": torch.tensor([value], dtype=torch.bfloat16)} for value in values]
+    expected = torch.tensor([sum(values) / 4], dtype=torch.float64).to(torch.bfloat16)
+    assert torch.equal(aggregate_weighted_mean(states, [1, 1, 1, 1])["w"], expected)
+
+
+def test_result_never_aliases_an_input():
+    state = {"w": torch.tensor([1.0, 2.0])}
+    result = aggregate_weighted_mean([state], [1])
+    result["w"].add_(10)
+    torch.testing.assert_close(state["w"], torch.tensor([1.0, 2.0]))
+
+
+def test_missing_key_is_rejected_naming_client_and_key():
+    states = [{"a": torch.zeros(1), "b": torch.zeros(1)}, {"a": torch.zeros(1)}]
+    with pytest.raises(ValueError, match="Client 1 is missing key 'b'"):
+        aggregate_weighted_mean(states, [1, 1])
+
+
+def test_unexpected_key_is_rejected_naming_client_and_key():
+    states = [{"a": torch.zeros(1)}, {"a": torch.zeros(1), "extra": torch.zeros(1)}]
+    with pytest.raises(ValueError, match="Client 1 sent key 'extra'"):
+        aggregate_weighted_mean(states, [1, 1])
+
+
+def test_mismatched_shapes_are_rejected_naming_the_key():
+    states = [{"router.weight": torch.zeros(2, 4)}, {"router.weight": torch.zeros(3, 4)}]
+    with pytest.raises(
+        ValueError, match=r"Key 'router.weight': client 1 has shape \(3, 4\) but client 0 has \(2, 4\)"
+    ):
+        aggregate_weighted_mean(states, [1, 1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_rejected_naming_client_and_key(bad):
+    states = [{"w": torch.zeros(2)}, {"w": torch.tensor([0.0, bad])}]
+    with pytest.raises(ValueError, match="Key 'w': client 1 sent non-finite values"):
+        aggregate_weighted_mean(states, [1, 1])
+
+
+def test_non_finite_values_are_rejected_even_from_a_zero_weight_client():
+    states = [{"w": torch.zeros(1)}, {"w": torch.tensor([float("nan")])}]
+    with pytest.raises(ValueError, match="client 1 sent non-finite"):
+        aggregate_weighted_mean(states, [1, 0])
+
+
+def test_integer_tensors_are_rejected():
+    with pytest.raises(ValueError, match="Key 'steps': client 0 sent dtype torch.int64"):
+        aggregate_weighted_mean([{"steps": torch.tensor([3])}], [1])
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ([1.0, float("nan")], "Weight of client 1 is not finite"),
+        ([float("inf"), 1.0], "Weight of client 0 is not finite"),
+        ([1.0, -1.0], "Weight of client 1 is negative"),
+        ([0, 0], "All 2 client weights are zero"),
+        ([1.0], "Got 1 weights for 2 client states"),
+    ],
+)
+def test_bad_weights_are_rejected(weights, message):
+    states = [{"w": torch.zeros(1)}, {"w": torch.ones(1)}]
+    with pytest.raises(ValueError, match=message):
+        aggregate_weighted_mean(states, weights)
+
+
+@pytest.mark.parametrize("rule", sorted(AGGREGATORS))
+def test_no_states_is_an_error(rule):
+    with pytest.raises(ValueError, match="zero client states"):
+        get_aggregator(rule)([], [])
+
+
+def test_trimmed_mean_matches_hand_computation():
+    # per coordinate, trim_ratio 0.2 of 5 clients cuts one value at each end
+    columns = [[1.0, 2.0, 3.0, 4.0, 100.0], [3.0, -50.0, 2.0, 1.0, 0.0]]
+    states = [{"w": torch.tensor([first, second])} for first, second in zip(*columns)]
+    result = aggregate_trimmed_mean(states, [1] * 5, trim_ratio=0.2)
+    # (2 + 3 + 4) / 3 = 3 and (0 + 1 + 2) / 3 = 1
+    torch.testing.assert_close(result["w"], torch.tensor([3.0, 1.0]))
+
+
+def test_trimmed_mean_averages_survivors_uniformly_whatever_the_weights():
+    states = [{"w": torch.tensor([value])} for value in [1.0, 2.0, 3.0, 4.0, 100.0]]
+    result = aggregate_trimmed_mean(states, [1000, 1, 1, 1, 1000], trim_ratio=0.2)
+    torch.testing.assert_close(result["w"], torch.tensor([3.0]))
+
+
+def test_trimmed_mean_without_trimming_is_the_plain_mean():
+    states = [{"w": torch.tensor([value], dtype=torch.bfloat16)} for value in [1.0, 2.0, 6.0]]
+    result = aggregate_trimmed_mean(states, [1, 1, 1], trim_ratio=0.0)
+    assert result["w"].dtype == torch.bfloat16
+    torch.testing.assert_close(result["w"], torch.tensor([3.0], dtype=torch.bfloat16))
+
+
+def test_trimmed_mean_cuts_nothing_with_too_few_clients():
+    states = [{"w": torch.tensor([0.0])}, {"w": torch.tensor([10.0])}]
+    # floor(0.2 * 2) = 0
+    torch.testing.assert_close(aggregate_trimmed_mean(states, [1, 1], trim_ratio=0.2)["w"], torch.tensor([5.0]))
+
+
+@pytest.mark.parametrize("trim_ratio", [0.5, -0.1])
+def test_trimmed_mean_rejects_a_ratio_leaving_no_client(trim_ratio):
+    with pytest.raises(ValueError, match=r"trim_ratio must be in \[0, 0.5\)"):
+        aggregate_trimmed_mean([{"w": torch.zeros(1)}], [1], trim_ratio=trim_ratio)
+
+
+def test_trimmed_mean_shares_the_state_checks():
+    states = [{"w": torch.zeros(1)}, {"w": torch.tensor([float("nan")])}]
+    with pytest.raises(ValueError, match="Key 'w': client 1 sent non-finite values"):
+        aggregate_trimmed_mean(states, [1, 1])
+
+
+def test_registry_holds_both_rules():
+    assert get_aggregator("weighted_mean") is aggregate_weighted_mean
+    assert get_aggregator("trimmed_mean") is aggregate_trimmed_mean
+
+
+def test_unknown_rule_lists_the_known_ones():
+    with pytest.raises(ValueError, match="Unknown aggregation 'median'; known: trimmed_mean, weighted_mean"):
+        get_aggregator("median")

@@ -1,0 +1,359 @@
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from comigs_hf.config import (
+    ModelSection,
+    RecipeConfig,
+    TrainingSection,
+    build_strategy,
+    client_num_specialists,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    validate_client_splits,
+    validate_config,
+)
+from comigs_hf.data import DataConfig
+
+SHIPPED_YAML = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("**/*.yaml"))
+
+
+def write_yaml(tmp_path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_typed():
+    cfg = load_config(None)
+    assert cfg == RecipeConfig()
+    assert isinstance(cfg.model, ModelSection)
+    assert isinstance(cfg.training, TrainingSection)
+    assert isinstance(cfg.data, DataConfig)
+    assert cfg.training.adam_betas == (0.9, 0.95)
+    assert cfg.trackers == ["tensorboard"]
+
+
+def test_dotted_override_sets_a_section_field():
+    cfg = load_config(None, ["training.local_steps=5", "model.lora_r=4"])
+    assert cfg.training.local_steps == 5
+    assert cfg.model.lora_r == 4
+
+
+def test_bare_override_sets_a_top_level_field():
+    cfg = load_config(None, ["strategy=fedavg", "rounds=5", "output_dir=/tmp/run 1"])
+    assert (cfg.strategy, cfg.rounds, cfg.output_dir) == ("fedavg", 5, "/tmp/run 1")
+
+
+def test_list_override_gives_per_client_specialist_counts():
+    cfg = load_config(None, ["model.num_specialists=[0,1,2,3]", "model.top_k=1"])
+    assert cfg.model.num_specialists == [0, 1, 2, 3]
+    assert client_num_specialists(cfg) == [0, 1, 2, 3]
+
+
+def test_single_specialist_count_is_broadcast_to_every_client():
+    cfg = load_config(None, ["model.num_specialists=2", "data.num_clients=3"])
+    assert client_num_specialists(cfg) == [2, 2, 2]
+
+
+def test_overrides_apply_on_top_of_the_yaml_file(tmp_path):
+    path = write_yaml(tmp_path, "strategy: local\nrounds: 3\ntraining:\n  local_steps: 7\n  batch_size: 16\n")
+    cfg = load_config(path, ["training.local_steps=2", "rounds=4"])
+    assert (cfg.strategy, cfg.rounds) == ("local", 4)
+    assert (cfg.training.local_steps, cfg.training.batch_size) == (2, 16)
+
+
+def test_yaml_lists_become_tuples_for_tuple_fields(tmp_path):
+    cfg = load_config(write_yaml(tmp_path, "training:\n  adam_betas: [0.8, 0.99]\n"))
+    assert cfg.training.adam_betas == (0.8, 0.99)
+    assert isinstance(cfg.training.adam_betas, tuple)
+
+
+def test_tuple_of_the_wrong_length_is_rejected():
+    with pytest.raises(ValueError, match=r"'training.adam_betas' expects tuple\[float, float\], got \[0.9\]"):
+        load_config(None, ["training.adam_betas=[0.9]"])
+
+
+def test_int_is_accepted_for_a_float_field():
+    cfg = load_config(None, ["model.lora_alpha=32", "training.max_grad_norm=2"])
+    assert cfg.model.lora_alpha == 32.0
+    assert isinstance(cfg.model.lora_alpha, float)
+    assert isinstance(cfg.training.max_grad_norm, float)
+
+
+def test_exponent_without_a_dot_is_read_as_a_float(tmp_path):
+    # PyYAML (YAML 1.1) reads 2e-3 as the string "2e-3"
+    cfg = load_config(
+        write_yaml(tmp_path, "training:\n  learning_rate: 5e-4\n"), ["training.router_learning_rate=1e-3"]
+    )
+    assert cfg.training.learning_rate == 5e-4
+    assert cfg.training.router_learning_rate == 1e-3
+
+
+def test_null_override_gives_none():
+    cfg = load_config(None, ["training.max_grad_norm=null", "model.revision=", "training.eval_batches=4"])
+    assert cfg.training.max_grad_norm is None
+    assert cfg.model.revision is None
+    assert cfg.training.eval_batches == 4
+
+
+def test_data_section_accepts_its_union_types():
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=json",
+            "data.data_files={train: a.jsonl, test: b.jsonl}",
+            "data.max_train_tokens=[10, 20, 30, 40]",
+            "data.client_values=[a, b, c, d]",
+        ],
+    )
+    assert cfg.data.data_files == {"train": "a.jsonl", "test": "b.jsonl"}
+    assert cfg.data.max_train_tokens == [10, 20, 30, 40]
+    assert load_config(None, ["data.data_files=a.csv"]).data.data_files == "a.csv"
+    assert load_config(None, ["data.data_files=[a.csv, b.csv]"]).data.data_files == ["a.csv", "b.csv"]
+
+
+def test_dotted_override_reaches_into_a_dict_field():
+    cfg = load_config(None, ["data.data_files.train=a.csv", "data.extra.seed_offset=3"])
+    assert cfg.data.data_files == {"train": "a.csv"}
+    assert cfg.data.extra == {"seed_offset": 3}
+
+
+def test_empty_yaml_file_gives_the_defaults(tmp_path):
+    assert load_config(write_yaml(tmp_path, "# nothing\n")) == RecipeConfig()
+    assert load_config(write_yaml(tmp_path, "model:\ntraining:\n")) == RecipeConfig()
+
+
+def test_yaml_file_that_is_not_a_mapping_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="must be a mapping at the top level, got list"):
+        load_config(write_yaml(tmp_path, "- strategy\n- comigs\n"))
+
+
+def test_unknown_key_names_the_dotted_key_suggests_and_lists_valid_keys():
+    with pytest.raises(ValueError) as excinfo:
+        load_config(None, ["training.local_step=5"])
+    message = str(excinfo.value)
+    assert "Unknown config key 'training.local_step'" in message
+    assert "Did you mean 'training.local_steps'?" in message
+    assert "Valid keys of training: learning_rate, weight_decay" in message
+
+
+def test_unknown_key_in_a_yaml_section_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="Unknown config key 'model.num_experts'"):
+        load_config(write_yaml(tmp_path, "model:\n  num_experts: 4\n"))
+
+
+def test_section_key_given_at_the_top_level_points_to_its_section():
+    with pytest.raises(ValueError, match="Unknown config key 'router_steps'. Did you mean 'training.router_steps'?"):
+        load_config(None, ["router_steps=5"])
+
+
+def test_section_that_is_not_a_mapping_is_rejected():
+    with pytest.raises(ValueError, match="'model': expected a mapping of ModelSection fields, got 3"):
+        load_config(None, ["model=3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.local_steps=abc", "'training.local_steps' expects int, got 'abc' (str)"),
+        ("training.local_steps=2.5", "'training.local_steps' expects int, got 2.5 (float)"),
+        ("model.use_rslora=3", "'model.use_rslora' expects bool, got 3 (int)"),
+        ("training.learning_rate=true", "'training.learning_rate' expects float, got True (bool)"),
+        ("trackers=tensorboard", "'trackers' expects list[str], got 'tensorboard' (str)"),
+        ("model.num_specialists=[1, x]", "'model.num_specialists' expects int | list[int], got [1, 'x'] (list)"),
+        ("model.num_specialists=1.5", "'model.num_specialists' expects int | list[int], got 1.5 (float)"),
+        ("data.num_clients=[4]", "'data.num_clients' expects int, got [4] (list)"),
+    ],
+)
+def test_wrong_type_names_the_key_the_expected_type_and_the_value(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_number_given_for_a_string_field_suggests_quoting():
+    with pytest.raises(ValueError, match=r"'model.revision' expects str \| None, got 1234 \(int\) \(quote it"):
+        load_config(None, ["model.revision=1234"])
+    assert load_config(None, ["model.revision='1234'"]).model.revision == "1234"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.local_steps", "is not of the form key=value"),
+        ("=5", "is not of the form key=value"),
+        ("training..local_steps=5", "has an empty component"),
+        ("model.num_specialists=[0, 1", "the value is not valid YAML"),
+    ],
+)
+def test_malformed_override_is_rejected(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_override_below_a_plain_value_is_rejected():
+    with pytest.raises(ValueError, match=re.escape("'strategy' is 'comigs', not a section with keys")):
+        load_config(None, ["strategy=comigs", "strategy.name=comigs"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["strategy=fedprox"], ["strategy: unknown strategy 'fedprox'", "known: comigs, fedavg, local"]),
+        (["model.num_generalists=0"], ["model.num_generalists must be >= 1"]),
+        (["model.num_specialists=[1, 1, 1]"], ["model.num_specialists has 3 entries", "data.num_clients is 4"]),
+        (["model.num_specialists=-1"], ["model.num_specialists must be >= 0, got -1"]),
+        (["model.num_specialists=[1, -1, 1, 1]"], ["model.num_specialists[1] (client 1) is -1"]),
+        (
+            ["model.num_specialists=[0, 1, 0, 3]"],
+            ["model.top_k=2 exceeds the number of experts", "client 0 has 1", "client 2 has 1"],
+        ),
+        (["model.top_k=0"], ["model.top_k must be >= 1"]),
+        (
+            ["strategy=fedavg", "model.num_specialists=[1, 1, 2, 2]", "model.top_k=1"],
+            ["strategy 'fedavg' averages generalist, router, specialist", "model.num_specialists=[1, 1, 2, 2]"],
+        ),
+        (
+            ["training.batch_size=10", "training.micro_batch_size=4"],
+            ["training.batch_size=10 must be a multiple of training.micro_batch_size=4"],
+        ),
+        (["training.micro_batch_size=0"], ["training.micro_batch_size must be >= 1"]),
+        (["training.router_update_every=0"], ["training.router_update_every must be >= 1", "router_steps=10"]),
+        (["training.router_steps=-1"], ["training.router_steps must be >= 0"]),
+        (["training.local_steps=0"], ["training.local_steps must be >= 1"]),
+        (["rounds=0"], ["rounds must be >= 1, got 0"]),
+        (["eval_every=0"], ["eval_every must be >= 1, got 0"]),
+        (["data.validation_fraction=1.0"], ["data.validation_fraction must be in [0, 1), got 1.0"]),
+        (["data.test_fraction=-0.1"], ["data.test_fraction must be in [0, 1), got -0.1"]),
+        (
+            ["data.validation_fraction=0.5", "data.test_fraction=0.5"],
+            ["data.validation_fraction + data.test_fraction must be < 1"],
+        ),
+        (["data.num_clients=0"], ["data.num_clients must be >= 1"]),
+        (["data.max_train_tokens=[10, 20]"], ["data.max_train_tokens has 2 entries but data.num_clients is 4"]),
+        (["training.learning_rate=0"], ["training.learning_rate must be a finite number > 0, got 0.0"]),
+        (["training.router_learning_rate=-1e-3"], ["training.router_learning_rate must be a finite number > 0"]),
+        (["training.adam_betas=[0.9, 1.0]"], ["training.adam_betas[1] must be in [0, 1), got 1.0"]),
+        (["training.min_lr_ratio=2"], ["training.min_lr_ratio must be in [0, 1]"]),
+        (["training.max_grad_norm=0"], ["training.max_grad_norm must be > 0 or null"]),
+        (["training.eval_batches=0"], ["training.eval_batches must be >= 1 or null"]),
+        (["model.lora_r=0"], ["model.lora_r must be >= 1"]),
+        (["model.lora_dropout=1"], ["model.lora_dropout must be in [0, 1)"]),
+        (["model.target_modules=[]"], ["model.target_modules is an empty list"]),
+        (["model.dtype=float64"], ["model.dtype: unknown dtype 'float64'", "float32, bfloat16, float16"]),
+        (["trackers=[tensorboard, neptune]"], ["trackers: unknown tracker(s) ['neptune']", "wandb, mlflow"]),
+        (["aggregation=median"], ["aggregation: unknown rule 'median'; known: trimmed_mean, weighted_mean"]),
+        (["weighting=by_size"], ["weighting: unknown weighting 'by_size'; known: train_tokens, uniform"]),
+        (
+            ["aggregation=trimmed_mean", "aggregation_kwargs={trim_ratio: 0.5}"],
+            ["aggregation_kwargs: 'trimmed_mean' rejects {'trim_ratio': 0.5}", "trim_ratio must be in [0, 0.5)"],
+        ),
+        (["aggregation_kwargs={trim_ratio: 0.1}"], ["aggregation_kwargs: 'weighted_mean' rejects", "trim_ratio"]),
+    ],
+)
+def test_impossible_combination_is_rejected_naming_the_key(overrides, fragments):
+    with pytest.raises(ValueError) as excinfo:
+        load_config(None, overrides)
+    for fragment in fragments:
+        assert fragment in str(excinfo.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ValueError) as excinfo:
+        load_config(None, ["rounds=0", "eval_every=0", "model.dtype=float8"])
+    message = str(excinfo.value)
+    assert message.startswith("Invalid recipe config:")
+    assert "rounds must be" in message and "eval_every must be" in message and "model.dtype" in message
+
+
+def test_validate_config_rejects_a_config_built_in_code():
+    cfg = RecipeConfig(model=ModelSection(num_generalists=0))
+    with pytest.raises(ValueError, match="model.num_generalists must be >= 1"):
+        validate_config(cfg)
+
+
+def test_frozen_router_may_have_no_update_interval():
+    cfg = load_config(None, ["training.router_steps=0", "training.router_update_every=0"])
+    assert cfg.training.router_steps == 0
+
+
+def test_fedavg_accepts_equal_expert_counts_given_per_client():
+    cfg = load_config(None, ["strategy=fedavg", "model.num_specialists=[2, 2, 2, 2]"])
+    assert build_strategy(cfg).requires_equal_experts
+
+
+def test_comigs_accepts_unequal_expert_counts():
+    cfg = load_config(None, ["model.num_specialists=[1, 1, 2, 3]"])
+    assert client_num_specialists(cfg) == [1, 1, 2, 3]
+
+
+def test_build_strategy_applies_the_aggregation_settings():
+    cfg = load_config(None, ["aggregation=trimmed_mean", "aggregation_kwargs={trim_ratio: 0.25}", "weighting=uniform"])
+    strategy = build_strategy(cfg)
+    assert strategy.name == "comigs"
+    assert strategy.shared_roles == {"generalist"}
+    assert (strategy.aggregation, strategy.weighting) == ("trimmed_mean", "uniform")
+    assert strategy.aggregation_kwargs == {"trim_ratio": 0.25}
+
+
+def test_build_strategy_keeps_the_preset_when_nothing_is_set():
+    assert build_strategy(load_config(None, ["strategy=local"])).aggregation == "weighted_mean"
+
+
+def test_config_round_trips_through_a_plain_dict_and_yaml(tmp_path):
+    cfg = load_config(
+        None, ["strategy=fedavg", "model.num_specialists=[2, 2, 2, 2]", "training.adam_betas=[0.8, 0.9]"]
+    )
+    as_dict = config_to_dict(cfg)
+    assert as_dict["training"]["adam_betas"] == [0.8, 0.9]
+    path = tmp_path / "saved.yaml"
+    path.write_text(yaml.safe_dump(as_dict))
+    assert load_config(path) == cfg
+    assert config_from_dict(as_dict) == cfg
+
+
+@pytest.mark.parametrize("path", SHIPPED_YAML, ids=[path.name for path in SHIPPED_YAML])
+def test_every_shipped_yaml_loads(path):
+    assert isinstance(load_config(path), RecipeConfig)
+
+
+def client(name: str, train: int = 4, validation: int = 2, test: int = 2, block_size: int = 8) -> SimpleNamespace:
+    blocks = {
+        split: torch.zeros(count, block_size, dtype=torch.long)
+        for split, count in [("train", train), ("validation", validation), ("test", test)]
+    }
+    return SimpleNamespace(name=name, **blocks)
+
+
+def test_clients_with_every_split_filled_pass():
+    validate_client_splits([client("a"), client("b")])
+
+
+def test_empty_split_is_rejected_naming_client_and_split():
+    with pytest.raises(ValueError) as excinfo:
+        validate_client_splits([client("a"), client("b", validation=0), client("c", test=0)])
+    message = str(excinfo.value)
+    assert "client 1 ('b') has an empty validation split (shape (0, 8))" in message
+    assert "client 2 ('c') has an empty test split" in message
+    assert "client 0" not in message
+
+
+def test_unneeded_split_may_be_empty():
+    validate_client_splits([client("a", validation=0)], splits=("train", "test"))
+
+
+def test_split_of_the_wrong_rank_is_rejected():
+    bad = client("a")
+    bad.train = torch.zeros(32, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"client 0 \('a'\): train split has shape \(32,\), expected"):
+        validate_client_splits([bad])
+
+
+def test_missing_split_is_rejected():
+    with pytest.raises(ValueError, match=r"client 0 \('a'\) has no validation split"):
+        validate_client_splits([SimpleNamespace(name="a", train=torch.zeros(1, 8), test=torch.zeros(1, 8))])

@@ -1,0 +1,279 @@
+"""The CoMiGS architecture on tiny GPT-2 and Llama bases."""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import VOCAB, perturb_experts, tiny_gpt2
+from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel
+
+from comigs_hf import CoMiGSConfig, CoMiGSForCausalLM, parameter_role
+from comigs_hf.layer_comigs import CoMiGSRouting
+from comigs_hf.modeling_comigs import load_balancing_loss
+
+
+def build(make_base, seed=0, **kwargs):
+    options = dict(num_generalists=1, num_specialists=2, lora_r=4, lora_alpha=8, top_k=2)
+    options.update(kwargs)
+    model = CoMiGSForCausalLM.from_base(make_base(seed), **options)
+    perturb_experts(model, seed=seed)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "name, role",
+    [
+        ("model.transformer.h.0.mlp.base_mlp.c_fc.lora_A.generalist_0.weight", "generalist"),
+        ("model.model.layers.1.mlp.base_mlp.down_proj.lora_B.specialist_3.weight", "specialist"),
+        ("model.model.layers.1.mlp.router.weight", "router"),
+        ("model.transformer.h.0.attn.c_attn.lora_A.attention.weight", "generalist"),
+        ("model.transformer.h.0.mlp.base_mlp.c_fc.base_layer.weight", "base"),
+        ("model.lm_head.weight", "base"),
+    ],
+)
+def test_parameter_role_names_the_three_groups(name, role):
+    assert parameter_role(name) == role
+
+
+def test_fresh_experts_leave_base_logits_unchanged(make_base, input_ids):
+    reference = make_base()(input_ids).logits
+    model = CoMiGSForCausalLM.from_base(make_base(), num_generalists=1, num_specialists=2, top_k=2).eval()
+    torch.testing.assert_close(model(input_ids).logits, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_batched_mixture_equals_weighted_sum_of_whole_expert_mlps(make_base, top_k):
+    model = build(make_base, top_k=top_k)
+    mixture = model.mixtures[0]
+    hidden = torch.randn(2, 5, model.get_input_embeddings().weight.shape[1])
+    routing = mixture.router(hidden)
+    per_expert = []
+    for expert in range(model.config.num_experts):
+        forced = CoMiGSRouting(routing.router_logits, torch.full((2, 5, 1), expert), torch.ones(2, 5, 1))
+        for projection in mixture._projections:
+            projection.routing = forced
+        per_expert.append(mixture.base_mlp(hidden))
+    per_expert = torch.stack(per_expert, dim=-2)  # (B, T, E, H)
+    chosen = per_expert.gather(-2, routing.expert_index.unsqueeze(-1).expand(-1, -1, -1, per_expert.shape[-1]))
+    naive = (routing.expert_weight.unsqueeze(-1) * chosen).sum(dim=-2)
+    torch.testing.assert_close(mixture(hidden), naive, rtol=1e-5, atol=1e-6)
+
+
+def test_top2_weights_sum_to_one_and_top1_weight_is_the_full_softmax_probability(make_base):
+    hidden = torch.randn(3, 7, 32)
+    top2 = build(make_base, top_k=2).mixtures[0].router(hidden)
+    torch.testing.assert_close(top2.expert_weight.sum(-1), torch.ones(3, 7))
+    top1 = build(make_base, top_k=1).mixtures[0].router(hidden)
+    probability = top1.router_logits.softmax(-1).gather(-1, top1.expert_index)
+    torch.testing.assert_close(top1.expert_weight, probability)
+    assert (top1.expert_weight < 1).all()
+
+
+def test_top_k_picks_the_highest_router_logits(make_base):
+    routing = build(make_base, top_k=2).mixtures[0].router(torch.randn(2, 4, 32))
+    expected = routing.router_logits.topk(2, dim=-1).indices
+    assert torch.equal(routing.expert_index, expected)
+
+
+def test_base_is_frozen_and_bitwise_unchanged_after_an_optimizer_step(make_base, input_ids):
+    model = build(make_base).train()
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if parameter_role(n) == "base"}
+    expert_before = {n: p.detach().clone() for n, p in model.named_parameters() if parameter_role(n) != "base"}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        if parameter_role(name) == "base":
+            assert not param.requires_grad and param.grad is None, name
+            assert torch.equal(param, base_before[name]), name
+    assert any(not torch.equal(p, expert_before[n]) for n, p in model.named_parameters() if n in expert_before)
+
+
+def test_gradients_reach_every_expert_and_router_and_nothing_else(make_base, input_ids):
+    model = build(make_base, top_k=2).train()
+    model(input_ids, labels=input_ids).loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if parameter_role(n) != "base"}
+    assert all(model.get_parameter(n).grad is not None for n in trainable)
+
+
+def test_top1_lm_loss_alone_still_trains_the_router(make_base, input_ids):
+    model = build(make_base, top_k=1, router_aux_loss_coef=0.0).train()
+    model(input_ids, labels=input_ids).loss.backward()
+    router_grads = [p.grad for n, p in model.named_parameters() if parameter_role(n) == "router"]
+    assert all(g is not None and g.abs().sum() > 0 for g in router_grads)
+
+
+def test_loss_is_lm_loss_plus_weighted_aux_loss(make_base, input_ids):
+    model = build(make_base, router_aux_loss_coef=0.5)
+    out = model(input_ids, labels=input_ids)
+    lm_loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), input_ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, lm_loss + 0.5 * out.aux_loss)
+
+
+def test_load_balancing_loss_is_one_at_the_target_share_and_higher_when_collapsed():
+    target = torch.tensor([0.5, 0.25, 0.25])
+    # logits whose softmax is the target, and top-1 counts matching it (2 of 4 tokens on expert 0, 1 each on 1, 2)
+    logits = target.log().expand(1, 4, 3).clone()
+    balanced = CoMiGSRouting(logits, torch.tensor([[[0], [0], [1], [2]]]), torch.ones(1, 4, 1))
+    torch.testing.assert_close(load_balancing_loss([balanced], target), torch.tensor(1.0))
+    collapsed_logits = torch.tensor([8.0, 0.0, 0.0]).expand(1, 4, 3)
+    collapsed = CoMiGSRouting(collapsed_logits, torch.zeros(1, 4, 1, dtype=torch.long), torch.ones(1, 4, 1))
+    assert load_balancing_loss([collapsed], target) > 1.9
+
+
+def test_routing_stats_count_every_token_copy_and_ignore_padding(make_base, input_ids):
+    model = build(make_base, top_k=2)
+    mask = torch.ones_like(input_ids)
+    mask[0, -3:] = 0
+    stats = model(input_ids, attention_mask=mask, output_routing_stats=True).routing_stats
+    assert len(stats) == model.config.text_config.num_hidden_layers
+    for layer in stats:
+        assert layer["tokens"].sum() == 2 * mask.sum()
+        torch.testing.assert_close(layer["weight"].sum(), torch.tensor(1.0))
+
+
+def test_route_all_to_sends_every_token_to_one_expert_with_weight_one(make_base, input_ids):
+    model = build(make_base)
+    with model.route_all_to("specialist_1"):
+        stats = model(input_ids, output_routing_stats=True).routing_stats
+    for layer in stats:
+        assert layer["tokens"].tolist() == [0, 0, input_ids.numel()]
+        assert layer["weight"].tolist() == [0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="specialist_7"):
+        with model.route_all_to("specialist_7"):
+            pass
+
+
+def test_save_and_auto_load_round_trip_config_and_logits(make_base, input_ids, tmp_path):
+    model = build(make_base, attention_lora=True, top_k=1)
+    model.save_pretrained(tmp_path)
+    loaded_config = AutoConfig.from_pretrained(tmp_path).to_dict()
+    assert loaded_config.pop("_name_or_path") == str(tmp_path)
+    assert loaded_config == {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, CoMiGSForCausalLM)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+    assert not any(p.requires_grad for n, p in loaded.named_parameters() if parameter_role(n) == "base")
+
+
+def test_greedy_generation_is_identical_with_and_without_kv_cache(make_base, input_ids):
+    model = build(make_base)
+    cached = model.generate(input_ids, max_new_tokens=10, do_sample=False, use_cache=True)
+    uncached = model.generate(input_ids, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert cached.shape == (2, input_ids.shape[1] + 10)
+    assert torch.equal(cached, uncached)
+
+
+def test_saved_model_loads_as_remote_code_where_comigs_hf_cannot_be_imported(tmp_path, input_ids):
+    model = build(lambda seed: tiny_gpt2(seed))
+    model.save_pretrained(tmp_path / "model")
+    shipped = sorted(f for f in os.listdir(tmp_path / "model") if f.endswith(".py"))
+    assert shipped == ["configuration_comigs.py", "layer_comigs.py", "modeling_comigs.py"]
+    torch.save({"ids": input_ids, "logits": model(input_ids).logits.detach()}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "comigs_hf" or name.startswith("comigs_hf."):
+                    raise ImportError("comigs_hf is blocked in this process")
+        sys.meta_path.insert(0, Block())
+        sys.path = [p for p in sys.path if p not in ("", {os.getcwd()!r})]
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert "comigs_hf" not in sys.modules
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], rtol=0, atol=0)
+        print("REMOTE_OK")
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_bfloat16_forward_and_backward(make_base, input_ids):
+    model = build(make_base).to(torch.bfloat16).train()
+    out = model(input_ids, labels=input_ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(make_base, input_ids):
+    plain = build(make_base).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable()
+    plain(input_ids, labels=input_ids).loss.backward()
+    checkpointed(input_ids, labels=input_ids).loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_set_num_specialists_keeps_existing_experts_and_adds_fresh_ones(make_base, input_ids):
+    model = build(make_base, num_specialists=1, top_k=2)
+    before = model.role_state_dict("generalist", "specialist")
+    model.set_num_specialists(3)
+    after = model.role_state_dict("generalist", "specialist")
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert {k for k in after if "specialist_2" in k} and model.mixtures[0].router.weight.shape[0] == 4
+    assert model(input_ids).logits.shape == (2, input_ids.shape[1], VOCAB)
+
+
+def test_load_role_state_dict_checks_everything_before_writing(make_base):
+    model = build(make_base)
+    state = model.role_state_dict("generalist")
+    key = next(iter(state))
+    before = model.get_parameter(key).detach().clone()
+    bad = {k: v + 1 for k, v in state.items()}
+    bad[sorted(bad)[-1]] = torch.full_like(state[sorted(bad)[-1]], float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        model.load_role_state_dict(bad)
+    assert torch.equal(model.get_parameter(key), before)
+    with pytest.raises(ValueError, match="shape"):
+        model.load_role_state_dict({key: torch.zeros(1)})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_generalists=1, num_specialists=1, top_k=3), "num_experts_per_tok"),
+        (dict(num_generalists=0, num_specialists=2), "num_generalists"),
+        (dict(num_specialists=-1), "num_specialists"),
+        (dict(target_modules=["mlp.w1", "mlp.w2"]), r"mlp\.w1"),
+    ],
+)
+def test_bad_configuration_raises_a_value_error_naming_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CoMiGSForCausalLM.from_base(tiny_gpt2(), **kwargs)
+
+
+def test_base_without_known_mlp_lists_what_was_searched():
+    base = tiny_gpt2()
+    for block in base.transformer.h:
+        block.ffn = block.mlp
+        del block.mlp
+    with pytest.raises(ValueError, match=r"searched for .*mlp\.c_fc.*mlp\.gate_proj"):
+        CoMiGSForCausalLM.from_base(base)
+
+
+def test_base_that_is_not_a_causal_lm_is_refused():
+    encoder = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64))
+    with pytest.raises(ValueError, match="causal language model.*BertModel"):
+        CoMiGSForCausalLM.from_base(encoder)
+
+
+def test_config_without_specialists_targets_the_generalists_uniformly():
+    config = CoMiGSConfig(num_generalists=2, num_specialists=0, num_experts_per_tok=1)
+    model = CoMiGSForCausalLM(config)
+    torch.testing.assert_close(model.load_balancing_target(), torch.tensor([0.5, 0.5]))

@@ -1,0 +1,150 @@
+import pytest
+import torch
+
+from comigs_hf.strategies import (
+    STRATEGIES,
+    Strategy,
+    aggregation_weights,
+    get_strategy,
+    partition_state_dict,
+    payload_bytes,
+)
+
+GENERALIST_A = "model.transformer.h.0.mlp.c_fc.lora_A.generalist_0.weight"
+GENERALIST_B = "model.transformer.h.0.mlp.c_fc.lora_B.generalist_0.weight"
+ATTENTION_A = "model.transformer.h.0.attn.c_attn.lora_A.attention.weight"
+SPECIALIST_A = "model.transformer.h.0.mlp.c_fc.lora_A.specialist_0.weight"
+SPECIALIST_B = "model.transformer.h.0.mlp.c_fc.lora_B.specialist_1.weight"
+ROUTER = "model.transformer.h.0.mlp.router.weight"
+BASE_LINEAR = "model.transformer.h.0.mlp.c_fc.base_layer.weight"
+BASE_EMBEDDING = "model.transformer.wte.weight"
+
+
+def role_of(name: str) -> str:
+    """The naming contract of `comigs_hf.modeling_comigs.parameter_role`, restated so these tests stand alone."""
+    if ".router." in name:
+        return "router"
+    if ".generalist_" in name or ".attention." in name:
+        return "generalist"
+    if ".specialist_" in name:
+        return "specialist"
+    return "base"
+
+
+def fake_state() -> dict[str, torch.Tensor]:
+    names = [BASE_EMBEDDING, BASE_LINEAR, GENERALIST_A, GENERALIST_B, ATTENTION_A, SPECIALIST_A, SPECIALIST_B, ROUTER]
+    return {name: torch.full((2, 3), float(index)) for index, name in enumerate(names)}
+
+
+def test_local_shares_nothing():
+    shared, private = partition_state_dict(fake_state(), get_strategy("local"), role_of=role_of)
+    assert shared == {}
+    assert list(private) == [GENERALIST_A, GENERALIST_B, ATTENTION_A, SPECIALIST_A, SPECIALIST_B, ROUTER]
+
+
+def test_comigs_shares_only_generalists():
+    shared, private = partition_state_dict(fake_state(), get_strategy("comigs"), role_of=role_of)
+    # the attention adapter has the generalist role, so it travels with the generalists
+    assert list(shared) == [GENERALIST_A, GENERALIST_B, ATTENTION_A]
+    assert list(private) == [SPECIALIST_A, SPECIALIST_B, ROUTER]
+
+
+def test_fedavg_shares_every_expert_and_the_router():
+    shared, private = partition_state_dict(fake_state(), get_strategy("fedavg"), role_of=role_of)
+    assert list(shared) == [GENERALIST_A, GENERALIST_B, ATTENTION_A, SPECIALIST_A, SPECIALIST_B, ROUTER]
+    assert private == {}
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_base_tensors_appear_in_neither_part(name):
+    shared, private = partition_state_dict(fake_state(), get_strategy(name), role_of=role_of)
+    for part in (shared, private):
+        assert BASE_EMBEDDING not in part
+        assert BASE_LINEAR not in part
+
+
+def test_partition_returns_the_input_tensors_without_copying():
+    state = fake_state()
+    shared, private = partition_state_dict(state, get_strategy("comigs"), role_of=role_of)
+    assert shared[GENERALIST_A] is state[GENERALIST_A]
+    assert private[ROUTER] is state[ROUTER]
+
+
+def test_unknown_role_is_rejected_naming_the_parameter():
+    with pytest.raises(ValueError, match="'odd.weight' has role 'mystery'"):
+        partition_state_dict({"odd.weight": torch.zeros(1)}, get_strategy("comigs"), role_of=lambda name: "mystery")
+
+
+def test_default_role_function_follows_the_modeling_contract():
+    modeling = pytest.importorskip("comigs_hf.modeling_comigs")
+    assert hasattr(modeling, "parameter_role")
+    shared, private = partition_state_dict(fake_state(), get_strategy("comigs"))
+    assert list(shared) == [GENERALIST_A, GENERALIST_B, ATTENTION_A]
+    assert list(private) == [SPECIALIST_A, SPECIALIST_B, ROUTER]
+
+
+@pytest.mark.parametrize(
+    ("shared_roles", "requires_equal_experts"),
+    [
+        (set(), False),
+        ({"generalist"}, False),
+        ({"specialist"}, True),
+        ({"router"}, True),
+        ({"generalist", "specialist", "router"}, True),
+    ],
+)
+def test_equal_experts_are_required_exactly_when_specialists_or_router_are_shared(
+    shared_roles, requires_equal_experts
+):
+    assert Strategy("custom", shared_roles).requires_equal_experts is requires_equal_experts
+
+
+def test_presets_are_as_documented():
+    assert STRATEGIES["local"].shared_roles == frozenset()
+    assert STRATEGIES["fedavg"].shared_roles == {"generalist", "specialist", "router"}
+    assert STRATEGIES["comigs"].shared_roles == {"generalist"}
+    assert all(strategy.aggregation == "weighted_mean" for strategy in STRATEGIES.values())
+    assert all(strategy.weighting == "train_tokens" for strategy in STRATEGIES.values())
+
+
+def test_strategy_is_frozen_hashable_and_freezes_its_roles():
+    strategy = Strategy("custom", ["generalist"])
+    assert strategy.shared_roles == frozenset({"generalist"})
+    assert hash(strategy) == hash(Strategy("custom", {"generalist"}))
+    with pytest.raises(AttributeError):
+        strategy.name = "other"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"shared_roles": {"base"}}, r"shared_roles contains \['base'\]"),
+        ({"shared_roles": set(), "aggregation": "median"}, "unknown aggregation 'median'; known: trimmed_mean"),
+        ({"shared_roles": set(), "weighting": "by_size"}, "unknown weighting 'by_size'; known: train_tokens, uniform"),
+    ],
+)
+def test_strategy_rejects_unknown_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Strategy("custom", **kwargs)
+
+
+def test_unknown_strategy_lists_the_known_ones():
+    with pytest.raises(ValueError, match="Unknown strategy 'fedprox'; known: comigs, fedavg, local"):
+        get_strategy("fedprox")
+
+
+def test_payload_bytes_sums_numel_times_element_size():
+    state = {"a": torch.zeros(2, 3, dtype=torch.float32), "b": torch.zeros(4, dtype=torch.bfloat16)}
+    assert payload_bytes(state) == 2 * 3 * 4 + 4 * 2
+    assert payload_bytes({}) == 0
+
+
+def test_local_strategy_sends_zero_bytes():
+    shared, _ = partition_state_dict(fake_state(), get_strategy("local"), role_of=role_of)
+    assert payload_bytes(shared) == 0
+
+
+def test_weights_follow_train_tokens_unless_uniform():
+    assert aggregation_weights(get_strategy("comigs"), [100, 300]) == [100.0, 300.0]
+    uniform = Strategy("uniform", {"generalist"}, weighting="uniform")
+    assert aggregation_weights(uniform, [100, 300]) == [1.0, 1.0]
