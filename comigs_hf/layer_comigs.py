@@ -154,23 +154,26 @@ class CoMiGSLoraLinear(nn.Module):
             raise RuntimeError(f"{self.base_path} is part of a CoMiGS mixture and must be called through it.")
         num_experts = len(self.lora_A)
         lora_A, lora_B = self._stacked_factors()
-        # one-hot of each copy's expert, (..., K, E)
-        expert_mask = F.one_hot(routing.expert_index, num_experts).to(x.dtype)
+        # per copy, a one-hot of its expert carrying the LoRA scaling (and, at the output, the gate): (..., K, E, 1).
+        # Everything that touches it is of size E*R per token; the wide (..., K, O) tensors see one op each.
+        selector = F.one_hot(routing.expert_index, num_experts).to(x.dtype).unsqueeze(-1) * self.scaling
         if self.role == "input":
-            result = self.base_layer(x).unsqueeze(-2)  # (..., 1, O): the base runs once per token
             codes = F.linear(self.lora_dropout(x), lora_A).unflatten(-1, (num_experts, self.r))  # (..., E, R)
-            # keep, per copy, only its expert's R-slice, then map all experts' slices through B at once
-            codes = expert_mask.unsqueeze(-1) * codes.unsqueeze(-3)  # (..., K, E, R)
-            return result + F.linear(codes.flatten(-2), lora_B) * self.scaling  # (..., K, O)
+            codes = (selector * codes.unsqueeze(-3)).flatten(-2)  # (..., K, E*R): zero outside each copy's expert
+            # the frozen base runs once per token; each copy adds its own expert's update
+            return F.linear(codes, lora_B).add_(self.base_layer(x).unsqueeze(-2))  # (..., K, O)
         # output projection: x is (..., K, I)
-        gate = routing.expert_weight.unsqueeze(-1)  # (..., K, 1)
-        gate_sum = gate.sum(dim=-2)  # (..., 1); 1 for top-k > 1, the chosen probability for top-1
-        # W(sum_k g_k x_k) + b * sum_k g_k == sum_k g_k (W x_k + b), and it runs the base once per token
-        mixed = (gate * x).sum(dim=-2) / gate_sum  # (..., I)
+        gate = routing.expert_weight  # (..., K)
+        if x.shape[-2] == 1:
+            mixed, gate_sum = x.squeeze(-2), gate  # top-1: sum_k g_k x_k / sum_k g_k is the single copy
+        else:
+            gate_sum = gate.sum(dim=-1, keepdim=True)  # (..., 1), 1 up to rounding
+            mixed = torch.einsum("...k,...ki->...i", gate / gate_sum, x)  # (..., I)
+        # W(sum_k g_k x_k) + b * sum_k g_k == sum_k g_k (W x_k + b): the base runs once per token
         result = self.base_layer(mixed) * gate_sum  # (..., O)
         codes = F.linear(self.lora_dropout(x), lora_A).unflatten(-1, (num_experts, self.r))  # (..., K, E, R)
-        codes = ((expert_mask * gate).unsqueeze(-1) * codes).sum(dim=-3)  # gated per-expert codes, (..., E, R)
-        return result + F.linear(codes.flatten(-2), lora_B) * self.scaling  # (..., O)
+        codes = (selector * gate[..., None, None] * codes).sum(dim=-3).flatten(-2)  # gated codes, (..., E*R)
+        return result + F.linear(codes, lora_B)  # (..., O)
 
 
 class CoMiGSMoeMLP(nn.Module):
