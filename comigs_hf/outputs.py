@@ -1,0 +1,139 @@
+"""What a federated run leaves in `output_dir`: results, curves, models, the global generalist and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from accelerate import Accelerator
+
+from .config import RecipeConfig, config_to_dict
+
+if TYPE_CHECKING:
+    from .rounds import Federation
+
+CURVE_FIELDS = ["round", "client_id", "client", "train_loss", "router_loss", "test_loss", "test_ppl", "train_tokens",
+                "bytes_sent", "bytes_received"]
+
+
+def summarise(records: list[dict], federation: Federation, cfg: RecipeConfig) -> dict:
+    """`results.json`: per-client final metrics and totals over all rounds."""
+    final = {row["client_id"]: row for row in records[-1]["clients"]}
+    clients = []
+    for client_id, data in enumerate(federation.clients):
+        rows = [row for record in records for row in record["clients"] if row["client_id"] == client_id]
+        clients.append({
+            "id": client_id,
+            "name": data.name,
+            "num_specialists": federation.num_specialists[client_id],
+            "train_tokens": sum(row["train_tokens"] for row in rows),
+            "test_loss": final[client_id].get("test_loss"),
+            "test_ppl": final[client_id].get("test_ppl"),
+            "bytes_sent": sum(row["bytes_sent"] for row in rows),
+            "bytes_received": sum(row["bytes_received"] for row in rows),
+            "routing": final[client_id].get("routing"),
+        })
+    ppls = [c["test_ppl"] for c in clients if c["test_ppl"] is not None]
+    return {
+        "strategy": cfg.strategy,
+        "rounds": cfg.rounds,
+        "seed": cfg.seed,
+        "clients": clients,
+        "mean_test_ppl": sum(ppls) / len(ppls) if ppls else None,
+        "shared_roles": sorted(federation.strategy.shared_roles),
+        "config": config_to_dict(cfg),
+    }
+
+
+def write_curves(path: Path, records: list[dict], federation: Federation) -> None:
+    """One CSV row per (round, client): losses, perplexity where evaluated, tokens and bytes."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for record in records:
+            for row in record["clients"]:
+                writer.writerow({"round": record["round"], "client": federation.clients[row["client_id"]].name,
+                                 **row})
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "client"
+
+
+def write_outputs(federation: Federation, cfg: RecipeConfig, accelerator: Accelerator) -> dict:
+    """Write everything; every rank saves its own clients' models, the main process the rest."""
+    from .trainer import activate_client
+
+    output = Path(cfg.output_dir)
+    records = federation.records
+    results = summarise(records, federation, cfg)
+    if cfg.save_models:
+        for client_id, state in federation.states.items():
+            activate_client(federation.model, state, federation.shared)
+            directory = output / "clients" / f"{client_id}-{_safe_name(federation.clients[client_id].name)}"
+            federation.model.save_pretrained(directory)
+            federation.tokenizer.save_pretrained(directory)
+    if accelerator.is_main_process:
+        if federation.strategy.shared_roles and 0 in federation.states and "generalist" in \
+                federation.strategy.shared_roles:
+            activate_client(federation.model, federation.states[0], federation.shared)
+            for index in range(federation.model.config.num_generalists):
+                suffix = "" if federation.model.config.num_generalists == 1 else f"/generalist_{index}"
+                federation.model.export_generalist(output / f"global_generalist{suffix}", index=index)
+        write_curves(output / "curves.csv", records, federation)
+        (output / "results.json").write_text(json.dumps(results, indent=2))
+        if cfg.plots:
+            plot_curves(records, federation, output / "training_curves.png")
+            plot_routing(results, output / "routing.png")
+    accelerator.wait_for_everyone()
+    return results
+
+
+def plot_curves(records: list[dict], federation: Federation, path: Path) -> None:
+    """Training loss per round and test perplexity at evaluated rounds, one line per client."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, ppl_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for client_id, data in enumerate(federation.clients):
+        rows = [(r["round"], row) for r in records for row in r["clients"] if row["client_id"] == client_id]
+        loss_axis.plot([t for t, _ in rows], [row["train_loss"] for _, row in rows], label=data.name)
+        evaluated = [(t, row["test_ppl"]) for t, row in rows if "test_ppl" in row]
+        ppl_axis.plot([t for t, _ in evaluated], [p for _, p in evaluated], marker="o", label=data.name)
+    loss_axis.set(title="training loss", xlabel="round", ylabel="loss")
+    ppl_axis.set(title="test perplexity", xlabel="round", ylabel="perplexity")
+    ppl_axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_routing(results: dict, path: Path) -> None:
+    """Share of token copies routed to the generalists, per layer and client, at the final evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = [c for c in results["clients"] if c.get("routing")]
+    if not clients:
+        return
+    figure, axis = plt.subplots(figsize=(6, 4))
+    layers = len(clients[0]["routing"]["generalist_token_share"])
+    width = 0.8 / len(clients)
+    for i, client in enumerate(clients):
+        shares = client["routing"]["generalist_token_share"]
+        axis.bar([layer + i * width for layer in range(layers)], shares, width, label=client["name"])
+    axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    axis.set(title=f"{results['strategy']}: share of tokens routed to generalists", xlabel="layer",
+             ylabel="generalist share", ylim=(0, 1))
+    axis.set_xticks([layer + 0.4 - width / 2 for layer in range(layers)], [str(layer) for layer in range(layers)])
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
