@@ -114,8 +114,8 @@ def setup_federation(cfg: RecipeConfig, accelerator: Accelerator) -> Federation:
 
 
 def _fresh_parameters(model: CoMiGSForCausalLM, num_specialists: int, seed: int) -> dict[str, torch.Tensor]:
+    model.set_num_specialists(num_specialists)  # draws from the global RNG when it adds experts: seed after it
     torch.manual_seed(seed)
-    model.set_num_specialists(num_specialists)
     model.reset_experts()
     return {k: v.cpu() for k, v in model.role_state_dict(*ALL_ROLES).items()}
 

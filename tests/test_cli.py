@@ -1,0 +1,174 @@
+"""The `comigs` command, run in-process on saved tiny models and against `LocalHub` for the Hub subcommands."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+
+import pytest
+import torch
+from conftest import perturb_experts, tiny_gpt2
+from huggingface_hub import HfApi
+from safetensors.torch import load_file
+
+from comigs_hf import CoMiGSForCausalLM
+from comigs_hf.adapters import generalist_state_dict
+from comigs_hf.cli import main, summarize
+
+try:  # default pytest import mode: `tests/` (no __init__.py) is on sys.path
+    from hub_server import LocalHub, configure_hf_client, local_hub_fixture
+except ImportError:  # `tests` made a package, or --import-mode=importlib
+    from tests.hub_server import LocalHub, configure_hf_client, local_hub_fixture
+
+REPO = "local-user/comigs-cli"
+TOKEN = "hf_cliSecretTokenValue9876543210"
+
+local_hub = pytest.fixture(local_hub_fixture)
+
+
+def build(seed: int = 0) -> CoMiGSForCausalLM:
+    model = CoMiGSForCausalLM.from_base(tiny_gpt2(), num_generalists=1, num_specialists=2, lora_r=4, lora_alpha=8,
+                                        top_k=2, base_model_name_or_path="tiny-base")
+    perturb_experts(model, seed=seed)
+    return model.eval()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """Save a tiny CoMiGS model (experts seeded with `seed`) and return its folder."""
+
+    def save(seed: int = 0, name: str = "model"):
+        build(seed).save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    return save
+
+
+def generalist_of(directory) -> dict[str, torch.Tensor]:
+    return generalist_state_dict(CoMiGSForCausalLM.from_pretrained(directory))
+
+
+def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, msg=key)
+
+
+def test_export_writes_the_generalist_as_a_peft_adapter(saved, tmp_path):
+    model_dir = saved(seed=1)
+    assert main(["export", str(model_dir), str(tmp_path / "adapter")]) == 0
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert_same(load_file(tmp_path / "adapter" / "adapter_model.safetensors"), generalist_of(model_dir))
+
+
+def test_inspect_prints_experts_roles_and_their_parameter_counts(saved, capsys):
+    model_dir = saved()
+    assert main(["inspect", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "generalist_0, specialist_0, specialist_1 (top-2 per token)" in out
+    assert "tiny-base (gpt2)" in out and "mlp.c_fc, mlp.c_proj" in out
+    counts = summarize(CoMiGSForCausalLM.from_pretrained(model_dir))["parameters"]
+    assert counts["specialist"] == 2 * counts["generalist"] > 0
+    for role in ("generalist", "specialist", "router", "base"):
+        assert f"{counts[role]:,}" in out
+
+    assert main(["inspect", str(model_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == counts
+
+
+def test_push_then_pull_loads_round_1_into_a_saved_model_and_resaves_it(local_hub, saved, capsys):
+    first, second, target = saved(seed=1, name="first"), saved(seed=2, name="second"), saved(seed=3, name="target")
+    assert main(["push", str(first), REPO, "--round", "1", "--num-clients", "3", "--num-tokens", "42"]) == 0
+    assert main(["push", str(second), REPO, "--round", "2"]) == 0
+    assert "tag round-2" in capsys.readouterr().out
+    assert sorted(t.name for t in HfApi().list_repo_refs(REPO).tags) == ["round-1", "round-2"]
+
+    assert main(["pull", str(target), REPO, "--round", "1"]) == 0
+    assert_same(generalist_of(target), generalist_of(first))
+    private = CoMiGSForCausalLM.from_pretrained(target).role_state_dict("specialist", "router")
+    assert_same(private, build(seed=3).role_state_dict("specialist", "router"))  # only the generalist changed
+
+
+def test_submit_and_aggregate_run_a_hub_round(local_hub, saved, capsys):
+    assert main(["push", str(saved(seed=0, name="seed")), REPO, "--round", "1"]) == 0
+    for i, (client, tokens) in enumerate((("alice", "100"), ("bob", "300"))):
+        model_dir = saved(seed=10 + i, name=client)
+        arguments = ["--client-id", client, "--round", "1", "--num-tokens", tokens]
+        assert main(["submit", str(model_dir), REPO, *arguments]) == 0
+    capsys.readouterr()
+    assert main(["aggregate", REPO, "--round", "1", "--min-clients", "2", "--timeout", "5", "--poll-interval",
+                 "0.05", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [u["client_id"] for u in report["accepted"]] == ["alice", "bob"] and report["tag"] == "round-2"
+    assert HfApi().revision_exists(REPO, "round-2")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["export", "{missing}", "{out}"], "argument model: .* is not a directory"),
+        (["export", "{model}", "{out}", "--index", "1"], "argument --index: generalist 1 does not exist"),
+        (["export", "{model}", "{out}", "--index", "-1"], "argument --index: expected a non-negative integer"),
+        (["push", "{model}", "{repo}", "--round", "0"], "argument --round: expected a positive integer, got 0"),
+        (["push", "{model}", "not a repo id!"], "argument repo_id: not a Hub repo id"),
+        (["pull", "{model}", "{repo}"], "one of the arguments --round --revision is required"),
+        (["submit", "{model}", "{repo}", "--client-id", "../x", "--round", "1", "--num-tokens", "5"],
+         "argument --client-id: `client_id` must be"),
+        (["aggregate", "{repo}", "--round", "1", "--min-clients", "0"], "argument --min-clients: expected a positive"),
+        (["aggregate", "{repo}", "--round", "1", "--min-clients", "1", "--poll-interval", "0"],
+         "argument --poll-interval: expected a positive number of seconds"),
+        (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_argument(saved, tmp_path, capsys, arguments, message):
+    values = {"missing": str(tmp_path / "missing"), "out": str(tmp_path / "out"), "repo": REPO}
+    if any("{model}" in a for a in arguments):
+        values["model"] = str(saved())
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(**values) for a in arguments])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_pulling_a_round_that_does_not_exist_exits_2_naming_round(local_hub, saved, capsys):
+    model_dir = saved()
+    assert main(["push", str(model_dir), REPO, "--round", "1"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pull", str(model_dir), REPO, "--round", "7"])
+    assert exit_info.value.code == 2 and "argument --round: 'round-7' does not exist" in capsys.readouterr().err
+
+
+def test_bench_hands_its_arguments_to_the_benchmark_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0 and "--layers" in capsys.readouterr().out
+
+
+def test_run_is_offered_only_when_the_recipe_module_exists(capsys):
+    if importlib.util.find_spec("comigs_hf.recipe") is not None:
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert "run" in capsys.readouterr().out
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run"])
+    assert exit_info.value.code == 2 and "comigs_hf.recipe" in capsys.readouterr().err
+
+
+def test_cli_authenticates_from_hf_token_and_never_prints_it(saved, tmp_path, monkeypatch, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    model_dir = saved()
+    with LocalHub(token=TOKEN) as hub:
+        configure_hf_client(monkeypatch, hub.url, tmp_path / "hf_home")
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        assert main(["push", str(model_dir), REPO, "--round", "1"]) == 0
+        assert main(["submit", str(model_dir), REPO, "--client-id", "alice", "--round", "1", "--num-tokens", "9"]) == 0
+        assert main(["aggregate", REPO, "--round", "1", "--min-clients", "1", "--timeout", "2"]) == 0
+        assert main(["pull", str(model_dir), REPO, "--round", "2"]) == 0
+    assert all(r.authorization == f"Bearer {TOKEN}" for r in hub.requests if r.method == "POST")
+    captured = capsys.readouterr()
+    assert "round-2" in captured.out
+    for text in (captured.out, captured.err, caplog.text):
+        assert TOKEN not in text

@@ -1,0 +1,383 @@
+"""Generalists through the Hub: rounds as tags, model cards, opt-in client models, Hub-mediated aggregation.
+
+Everything runs the real `huggingface_hub` client (and PEFT, transformers) over HTTP against `LocalHub`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import perturb_experts, tiny_gpt2
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError
+from peft import PeftModel
+from safetensors.torch import load, load_file, save
+
+from comigs_hf import CoMiGSForCausalLM
+from comigs_hf.adapters import generalist_state_dict
+from comigs_hf.hub import (
+    aggregate_round,
+    pull_global,
+    push_client_model_to_hub,
+    push_generalist_to_hub,
+    render_generalist_card,
+    submit_update,
+    template_path,
+)
+
+try:  # default pytest import mode: `tests/` (no __init__.py) is on sys.path
+    from hub_server import LocalHub, configure_hf_client, local_hub_fixture
+except ImportError:  # `tests` made a package, or --import-mode=importlib
+    from tests.hub_server import LocalHub, configure_hf_client, local_hub_fixture
+
+REPO = "local-user/comigs-generalist"
+TOKEN = "hf_comigsSecretTokenValue0123456789"
+
+local_hub = pytest.fixture(local_hub_fixture)
+
+
+@pytest.fixture
+def hub(local_hub: LocalHub) -> Iterator[LocalHub]:
+    yield local_hub
+    assert local_hub.unhandled == []  # the client called nothing the local server does not implement
+
+
+def build(seed: int = 0, **kwargs) -> CoMiGSForCausalLM:
+    options = {"num_generalists": 1, "num_specialists": 1, "lora_r": 4, "lora_alpha": 8, "top_k": 2,
+               "base_model_name_or_path": "tiny-base", **kwargs}
+    model = CoMiGSForCausalLM.from_base(tiny_gpt2(), **options)
+    perturb_experts(model, seed=seed)
+    return model.eval()
+
+
+def generalist(model: CoMiGSForCausalLM) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in generalist_state_dict(model).items()}
+
+
+def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, msg=key)
+
+
+def num_commits(repo_id: str = REPO) -> int:
+    return len(HfApi().list_repo_commits(repo_id))
+
+
+def card_at(revision: str, repo_id: str = REPO) -> ModelCard:
+    # `ModelCard.load` reads the default branch only: fetch the README of the tagged commit itself
+    return ModelCard.load(hf_hub_download(repo_id, "README.md", revision=revision))
+
+
+# ---- push / pull ---------------------------------------------------------------------------------------------
+
+
+def test_pulling_round_1_after_round_2_gives_round_1_weights(hub):
+    model = build(seed=1)
+    first_sha = push_generalist_to_hub(model, REPO, round=1)
+    round_1 = generalist(model)
+    perturb_experts(model, seed=2)
+    push_generalist_to_hub(model, REPO, round=2)
+    round_2 = generalist(model)
+
+    assert hub.resolve(REPO, "round-1").sha == first_sha
+    target = build(seed=3)
+    target.load_generalist(REPO, revision="round-1")
+    assert_same(generalist(target), round_1)
+    pull_global(target, REPO, round=2)
+    assert_same(generalist(target), round_2)
+
+
+def test_stock_peft_loads_the_pushed_generalist_at_its_round(hub, input_ids):
+    model = build(seed=1)
+    push_generalist_to_hub(model, REPO, round=1)
+    perturb_experts(model, seed=2)
+    push_generalist_to_hub(model, REPO, round=2)
+
+    peft_model = PeftModel.from_pretrained(tiny_gpt2(), REPO, revision="round-1").eval()
+    reference = build(seed=1)
+    with torch.no_grad(), reference.route_all_to(0):
+        expected = reference(input_ids).logits
+    torch.testing.assert_close(peft_model(input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_republishing_a_round_is_a_no_op_and_other_content_under_its_tag_is_refused(hub):
+    model = build(seed=1)
+    sha = push_generalist_to_hub(model, REPO, round=1, num_clients=2, num_tokens=10)
+    commits = num_commits()
+    assert push_generalist_to_hub(model, REPO, round=1, num_clients=2, num_tokens=10) == sha
+    assert num_commits() == commits
+
+    perturb_experts(model, seed=2)
+    with pytest.raises(ValueError, match=r"'round-1' already exists .* other content"):
+        push_generalist_to_hub(model, REPO, round=1, num_clients=2, num_tokens=10)
+    assert num_commits() == commits  # refused before committing
+    assert hub.resolve(REPO, "round-1").sha == sha
+
+
+def test_generalist_in_a_subfolder_loads_with_subfolder(hub):
+    model = build(seed=1)
+    push_generalist_to_hub(model, REPO, round=1, path_in_repo="experts/generalist_0")
+    assert {"experts/generalist_0/adapter_model.safetensors", "experts/generalist_0/README.md"} <= set(
+        HfApi().list_repo_files(REPO, revision="round-1"))
+    target = build(seed=3)
+    target.load_generalist(REPO, revision="round-1", subfolder="experts/generalist_0")
+    assert_same(generalist(target), generalist(model))
+
+
+# ---- model cards ---------------------------------------------------------------------------------------------
+
+
+def test_card_metadata_round_trips_through_the_hub(hub):
+    push_generalist_to_hub(build(seed=1), REPO, round=3, num_clients=5, num_tokens=12345, strategy="comigs",
+                           eval_results={"perplexity": 17.25}, base_model_revision="abc1234")
+    card = card_at("round-3")
+    data = card.data.to_dict()
+    assert data["base_model"] == "tiny-base" and data["library_name"] == "peft"
+    assert set(data["tags"]) == {"comigs", "federated-learning", "lora", "base_model:adapter:tiny-base"}
+    assert data["comigs"] == {"expert": "generalist_0", "round": 3, "num_clients": 5, "num_tokens": 12345,
+                              "strategy": "comigs", "base_model_revision": "abc1234",
+                              "eval_results": {"perplexity": 17.25}}
+    assert "| perplexity | 17.25 |" in card.text
+    assert f'PeftModel.from_pretrained(base, "{REPO}", revision="round-3")' in card.text
+    assert f'load_generalist("{REPO}", revision="round-3")' in card.text
+
+
+def test_card_with_eval_results_writes_a_model_index():
+    result = EvalResult(task_type="text-generation", dataset_type="wikitext", dataset_name="WikiText",
+                        metric_type="perplexity", metric_value=9.5)
+    card = render_generalist_card(base_model="tiny-base", repo_id=REPO, round=2, eval_results=[result])
+    reparsed = ModelCard(str(card))
+    assert reparsed.data.eval_results[0].metric_value == 9.5
+    assert reparsed.data.to_dict()["model-index"][0]["name"] == "comigs-generalist"
+
+
+def test_card_of_a_local_base_omits_base_model_metadata():
+    card = render_generalist_card(base_model="/checkpoints/base", round=1)
+    data = ModelCard(str(card)).data.to_dict()
+    assert "base_model" not in data and not any(tag.startswith("base_model:") for tag in data["tags"])
+    assert "`/checkpoints/base`" in card.text  # still named in the body
+
+
+def test_card_templates_live_in_model_cards():
+    for name in ("generalist_card.md", "client_model_card.md"):
+        path = Path(str(template_path(name)))
+        assert path.read_text().startswith("{#") and path.parent.name in ("model_cards", "_model_cards")
+
+
+# ---- client models -------------------------------------------------------------------------------------------
+
+
+def test_client_model_push_is_refused_without_confirmation(hub):
+    with pytest.raises(ValueError, match="private specialists and routers"):
+        push_client_model_to_hub(build(), REPO)
+    assert not HfApi().repo_exists(REPO)
+
+
+def test_client_model_push_with_confirmation_warns_and_uploads_model_and_card(hub, caplog, input_ids):
+    model = build(seed=1)
+    with caplog.at_level(logging.WARNING, logger="comigs_hf.hub"):
+        push_client_model_to_hub(model, REPO, confirm_private_data_publication=True, round=4, num_clients=3,
+                                 num_tokens=99)
+    assert any("private specialists" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    files = set(HfApi().list_repo_files(REPO))
+    assert {"config.json", "model.safetensors", "README.md", "modeling_comigs.py"} <= files
+    data = ModelCard.load(REPO).data.to_dict()
+    assert data["library_name"] == "transformers" and "base_model:finetune:tiny-base" in data["tags"]
+    assert data["comigs"]["num_specialists"] == 1 and data["comigs"]["round"] == 4
+
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(REPO).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids).logits, model(input_ids).logits)
+
+
+# ---- Hub-mediated rounds -------------------------------------------------------------------------------------
+
+
+CLIENT_TOKENS = {"alice": 100, "bob": 300, "carol": 600}
+
+
+@pytest.fixture
+def clients(hub) -> dict[str, CoMiGSForCausalLM]:
+    """A seeded shared repo (global round-1) and one locally trained model per client (not yet submitted)."""
+    push_generalist_to_hub(build(seed=0), REPO, round=1)
+    return {client: build(seed=10 + i) for i, client in enumerate(CLIENT_TOKENS)}
+
+
+def weighted_mean(models: dict[str, CoMiGSForCausalLM], tokens: dict[str, int]) -> dict[str, torch.Tensor]:
+    """By hand, in float64: sum_i tokens_i * generalist_i / sum_i tokens_i."""
+    states = {client: generalist(model) for client, model in models.items()}
+    total = sum(tokens[client] for client in models)
+    keys = next(iter(states.values())).keys()
+    return {key: (sum(tokens[c] * states[c][key].double() for c in models) / total).float() for key in keys}
+
+
+def global_round(round: int) -> dict[str, torch.Tensor]:
+    return load_file(hf_hub_download(REPO, "adapter_model.safetensors", revision=f"round-{round}"))
+
+
+def test_aggregated_generalist_is_the_token_weighted_mean_of_the_submitted_ones(clients):
+    for client, model in clients.items():
+        submit_update(model, REPO, client, round=1, num_tokens=CLIENT_TOKENS[client])
+    report = aggregate_round(REPO, 1, min_clients=3, timeout_s=5, poll_interval_s=0.05)
+
+    assert report.accepted_clients == ["alice", "bob", "carol"] and report.rejected == ()
+    assert [u.weight for u in report.accepted] == pytest.approx([0.1, 0.3, 0.6])
+    assert report.num_tokens == 1000 and report.tag == "round-2"
+    expected = weighted_mean(clients, CLIENT_TOKENS)
+    assert_same(global_round(2), expected)
+    # clients start round 2 from it, through the generalist of their own model
+    pull_global(clients["alice"], REPO, round=2)
+    assert_same(generalist(clients["alice"]), expected)
+    stored = json.loads(Path(hf_hub_download(REPO, "aggregation.json", revision="round-2")).read_text())
+    assert stored["accepted"][2] == {"client_id": "carol", "num_tokens": 600, "weight": 0.6}
+    assert card_at("round-2").data.to_dict()["comigs"]["num_clients"] == 3
+
+
+def test_aggregator_proceeds_with_the_clients_that_came_after_the_timeout(clients, caplog):
+    for client, model in clients.items():  # 4 expected, 3 submit
+        submit_update(model, REPO, client, round=1, num_tokens=CLIENT_TOKENS[client])
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="comigs_hf.hub"):
+        report = aggregate_round(REPO, 1, min_clients=4, timeout_s=1.0, poll_interval_s=0.2)
+    assert time.monotonic() - start >= 1.0
+    assert report.accepted_clients == ["alice", "bob", "carol"] and report.min_clients == 4
+    assert "3 of 4 expected clients" in caplog.text
+    assert_same(global_round(2), weighted_mean(clients, CLIENT_TOKENS))
+
+
+def test_aggregator_without_any_update_times_out_and_publishes_nothing(clients):
+    commits = num_commits()
+    with pytest.raises(TimeoutError, match="No valid round 1 update"):
+        aggregate_round(REPO, 1, min_clients=2, timeout_s=0.2, poll_interval_s=0.05)
+    assert num_commits() == commits and not HfApi().revision_exists(REPO, "round-2")
+
+
+def _update_files(model: CoMiGSForCausalLM, client_id: str, tmp_path: Path) -> dict[str, bytes]:
+    """What `submit_update` uploads for round 1, as bytes to corrupt."""
+    folder = tmp_path / f"export-{client_id}"
+    model.export_generalist(folder)
+    files = {path.name: path.read_bytes() for path in folder.iterdir()}
+    update = {"client_id": client_id, "round": 1, "num_tokens": 50, "base_model": "tiny-base"}
+    return files | {"update.json": json.dumps(update).encode()}
+
+
+def _with_first_tensor(files: dict[str, bytes], change) -> dict[str, bytes]:
+    state = load(files["adapter_model.safetensors"])
+    key = min(state)
+    state[key] = change(state[key]).contiguous()
+    return files | {"adapter_model.safetensors": save(state)}
+
+
+def _upload(folder: str, files: dict[str, bytes]) -> None:
+    operations = [CommitOperationAdd(f"updates/round-1/{folder}/{name}", data) for name, data in files.items()]
+    HfApi().create_commit(REPO, operations=operations, commit_message=f"update {folder}")
+
+
+def test_each_bad_update_is_rejected_with_its_reason_and_the_valid_ones_are_aggregated(clients, caplog, tmp_path):
+    valid = {client: clients[client] for client in ("alice", "bob")}
+    for client, model in valid.items():
+        submit_update(model, REPO, client, round=1, num_tokens=CLIENT_TOKENS[client])
+
+    def update(folder: str) -> dict[str, bytes]:  # a well-formed update of carol's weights under this client id
+        return _update_files(clients["carol"], folder, tmp_path)
+
+    def nan(t: torch.Tensor) -> torch.Tensor:
+        return t.index_fill(0, torch.tensor([0]), float("nan"))
+
+    bad = {
+        "bad-json": (update("bad-json") | {"update.json": b"{not json"}, r"update\.json is not valid JSON"),
+        "missing-file": ({k: v for k, v in update("missing-file").items() if k != "adapter_model.safetensors"},
+                         r"missing adapter_model\.safetensors"),
+        "not-lora": (update("not-lora") | {"adapter_config.json": b'{"peft_type": "IA3"}'},
+                     r"not a LoRA adapter .*'IA3'"),
+        "unreadable": (update("unreadable") | {"adapter_model.safetensors": b"\x07not a safetensors file"},
+                       r"cannot read adapter_model\.safetensors"),
+        "nan": (_with_first_tensor(update("nan"), nan), r"NaN or Inf"),
+        "wrong-shape": (_with_first_tensor(update("wrong-shape"), lambda t: t[:2]),
+                        r"wrong shape for .*\(2, 32\), expected \(4, 32\)"),
+        "wrong-round": (update("wrong-round") | {"update.json": b'{"client_id": "wrong-round", "round": 2, '
+                                                                b'"num_tokens": 50}'},
+                        r"for round 2, not round 1"),
+        "impostor": (update("alice"), r"duplicate: client_id 'alice' already submitted"),
+    }
+    for folder, (files, _) in bad.items():
+        _upload(folder, files)
+
+    with caplog.at_level(logging.WARNING, logger="comigs_hf.hub"):
+        report = aggregate_round(REPO, 1, min_clients=2, timeout_s=5, poll_interval_s=0.05)
+
+    assert report.accepted_clients == ["alice", "bob"]
+    assert sorted(report.rejected_reasons) == sorted(bad)
+    for folder, (_, pattern) in bad.items():
+        assert re.search(pattern, report.rejected_reasons[folder]), (folder, report.rejected_reasons[folder])
+        assert f"update in updates/round-1/{folder}: " in caplog.text
+    assert_same(global_round(2), weighted_mean(valid, CLIENT_TOKENS))
+
+
+def test_expected_shapes_stand_in_for_a_missing_global_round(hub):
+    models = {"alice": build(seed=1), "bob": build(seed=2), "rank-8": build(seed=3, lora_r=8)}
+    HfApi().create_repo(REPO)
+    for client, model in models.items():
+        submit_update(model, REPO, client, round=1, num_tokens=10)
+    shapes = {key: tuple(value.shape) for key, value in generalist(models["alice"]).items()}
+    report = aggregate_round(REPO, 1, min_clients=2, timeout_s=2, poll_interval_s=0.05, expected_shapes=shapes)
+    assert report.accepted_clients == ["alice", "bob"] and "wrong shape" in report.rejected_reasons["rank-8"]
+    assert report.previous_commit is None
+
+
+def test_reaggregating_a_finished_round_commits_nothing_and_returns_its_report(clients):
+    for client, model in clients.items():
+        submit_update(model, REPO, client, round=1, num_tokens=CLIENT_TOKENS[client])
+    first = aggregate_round(REPO, 1, min_clients=3, timeout_s=5, poll_interval_s=0.05)
+    commits = num_commits()
+    submit_update(build(seed=42), REPO, "late", round=1, num_tokens=10_000)  # too late for round 1
+    commits += 1
+    again = aggregate_round(REPO, 1, min_clients=1, timeout_s=0, poll_interval_s=0.05)
+    assert num_commits() == commits
+    assert again == first and again.commit_sha == first.commit_sha
+    assert_same(global_round(2), weighted_mean(clients, CLIENT_TOKENS))
+
+
+def test_submit_refuses_a_client_id_that_is_not_a_folder_name(hub):
+    with pytest.raises(ValueError, match="client_id"):
+        submit_update(build(), REPO, "../alice", round=1, num_tokens=10)
+    with pytest.raises(ValueError, match="num_tokens"):
+        submit_update(build(), REPO, "alice", round=1, num_tokens=0)
+
+
+# ---- authentication ------------------------------------------------------------------------------------------
+
+
+def test_token_is_sent_on_every_write_and_never_logged_or_printed(tmp_path, monkeypatch, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    with LocalHub(token=TOKEN) as hub:
+        configure_hf_client(monkeypatch, hub.url, tmp_path / "hf_home")
+        with pytest.raises(HfHubHTTPError):  # the server enforces the token: anonymous pushes fail
+            push_generalist_to_hub(build(seed=0), REPO, round=1)
+        push_generalist_to_hub(build(seed=0), REPO, round=1, token=TOKEN)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)  # token=None: the standard HF_TOKEN / login
+        submit_update(build(seed=1), REPO, "alice", round=1, num_tokens=10)
+        submit_update(build(seed=2), REPO, "bob", round=1, num_tokens=10, token=TOKEN)
+        aggregate_round(REPO, 1, min_clients=2, timeout_s=2, poll_interval_s=0.05)
+        push_client_model_to_hub(build(seed=1), "local-user/client", confirm_private_data_publication=True)
+        assert hub.unhandled == []
+
+    writes = [r for r in hub.requests if r.method in ("POST", "PUT", "DELETE")]
+    anonymous = [r for r in writes if r.authorization is None]
+    assert len(anonymous) == 1 and anonymous[0] is writes[0]  # only the refused first attempt
+    assert all(r.authorization == f"Bearer {TOKEN}" for r in writes[1:])
+    captured = capsys.readouterr()
+    logged = caplog.text + "".join(str(r.args) for r in caplog.records)
+    assert caplog.records  # the capture is live: the client and comigs_hf did log
+    for text in (logged, captured.out, captured.err):
+        assert TOKEN not in text and TOKEN[3:15] not in text

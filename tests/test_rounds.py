@@ -1,0 +1,197 @@
+"""Federated rounds: what is shared, equality across process counts, resume after a kill, the alternation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from federated_setup import tiny_overrides, write_tiny_world
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from comigs_hf import parameter_role
+from comigs_hf import rounds as rounds_module
+from comigs_hf.config import load_config
+from comigs_hf.rounds import run_federated, setup_federation
+from comigs_hf.strategies import get_strategy
+from comigs_hf.trainer import activate_client, train_client_round
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "federated.py"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_tiny_world(tmp_path_factory.mktemp("world"))
+
+
+def config(world, output_dir, **extra):
+    return load_config(None, tiny_overrides(*world, output_dir, **extra))
+
+
+def launch(world, output_dir, num_processes=1, direct=False, **extra) -> subprocess.Popen:
+    """The recipe through `accelerate launch`, or (`direct`) as the one process to kill."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    if num_processes > 1:
+        launcher.append("--multi_gpu")  # with Accelerator(cpu=True): N CPU processes on gloo
+    if direct:
+        launcher = [sys.executable]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen([*launcher, str(RECIPE), *tiny_overrides(*world, output_dir, **extra)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=400)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def client_metrics(output_dir: Path) -> list[tuple]:
+    results = json.loads((output_dir / "results.json").read_text())
+    return [(c["name"], c["test_loss"], c["bytes_sent"], c["train_tokens"]) for c in results["clients"]]
+
+
+def assert_same_metrics(a, b):
+    assert [x[0] for x in a] == [x[0] for x in b]
+    for left, right in zip(a, b):
+        assert left[2:] == right[2:]
+        assert left[1] == pytest.approx(right[1], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["comigs", "fedavg", "local"])
+def test_only_the_strategy_s_shared_tensors_reach_the_collective(world, tmp_path, monkeypatch, strategy):
+    payloads = []
+    exchange = rounds_module._exchange
+
+    def audited(accelerator, updates):
+        payloads.append(updates)
+        return exchange(accelerator, updates)
+
+    monkeypatch.setattr(rounds_module, "_exchange", audited)
+    cfg = config(world, tmp_path / "out", strategy=strategy, rounds=2, eval_every=2)
+    results = run_federated(cfg, Accelerator(cpu=True))
+    shared_roles = get_strategy(strategy).shared_roles
+    assert len(payloads) == 2
+    for updates in payloads:
+        for update in updates:
+            tensors = {k for k, v in update.items() if isinstance(v, torch.Tensor)}
+            assert not tensors, f"tensor outside the shared payload: {tensors}"
+            assert set(update) == {"client_id", "train_tokens", "train_loss", "router_loss", "shared"}
+            assert {parameter_role(k) for k in update["shared"]} == set(shared_roles)
+    if strategy == "local":
+        assert all(c["bytes_sent"] == 0 and c["bytes_received"] == 0 for c in results["clients"])
+
+
+def test_comigs_1g1s_sends_exactly_the_generalist_tensors_each_round(world, tmp_path):
+    cfg = config(world, tmp_path / "out", rounds=2, eval_every=2)
+    results = run_federated(cfg, Accelerator(cpu=True))
+    model = setup_federation(config(world, tmp_path / "again"), Accelerator(cpu=True)).model
+    generalist_bytes = sum(p.numel() * p.element_size() for _, p in model.named_parameters_by_role("generalist"))
+    expert_bytes = sum(p.numel() * p.element_size() for _, p in model.named_parameters_by_role("generalist",
+                                                                                              "specialist"))
+    assert generalist_bytes * 2 == expert_bytes  # half of what FedAvg over both experts would send
+    for client in results["clients"]:
+        assert client["bytes_sent"] == client["bytes_received"] == 2 * generalist_bytes
+    rows = (tmp_path / "out" / "curves.csv").read_text().splitlines()
+    assert rows[0].startswith("round,client_id,client,train_loss") and len(rows) == 1 + 2 * 4
+
+
+def test_outputs_hold_results_curves_models_generalist_and_plots(world, tmp_path):
+    cfg = config(world, tmp_path / "out", rounds=1, plots=True)
+    run_federated(cfg, Accelerator(cpu=True))
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert {"strategy", "rounds", "seed", "clients", "mean_test_ppl"} <= set(results)
+    assert {"id", "num_specialists", "train_tokens", "test_loss", "test_ppl", "bytes_sent", "bytes_received"} <= set(
+        results["clients"][0])
+    assert sorted(os.listdir(out / "clients")) == ["0-cooking", "1-finance", "2-science", "3-sports"]
+    assert (out / "global_generalist" / "adapter_model.safetensors").is_file()
+    assert (out / "training_curves.png").stat().st_size > 0 and (out / "routing.png").stat().st_size > 0
+
+
+def test_router_steps_zero_never_change_the_router(world, tmp_path):
+    cfg = config(world, tmp_path / "out", **{"training.router_steps": 0, "save_models": False})
+    federation = setup_federation(cfg, Accelerator(cpu=True))
+    before = {i: {k: v.clone() for k, v in s.parameters.items()} for i, s in federation.states.items()}
+    for round_index in (1, 2):
+        rounds_module.run_round(federation, cfg, round_index, Accelerator(cpu=True))
+    for client_id, state in federation.states.items():
+        for key, value in before[client_id].items():
+            if parameter_role(key) == "router":
+                assert torch.equal(state.parameters[key], value), key
+        assert any(not torch.equal(state.parameters[k], v) for k, v in before[client_id].items()
+                   if parameter_role(k) == "specialist")
+
+
+def test_expert_steps_never_touch_the_router_and_router_steps_never_touch_experts(world, tmp_path):
+    cfg = config(world, tmp_path / "out", **{"training.local_steps": 2, "training.router_update_every": 1,
+                                            "training.router_steps": 2})
+    federation = setup_federation(cfg, Accelerator(cpu=True))
+    model, state = federation.model, federation.states[0]
+    activate_client(model, state, federation.shared)
+    names = {id(p): n for n, p in model.named_parameters()}
+    changes = []
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def record(optimizer, args, kwargs):
+        owned = {names[id(p)] for group in optimizer.param_groups for p in group["params"]}
+        changed = {n for n, p in model.named_parameters() if n in snapshot and not torch.equal(p, snapshot[n])}
+        changes.append((owned, changed))
+        snapshot.update({n: model.get_parameter(n).detach().clone() for n in changed})
+
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        train_client_round(model, state, federation.clients[0], cfg.training, 10, Accelerator(cpu=True))
+    finally:
+        handle.remove()
+    assert len(changes) == 2 + 2 * 2  # each expert step is followed by a router phase of 2 steps
+    roles = [{parameter_role(n) for n in owned} for owned, _ in changes]
+    assert roles[0] == {"generalist", "specialist"} and roles[1] == {"router"}
+    for owned, changed in changes:
+        assert changed and changed <= owned
+
+
+def test_impossible_combinations_are_rejected_before_training(world, tmp_path, capsys):
+    sys.path.insert(0, str(RECIPE.parent))
+    import federated
+
+    with pytest.raises(SystemExit) as exit_info:
+        federated.main(tiny_overrides(*world, tmp_path / "out", strategy="fedavg", **{"model.num_specialists":
+                                                                                       "[0,1,2,3]"}))
+    assert exit_info.value.code == 2
+    assert "num_specialists" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_give_the_same_metrics(world, tmp_path):
+    one = launch(world, tmp_path / "p1", num_processes=1, **{"model.num_specialists": "[0,1,2,1]", "model.top_k": 1})
+    finished(one)
+    two = launch(world, tmp_path / "p2", num_processes=2, **{"model.num_specialists": "[0,1,2,1]", "model.top_k": 1})
+    finished(two)
+    assert_same_metrics(client_metrics(tmp_path / "p1"), client_metrics(tmp_path / "p2"))
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_round_resumes_to_the_same_final_metrics(world, tmp_path):
+    extra = {"rounds": 4, "save_models": False, "training.local_steps": 3}
+    finished(launch(world, tmp_path / "clean", **extra))
+    victim = launch(world, tmp_path / "killed", direct=True, **extra)
+    pointer = tmp_path / "killed" / "checkpoints" / "latest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (pointer.is_file() and json.loads(pointer.read_text())["round"] >= 2):
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    checkpointed = json.loads(pointer.read_text())["round"]
+    assert checkpointed < 4 and not (tmp_path / "killed" / "results.json").exists()
+    output = finished(launch(world, tmp_path / "killed", resume="true", **extra))
+    assert f"{checkpointed}/4" in output  # the progress bar starts after the last complete round
+    assert_same_metrics(client_metrics(tmp_path / "clean"), client_metrics(tmp_path / "killed"))
