@@ -93,7 +93,10 @@ def export_generalist(model: CoMiGSForCausalLM, save_directory: str | os.PathLik
 
 
 def resolve_adapter_directory(
-    source: str | os.PathLike, revision: str | None = None, subfolder: str | None = None, token: str | bool | None = None
+    source: str | os.PathLike,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
 ) -> Path:
     """A local adapter directory for `source`: itself if it is a directory, else a download of the Hub repo."""
     path = Path(source)
@@ -142,19 +145,25 @@ def load_generalist(
     if adapter_config.get("peft_type") != "LORA":
         raise ValueError(f"{source}: peft_type is {adapter_config.get('peft_type')!r}, expected 'LORA'.")
     if adapter_config.get("r") != model.config.lora_r:
-        raise ValueError(f"{source}: LoRA rank r={adapter_config.get('r')} does not match the model's "
-                         f"lora_r={model.config.lora_r}.")
+        raise ValueError(
+            f"{source}: LoRA rank r={adapter_config.get('r')} does not match the model's lora_r={model.config.lora_r}."
+        )
     theirs, ours = adapter_config.get("base_model_name_or_path"), model.config.base_model_name_or_path
     if check_base_model and theirs and ours and theirs != ours:
-        raise ValueError(f"{source}: adapter was trained on base model {theirs!r}, this model's base is {ours!r} "
-                         "(pass check_base_model=False if they are the same weights under two names).")
+        raise ValueError(
+            f"{source}: adapter was trained on base model {theirs!r}, this model's base is {ours!r} "
+            "(pass check_base_model=False if they are the same weights under two names)."
+        )
     try:
         state = load_file(weights_path)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{source}: cannot read {ADAPTER_WEIGHTS_NAME} ({error}).") from error
 
-    expected = {f"{_PEFT_PREFIX}{layer.base_path}.lora_{ab}.weight": (adapter, layer, ab)
-                for adapter, layer in _generalist_layers(model, index) for ab in "AB"}
+    expected = {
+        f"{_PEFT_PREFIX}{layer.base_path}.lora_{ab}.weight": (adapter, layer, ab)
+        for adapter, layer in _generalist_layers(model, index)
+        for ab in "AB"
+    }
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
@@ -172,4 +181,3 @@ def load_generalist(
         module = (layer.lora_A if ab == "A" else layer.lora_B)[adapter]
         named[f"{module_names[id(module)]}.weight"] = tensor.to(module.weight.dtype)
     model.load_role_state_dict(named)  # checks every shape and value before writing any
-

@@ -30,9 +30,18 @@ def build_base(args: argparse.Namespace):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=args.vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.hidden // 64,
-                        n_positions=max(args.seq, 256), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=args.vocab,
+        n_embd=args.hidden,
+        n_layer=args.layers,
+        n_head=args.hidden // 64,
+        n_positions=max(args.seq, 256),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(config).to(args.device, getattr(torch, args.dtype))
 
 
@@ -41,8 +50,13 @@ def build_variant(name: str, args: argparse.Namespace):
     if VARIANTS[name] is None:
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, use_rslora=True,
-                            target_modules=r".*\.mlp\.(c_fc|c_proj)", fan_in_fan_out=True)
+        config = LoraConfig(
+            r=args.rank,
+            lora_alpha=2 * args.rank,
+            use_rslora=True,
+            target_modules=r".*\.mlp\.(c_fc|c_proj)",
+            fan_in_fan_out=True,
+        )
         return get_peft_model(base, config)
     from comigs_hf import CoMiGSForCausalLM
 
@@ -98,8 +112,16 @@ def measure_generation(name: str, args: argparse.Namespace) -> dict:
 
 
 def _run_child(args: argparse.Namespace, mode: str, variant: str) -> dict:
-    command = [sys.executable, "-m", "comigs_hf.benchmark", "--child", mode, "--variant", variant,
-               *[f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "variant", "json")]]
+    command = [
+        sys.executable,
+        "-m",
+        "comigs_hf.benchmark",
+        "--child",
+        mode,
+        "--variant",
+        variant,
+        *[f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "variant", "json")],
+    ]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -126,21 +148,30 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(measure(args.variant, args)))
         return {}
 
-    print(f"GPT-2-shaped base: {args.layers} layers, d={args.hidden}, vocab {args.vocab}, seq {args.seq}, "
-          f"batch {args.batch}, LoRA r={args.rank}; {args.device}, {args.dtype}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"GPT-2-shaped base: {args.layers} layers, d={args.hidden}, vocab {args.vocab}, seq {args.seq}, "
+        f"batch {args.batch}, LoRA r={args.rank}; {args.device}, {args.dtype}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     steps = {v: _run_child(args, "step", v) for v in VARIANTS}
     baseline = steps["peft-lora"]
     print(f"\n{'training step':<20}{'median s':>10}{'x PEFT':>9}{'peak MiB':>11}{'x PEFT':>9}")
     for name, row in steps.items():
-        print(f"{name:<20}{row['step_s']:>10.4f}{row['step_s'] / baseline['step_s']:>9.2f}"
-              f"{row['peak_bytes'] / 2**20:>11.1f}{row['peak_bytes'] / baseline['peak_bytes']:>9.2f}")
+        print(
+            f"{name:<20}{row['step_s']:>10.4f}{row['step_s'] / baseline['step_s']:>9.2f}"
+            f"{row['peak_bytes'] / 2**20:>11.1f}{row['peak_bytes'] / baseline['peak_bytes']:>9.2f}"
+        )
     generation = {v: _run_child(args, "generate", v) for v in ("base", "comigs-1G3S-top2")}
     print(f"\n{'generation':<20}{'tokens/s':>10}{'x base':>9}")
     for name, row in generation.items():
-        print(f"{name:<20}{row['tokens_per_s']:>10.1f}{row['tokens_per_s'] / generation['base']['tokens_per_s']:>9.2f}")
-    figures = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "variant", "json")},
-               "steps": steps, "generation": generation}
+        print(
+            f"{name:<20}{row['tokens_per_s']:>10.1f}{row['tokens_per_s'] / generation['base']['tokens_per_s']:>9.2f}"
+        )
+    figures = {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("child", "variant", "json")},
+        "steps": steps,
+        "generation": generation,
+    }
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(figures, handle, indent=2)

@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from .aggregation import AGGREGATORS, get_aggregator
-from .data import DataConfig
+from .data import FILE_FORMATS, DataConfig
 from .strategies import STRATEGIES, WEIGHTINGS, Strategy, get_strategy
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "client_num_specialists",
     "config_from_dict",
     "config_to_dict",
+    "expected_num_clients",
     "load_config",
     "validate_client_splits",
     "validate_config",
@@ -84,10 +85,12 @@ class ModelSection:
     top_k: int = field(default=2, metadata={"help": "Experts mixed per token (Mixtral's `num_experts_per_tok`)."})
     router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balancing loss."})
     generalist_importance: float = field(
-        default=0.5, metadata={"help": "Weight the router gives generalists relative to specialists."}
+        default=0.5,
+        metadata={"help": "Share of the load the balancing loss steers to generalists; in (0, 1) with specialists."},
     )
     target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Names of the base MLP projections to wrap; None: the base's MLP projections."}
+        default=None,
+        metadata={"help": "MLP projections carrying experts, in the order the MLP applies them; None: detected."},
     )
     attention_lora: bool = field(
         default=False, metadata={"help": "Also put a generalist LoRA adapter on the attention projection."}
@@ -301,7 +304,13 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
                 f"Config key {prefix + key!r} expects {_type_name(annotation)}, got {value!r} "
                 f"({type(value).__name__}){hint}."
             ) from None
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as error:
+        # a section's own __post_init__ checks (DataConfig's) do not know where the section sits in the recipe
+        if not prefix:
+            raise
+        raise ValueError(f"{prefix.rstrip('.')}: {error}") from error
 
 
 def _apply_override(raw: dict, override: str) -> None:
@@ -408,12 +417,68 @@ def config_to_dict(cfg: RecipeConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def client_num_specialists(cfg: RecipeConfig) -> list[int]:
-    """Returns the number of specialists of each client, in client order (`model.num_specialists` broadcast to
-    `data.num_clients` when it is a single int)."""
+def _client_count(data: DataConfig) -> tuple[int | None, str]:
+    """The number of clients `data` produces and the key it comes from; `None` when only loading can tell."""
+    if data.partition != "column":
+        return data.num_clients, f"data.num_clients is {data.num_clients}"
+    if data.client_values is not None:
+        return len(data.client_values), f"data.client_values has {len(data.client_values)} entries"
+    # one client per Hub config or per local file when the section lists them (read defensively: DataConfig grows)
+    per_client = getattr(data, "configs_per_client", None)
+    if per_client is not None:
+        return len(per_client), f"data.configs_per_client has {len(per_client)} entries"
+    files = data.data_files
+    if isinstance(files, Mapping) and data.dataset in FILE_FORMATS and data.split not in files:
+        return len(files), f"data.data_files has {len(files)} per-client entries"
+    if data.dataset == "embedded" and data.partition_column in (None, "domain"):
+        from .embedded import DOMAINS
+
+        return len(DOMAINS), f"the embedded dataset has {len(DOMAINS)} domains"
+    return None, "the number of clients is only known after loading the data"
+
+
+def expected_num_clients(data: DataConfig) -> int | None:
+    """Returns the number of clients the data section will produce, or `None` when only loading the data can tell.
+
+    `data.num_clients` for `"iid"` and `"dirichlet"` partitions; for `"column"` partitions the number of
+    `client_values`, of per-client configs or files, or of the embedded dataset's domains. A column partition of a
+    dataset without listed values has one client per distinct value, which only the loaded data reveals.
+    """
+    return _client_count(data)[0]
+
+
+def client_num_specialists(cfg: RecipeConfig, num_clients: int | None = None) -> list[int]:
+    """Returns the number of specialists of each client, in client order.
+
+    Args:
+        cfg ([`RecipeConfig`]): the recipe; `model.num_specialists` is one count for all clients or one per client.
+        num_clients (`int`, *optional*):
+            The number of clients, e.g. `len(clients)` after loading the data; defaults to
+            [`expected_num_clients`]`(cfg.data)`.
+
+    Returns:
+        `list[int]`: one count per client.
+
+    Raises:
+        `ValueError`: when a per-client list does not have one entry per client, or when a single count must be
+        broadcast but the number of clients is unknown before loading (pass `num_clients`).
+    """
+    if num_clients is None:
+        num_clients, source = _client_count(cfg.data)
+    else:
+        source = f"there are {num_clients} clients"
     counts = cfg.model.num_specialists
     if isinstance(counts, int):
-        return [counts] * cfg.data.num_clients
+        if num_clients is None:
+            raise ValueError(
+                f"model.num_specialists={counts} applies to every client, but {source}: pass num_clients."
+            )
+        return [counts] * num_clients
+    if num_clients is not None and len(counts) != num_clients:
+        raise ValueError(
+            f"model.num_specialists has {len(counts)} entries {counts} but {source}; give one count per client "
+            "or a single int."
+        )
     return list(counts)
 
 
@@ -449,16 +514,19 @@ def _check_strategy(cfg: RecipeConfig, errors: list[str]) -> Strategy | None:
 
 
 def _check_model(cfg: RecipeConfig, strategy: Strategy | None, errors: list[str]) -> None:
-    model, num_clients = cfg.model, cfg.data.num_clients
+    model = cfg.model
     if model.num_generalists < 1:
         errors.append(f"model.num_generalists must be >= 1 (the shared experts), got {model.num_generalists}.")
-    counts = client_num_specialists(cfg)
-    if isinstance(model.num_specialists, list) and len(counts) != num_clients:
-        errors.append(
-            f"model.num_specialists has {len(counts)} entries {counts} but data.num_clients is {num_clients}; "
-            "give one count per client or a single int."
-        )
-        return
+    num_clients = expected_num_clients(cfg.data)
+    if isinstance(model.num_specialists, int) and num_clients is None:
+        # the client count is unknown until the data loads; one representative client covers a shared count
+        counts = [model.num_specialists]
+    else:
+        try:
+            counts = client_num_specialists(cfg)
+        except ValueError as error:
+            errors.append(str(error))
+            return
     if isinstance(model.num_specialists, int) and model.num_specialists < 0:
         errors.append(f"model.num_specialists must be >= 0, got {model.num_specialists}.")
         return
@@ -495,8 +563,16 @@ def _check_model(cfg: RecipeConfig, strategy: Strategy | None, errors: list[str]
         errors.append(f"model.lora_dropout must be in [0, 1), got {model.lora_dropout}.")
     if not model.router_aux_loss_coef >= 0:
         errors.append(f"model.router_aux_loss_coef must be >= 0, got {model.router_aux_loss_coef}.")
-    if model.target_modules is not None and len(model.target_modules) == 0:
-        errors.append("model.target_modules is an empty list: nothing would be adapted; use null for the default.")
+    if not 0 < model.generalist_importance < 1 and any(count > 0 for count in counts):
+        errors.append(
+            f"model.generalist_importance must be in (0, 1) when clients have specialists, got "
+            f"{model.generalist_importance}."
+        )
+    if model.target_modules is not None and len(model.target_modules) < 2:
+        errors.append(
+            f"model.target_modules needs at least an input and an output projection of the MLP, got "
+            f"{model.target_modules}; use null to detect them."
+        )
     if model.dtype not in KNOWN_DTYPES:
         errors.append(f"model.dtype: unknown dtype {model.dtype!r}; known: {', '.join(KNOWN_DTYPES)}.")
 
@@ -552,10 +628,11 @@ def _check_data(cfg: RecipeConfig, errors: list[str]) -> None:
             f"data.validation_fraction + data.test_fraction must be < 1 to leave training data, got "
             f"{data.validation_fraction} + {data.test_fraction}."
         )
-    if isinstance(data.max_train_tokens, list) and len(data.max_train_tokens) != data.num_clients:
+    num_clients, source = _client_count(data)
+    caps = data.max_train_tokens
+    if isinstance(caps, list) and num_clients is not None and len(caps) != num_clients:
         errors.append(
-            f"data.max_train_tokens has {len(data.max_train_tokens)} entries but data.num_clients is "
-            f"{data.num_clients}; give one cap per client or a single int."
+            f"data.max_train_tokens has {len(caps)} entries but {source}; give one cap per client or a single int."
         )
 
 

@@ -49,7 +49,8 @@ class CoMiGSConfig(PreTrainedConfig):
         lora_dropout (`float`, defaults to 0.0):
             Dropout on the LoRA input.
         use_rslora (`bool`, defaults to `True`):
-            Scale LoRA by `lora_alpha / sqrt(lora_r)` (rsLoRA, as the CoMiGS reference) instead of `lora_alpha / lora_r`.
+            Scale LoRA by `lora_alpha / sqrt(lora_r)` (rsLoRA, as the CoMiGS reference) instead of
+            `lora_alpha / lora_r`.
         target_modules (`list[str]`, *optional*):
             The MLP projections carrying experts, as paths inside a decoder block in the order the MLP applies them
             (e.g. `["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]`); the last maps back to the hidden size. Detected
@@ -124,7 +125,8 @@ class CoMiGSConfig(PreTrainedConfig):
             raise ValueError(f"`num_specialists` must be 0 or more, got {self.num_specialists}.")
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(
-                f"`num_experts_per_tok` (top-k, {self.num_experts_per_tok}) must be between 1 and the number of experts "
+                f"`num_experts_per_tok` (top-k, {self.num_experts_per_tok}) must be between 1 and the number of "
+                f"experts "
                 f"(`num_generalists` + `num_specialists` = {self.num_generalists} + {self.num_specialists})."
             )
         if self.lora_r < 1:
@@ -133,13 +135,15 @@ class CoMiGSConfig(PreTrainedConfig):
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
         if not 0.0 < self.generalist_importance < 1.0 and self.num_specialists > 0:
             raise ValueError(
-                f"`generalist_importance` must be in (0, 1) when there are specialists, got {self.generalist_importance}."
+                f"`generalist_importance` must be in (0, 1) when there are specialists, "
+                f"got {self.generalist_importance}."
             )
         if self.router_aux_loss_coef < 0:
             raise ValueError(f"`router_aux_loss_coef` must be 0 or more, got {self.router_aux_loss_coef}.")
         if self.target_modules is not None and len(self.target_modules) < 2:
             raise ValueError(
-                f"`target_modules` needs at least an input and an output projection of the MLP, got {self.target_modules}."
+                f"`target_modules` needs at least an input and an output projection of the MLP, "
+                f"got {self.target_modules}."
             )
 
 

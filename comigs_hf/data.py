@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
-
 
 FILE_FORMATS = ("csv", "json", "parquet", "text")
 PARTITIONS = ("column", "dirichlet", "iid")
@@ -156,8 +155,6 @@ class DataConfig:
                 f"configs_per_client names Hub configs, but dataset={self.dataset!r}; for local files per client give "
                 "data_files as {client value: path}."
             )
-        if self.configs_per_client is not None and self.partition != "column":
-            raise ValueError(f"configs_per_client makes one client per config; partition is {self.partition!r}.")
 
 
 @dataclass
@@ -195,14 +192,17 @@ def ag_news_config(**overrides) -> DataConfig:
     Args:
         overrides: `DataConfig` fields to change, e.g. `dataset="csv", data_files="ag_news.csv"` for a local copy
             with columns `text` and `label` (0-3).
+
+    Returns:
+        `DataConfig`: clients named after the topics, in label order.
     """
-    config = dict(
-        dataset="fancyzhx/ag_news",
-        partition="column",
-        partition_column="label",
-        client_values=[0, 1, 2, 3],
-        client_names=list(AG_NEWS_LABELS),
-    )
+    config = {
+        "dataset": "fancyzhx/ag_news",
+        "partition": "column",
+        "partition_column": "label",
+        "client_values": [0, 1, 2, 3],
+        "client_names": list(AG_NEWS_LABELS),
+    }
     return DataConfig(**{**config, **overrides})
 
 
@@ -216,16 +216,19 @@ def wikipedia_config(
         date (`str`, *optional*, defaults to `"20231101"`): dump date of `wikimedia/wikipedia`'s configs.
         overrides: `DataConfig` fields to change. `dataset="parquet", data_files={"en": "en.parquet", ...}` reads
             local files with Wikipedia's columns (`text`, ...) instead of the Hub.
+
+    Returns:
+        `DataConfig`: one Hub config per language (or one file, with a local format), written to a `language` column.
     """
-    config = dict(
-        dataset="wikimedia/wikipedia",
-        configs_per_client={language: f"{date}.{language}"} if False else {lang: f"{date}.{lang}" for lang in languages},
-        streaming=True,
-        max_source_records=20_000,
-        partition="column",
-        partition_column="language",
-        client_values=list(languages),
-    )
+    config = {
+        "dataset": "wikimedia/wikipedia",
+        "configs_per_client": {language: f"{date}.{language}" for language in languages},
+        "streaming": True,
+        "max_source_records": 20_000,
+        "partition": "column",
+        "partition_column": "language",
+        "client_values": list(languages),
+    }
     if overrides.get("dataset", config["dataset"]) in FILE_FORMATS:
         config.pop("configs_per_client")
     return DataConfig(**{**config, **overrides})
@@ -241,15 +244,18 @@ def slimpajama_config(sources: Sequence[str] = SLIMPAJAMA_SOURCES, **overrides) 
         sources (`Sequence[str]`, *optional*): `redpajama_set_name` values, one client each.
         overrides: `DataConfig` fields to change, e.g. `dataset="json", data_files="slimpajama.jsonl"` for local
             records `{"text": ..., "meta": {"redpajama_set_name": ...}}`.
+
+    Returns:
+        `DataConfig`: clients named after the sources; records of other sources (C4, CommonCrawl, ...) are left out.
     """
-    config = dict(
-        dataset="DKYoon/SlimPajama-6B",
-        streaming=True,
-        max_source_records=200_000,
-        partition="column",
-        partition_column="meta.redpajama_set_name",
-        client_values=list(sources),
-    )
+    config = {
+        "dataset": "DKYoon/SlimPajama-6B",
+        "streaming": True,
+        "max_source_records": 200_000,
+        "partition": "column",
+        "partition_column": "meta.redpajama_set_name",
+        "client_values": list(sources),
+    }
     return DataConfig(**{**config, **overrides})
 
 
@@ -261,9 +267,9 @@ def slimpajama_config(sources: Sequence[str] = SLIMPAJAMA_SOURCES, **overrides) 
 def _load_one(config: DataConfig, data_files=None, name: str | None = None) -> datasets.Dataset:
     """One `datasets.load_dataset` call, materialising at most `max_source_records` records."""
     if config.dataset in FILE_FORMATS:
-        kwargs = dict(path=config.dataset, data_files=data_files)
+        kwargs = {"path": config.dataset, "data_files": data_files}
     else:
-        kwargs = dict(path=config.dataset, name=name, revision=config.revision)
+        kwargs = {"path": config.dataset, "name": name, "revision": config.revision}
     loaded = datasets.load_dataset(
         **kwargs, split=config.split, cache_dir=config.cache_dir, streaming=config.streaming
     )
@@ -278,7 +284,11 @@ def _per_client_sources(config: DataConfig) -> dict[str, object] | None:
     """Client value -> what to load for it (a Hub config name or local files), or None for a single load."""
     if config.configs_per_client is not None:
         return dict(config.configs_per_client)
-    if config.dataset in FILE_FORMATS and isinstance(config.data_files, dict) and config.split not in config.data_files:
+    if (
+        config.dataset in FILE_FORMATS
+        and isinstance(config.data_files, dict)
+        and config.split not in config.data_files
+    ):
         return dict(config.data_files)
     return None
 
@@ -312,7 +322,9 @@ def load_records(config: DataConfig) -> datasets.Dataset:
             _check_column(part, config.text_column, "text_column", f"{config.dataset} ({source})")
             # only the text travels: sources often disagree on their other columns' types
             part = part.select_columns([config.text_column])
-            parts.append(part.add_column(config.partition_column, [value] * len(part)))
+            if config.partition_column is not None:  # an IID partition does not need to know the source
+                part = part.add_column(config.partition_column, [value] * len(part))
+            parts.append(part)
         records = datasets.concatenate_datasets(parts)
     else:
         records = _load_one(config, data_files=config.data_files, name=config.dataset_config_name)
@@ -534,12 +546,17 @@ def tokenize_records(
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(
         json.dumps(
-            [_TOKENIZE_VERSION, _records_fingerprint(records, text_column), text_column, _tokenizer_fingerprint(tokenizer)]
+            [
+                _TOKENIZE_VERSION,
+                _records_fingerprint(records, text_column),
+                text_column,
+                _tokenizer_fingerprint(tokenizer),
+            ]
         ).encode()
     ).hexdigest()[:32]
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        ids = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
         return {"input_ids": [document + [eos_id] for document in ids]}
 
     return records.select_columns([text_column]).map(
@@ -578,7 +595,9 @@ def pack_blocks(documents: Iterable[Sequence[int]], block_size: int) -> torch.Lo
 def _partition(config: DataConfig, records: datasets.Dataset, seed: int) -> tuple[list[str], list[np.ndarray]]:
     """Client names and record indices per client."""
     if config.partition == "iid":
-        return [f"client_{i}" for i in range(config.num_clients)], partition_iid(len(records), config.num_clients, seed)
+        return [f"client_{i}" for i in range(config.num_clients)], partition_iid(
+            len(records), config.num_clients, seed
+        )
     labels = _column_values(records, config.partition_column)
     if config.partition == "dirichlet":
         # three records is the least that fills train, validation and test

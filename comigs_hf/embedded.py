@@ -116,7 +116,16 @@ def _split_module(source: str) -> tuple[list[str], list[str], str]:
     for node in _docstring_nodes(tree):
         docstrings.append(ast.get_docstring(node, clean=True))
         expr = node.body[0]
-        dropped.update(range(expr.lineno - 1, expr.end_lineno))
+        first, last = expr.lineno - 1, expr.end_lineno - 1
+        # ast offsets count UTF-8 bytes
+        if lines[first].encode()[: expr.col_offset].strip() or lines[last].encode()[expr.end_col_offset :].strip():
+            continue  # shares a line with code (`def f(): "doc"`): left in the code
+        if len(node.body) == 1 and not isinstance(node, ast.Module):
+            # a body that was only a docstring still needs a statement
+            lines[first] = lines[first][: expr.col_offset] + "pass"
+            dropped.update(range(first + 1, last + 1))
+        else:
+            dropped.update(range(first, last + 1))
 
     comments, previous_row = [], None
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -204,19 +213,20 @@ def _all_records() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
         target = pretraining if _stable_fraction(section) < PRETRAINING_FRACTION else client
         target["reference"].append(section)
 
-    # Exact duplicates ("Return self.") would leak between train and test splits or between domains.
+    # Empty docstrings carry nothing; exact duplicates ("Return self.") would leak between train and test splits
+    # or between domains.
     seen = set()
     for domain in DOMAINS:
         unique = []
         for text in client[domain]:
-            if text not in seen:
+            if text.strip() and text not in seen:
                 seen.add(text)
                 unique.append(text)
         client[domain] = unique
     for domain in DOMAINS:
         unique = []
         for text in pretraining[domain]:
-            if text not in seen:
+            if text.strip() and text not in seen:
                 seen.add(text)
                 unique.append(text)
         pretraining[domain] = unique
@@ -341,7 +351,7 @@ class EmbeddedBaseSettings:
 
 def _pack_pretraining_blocks(tokenizer: PreTrainedTokenizerFast, texts: list[str], block_size: int) -> torch.Tensor:
     """Tokenize, join documents with EOS and cut into `(num_blocks, block_size)`, dropping the tail."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     flat = [token for document in ids for token in (*document, tokenizer.eos_token_id)]
     num_blocks = len(flat) // block_size
     if num_blocks == 0:
@@ -454,7 +464,7 @@ def build_embedded_base(
         load, with `build_info.json` recording the settings, final loss and build time.
 
     Raises:
-        `ValueError`: an explicit `cache_dir` holds a base built with other settings.
+        `ValueError`: `cache_dir` holds a base built with other settings, or something that is not a base.
     """
     settings = EmbeddedBaseSettings(
         vocab_size=vocab_size,
@@ -488,7 +498,8 @@ def build_embedded_base(
                 )
             return model_dir
         if model_dir.exists():
-            shutil.rmtree(model_dir)  # a directory without build_info.json is not ours to trust
+            # builds land whole (os.replace), so this directory is not one of ours: never delete it
+            raise ValueError(f"{model_dir} exists but holds no complete embedded base; pass another cache_dir.")
         staging = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-", dir=model_dir.parent))
         try:
             _build_into(staging, settings, num_threads, progress)

@@ -90,8 +90,16 @@ class CoMiGSLoraLinear(nn.Module):
     * `"shared"`: a plain single-adapter LoRA layer (the optional attention adapter), no routing.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_names: list[str], r: int, scaling: float, dropout: float,
-                 role: str, base_path: str):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_names: list[str],
+        r: int,
+        scaling: float,
+        dropout: float,
+        role: str,
+        base_path: str,
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.role = role
@@ -102,7 +110,7 @@ class CoMiGSLoraLinear(nn.Module):
         weight = base_layer.weight
         is_conv1d = type(base_layer).__name__ == "Conv1D"  # GPT-2 stores (in, out)
         self.fan_in_fan_out = is_conv1d
-        self.in_features, self.out_features = (weight.shape if is_conv1d else weight.shape[::-1])
+        self.in_features, self.out_features = weight.shape if is_conv1d else weight.shape[::-1]
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -127,9 +135,12 @@ class CoMiGSLoraLinear(nn.Module):
             if name in old_A:
                 self.lora_A[name], self.lora_B[name] = old_A[name], old_B[name]
                 continue
-            self.lora_A[name] = nn.Linear(self.in_features, self.r, bias=False, device=weight.device, dtype=weight.dtype)
-            self.lora_B[name] = nn.Linear(self.r, self.out_features, bias=False, device=weight.device,
-                                          dtype=weight.dtype)
+            self.lora_A[name] = nn.Linear(
+                self.in_features, self.r, bias=False, device=weight.device, dtype=weight.dtype
+            )
+            self.lora_B[name] = nn.Linear(
+                self.r, self.out_features, bias=False, device=weight.device, dtype=weight.dtype
+            )
             self.reset_adapter(name)
 
     @torch.no_grad()
@@ -183,14 +194,34 @@ class CoMiGSMoeMLP(nn.Module):
     read this mixture's routing for the duration of the call.
     """
 
-    def __init__(self, base_mlp: nn.Module, projections: list[CoMiGSLoraLinear], hidden_size: int, num_experts: int,
-                 top_k: int, state: CoMiGSRoutingState):
+    def __init__(
+        self,
+        base_mlp: nn.Module,
+        projections: list[CoMiGSLoraLinear],
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        state: CoMiGSRoutingState,
+    ):
         super().__init__()
         self.base_mlp = base_mlp
         self.router = CoMiGSRouter(hidden_size, num_experts, top_k)
         # plain list: the projections are registered (and saved) under base_mlp already
         self._projections = projections
         self._state = state
+
+    def set_experts(self, old_names: list[str], names: list[str], init_router) -> None:
+        """Keep the experts in `names` (router order), add fresh ones, and give the router one row per expert."""
+        for projection in self._projections:
+            projection.set_adapters(names)
+        old = self.router.weight
+        router = CoMiGSRouter(old.shape[1], len(names), self.router.top_k).to(old.device, old.dtype)
+        init_router(router)
+        with torch.no_grad():
+            for index, name in enumerate(names):
+                if name in old_names:
+                    router.weight[index] = old[old_names.index(name)]
+        self.router = router
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         routing = self.router(hidden_states, self._state.forced_expert)

@@ -105,10 +105,12 @@ def routing_statistics(routings: list[CoMiGSRouting], attention_mask: torch.Tens
             tokens, weight, count = tokens * mask.long(), weight * mask, mask.sum()
         else:
             count = torch.tensor(float(weight.shape[0] * weight.shape[1]))
-        stats.append({
-            "tokens": tokens.sum(dim=(0, 1)).detach(),
-            "weight": (weight.sum(dim=(0, 1)) / count.clamp_min(1)).detach(),
-        })
+        stats.append(
+            {
+                "tokens": tokens.sum(dim=(0, 1)).detach(),
+                "weight": (weight.sum(dim=(0, 1)) / count.clamp_min(1)).detach(),
+            }
+        )
     return stats
 
 
@@ -174,7 +176,8 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
             token (`str` or `bool`, *optional*):
                 Hub token for a private base; defaults to the standard `HF_TOKEN` / login.
             config_kwargs:
-                Fields of [`CoMiGSConfig`]: `num_generalists`, `num_specialists`, `lora_r`, `lora_alpha`, `top_k` (alias of `num_experts_per_tok`), ...
+                Fields of [`CoMiGSConfig`]: `num_generalists`, `num_specialists`, `lora_r`, `lora_alpha`,
+                `top_k` (alias of `num_experts_per_tok`), ...
 
         Example:
 
@@ -237,12 +240,19 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
             for i, target in enumerate(targets):
                 attribute = target.rsplit(".", 1)[1]
                 layer = CoMiGSLoraLinear(
-                    getattr(mlp, attribute), experts, config.lora_r, config.lora_scaling, config.lora_dropout,
-                    role="output" if i == len(targets) - 1 else "input", base_path=f"{block}.{target}",
+                    getattr(mlp, attribute),
+                    experts,
+                    config.lora_r,
+                    config.lora_scaling,
+                    config.lora_dropout,
+                    role="output" if i == len(targets) - 1 else "input",
+                    base_path=f"{block}.{target}",
                 )
                 setattr(mlp, attribute, layer)
                 projections.append(layer)
-            mixture = CoMiGSMoeMLP(mlp, projections, hidden_size, len(experts), config.num_experts_per_tok, self._routing_state)
+            mixture = CoMiGSMoeMLP(
+                mlp, projections, hidden_size, len(experts), config.num_experts_per_tok, self._routing_state
+            )
             self.model.set_submodule(mlp_path, mixture)
             self.mixtures.append(mixture)
         if config.attention_lora:
@@ -257,8 +267,13 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
                 for target in attention:
                     path = f"{block}.{target}"
                     layer = CoMiGSLoraLinear(
-                        self.model.get_submodule(path), ["attention"], config.lora_r, config.lora_scaling,
-                        config.lora_dropout, role="shared", base_path=path,
+                        self.model.get_submodule(path),
+                        ["attention"],
+                        config.lora_r,
+                        config.lora_scaling,
+                        config.lora_dropout,
+                        role="shared",
+                        base_path=path,
                     )
                     self.model.set_submodule(path, layer)
 
@@ -281,21 +296,15 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
         config = self.config
         if num_specialists == config.num_specialists:
             return
+        if num_specialists < 0 or config.num_generalists + num_specialists < config.num_experts_per_tok:
+            raise ValueError(
+                f"Cannot hold {num_specialists} specialists: with {config.num_generalists} generalists the model "
+                f"needs at least num_experts_per_tok={config.num_experts_per_tok} experts."
+            )
         old_names = config.expert_names
         config.num_specialists = num_specialists
-        config.validate_experts()
-        names = config.expert_names
         for mixture in self.mixtures:
-            for layer in mixture._projections:
-                layer.set_adapters(names)
-            old = mixture.router.weight
-            router = CoMiGSRouter(old.shape[1], len(names), config.num_experts_per_tok).to(old.device, old.dtype)
-            self._init_weights(router)
-            with torch.no_grad():
-                for new_index, name in enumerate(names):
-                    if name in old_names:
-                        router.weight[new_index] = old[old_names.index(name)]
-            mixture.router = router
+            mixture.set_experts(old_names, config.expert_names, init_router=self._init_weights)
 
     # ---- parameter groups ----------------------------------------------------------------------------------------
     def named_parameters_by_role(self, *roles: str) -> Iterator[tuple[str, nn.Parameter]]:
@@ -321,7 +330,9 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
             if parameter_role(key) == "base":
                 raise ValueError(f"{key!r} belongs to the frozen base model and cannot be loaded as expert state.")
             if key not in params:
-                raise ValueError(f"{key!r} is not a parameter of this model (expert names: {self.config.expert_names}).")
+                raise ValueError(
+                    f"{key!r} is not a parameter of this model (expert names: {self.config.expert_names})."
+                )
             if tuple(value.shape) != tuple(params[key].shape):
                 raise ValueError(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(params[key].shape)}.")
             if not torch.isfinite(value).all():
@@ -412,8 +423,9 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = outputs.loss + self.config.router_aux_loss_coef * aux_loss.to(outputs.loss.device)
         output_router_logits = (
-            output_router_logits if output_router_logits is not None else getattr(self.config, "output_router_logits",
-                                                                                  False)
+            output_router_logits
+            if output_router_logits is not None
+            else getattr(self.config, "output_router_logits", False)
         )
         return CoMiGSCausalLMOutputWithPast(
             loss=loss,
@@ -431,8 +443,9 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
         """Write generalist `index` as a standard PEFT LoRA adapter (see `comigs_hf.adapters.export_generalist`)."""
         _adapters().export_generalist(self, save_directory, index=index, **kwargs)
 
-    def load_generalist(self, source: str | os.PathLike, index: int = 0, revision: str | None = None,
-                        **kwargs: Any) -> None:
+    def load_generalist(
+        self, source: str | os.PathLike, index: int = 0, revision: str | None = None, **kwargs: Any
+    ) -> None:
         """Load a PEFT LoRA adapter (directory or Hub repo id) into generalist `index`
         (see `comigs_hf.adapters.load_generalist`)."""
         _adapters().load_generalist(self, source, index=index, revision=revision, **kwargs)
@@ -444,8 +457,9 @@ def _adapters():
     try:
         return importlib.import_module("comigs_hf.adapters")
     except ImportError as error:
-        raise ImportError("Exporting and loading PEFT generalists needs the comigs_hf package: "
-                          "pip install comigs-hf") from error
+        raise ImportError(
+            "Exporting and loading PEFT generalists needs the comigs_hf package: pip install comigs-hf"
+        ) from error
 
 
 def _check_causal_lm(model: nn.Module) -> None:

@@ -15,8 +15,18 @@ from .config import RecipeConfig, config_to_dict
 if TYPE_CHECKING:
     from .rounds import Federation
 
-CURVE_FIELDS = ["round", "client_id", "client", "train_loss", "router_loss", "test_loss", "test_ppl", "train_tokens",
-                "bytes_sent", "bytes_received"]
+CURVE_FIELDS = [
+    "round",
+    "client_id",
+    "client",
+    "train_loss",
+    "router_loss",
+    "test_loss",
+    "test_ppl",
+    "train_tokens",
+    "bytes_sent",
+    "bytes_received",
+]
 
 
 def summarise(records: list[dict], federation: Federation, cfg: RecipeConfig) -> dict:
@@ -25,17 +35,19 @@ def summarise(records: list[dict], federation: Federation, cfg: RecipeConfig) ->
     clients = []
     for client_id, data in enumerate(federation.clients):
         rows = [row for record in records for row in record["clients"] if row["client_id"] == client_id]
-        clients.append({
-            "id": client_id,
-            "name": data.name,
-            "num_specialists": federation.num_specialists[client_id],
-            "train_tokens": sum(row["train_tokens"] for row in rows),
-            "test_loss": final[client_id].get("test_loss"),
-            "test_ppl": final[client_id].get("test_ppl"),
-            "bytes_sent": sum(row["bytes_sent"] for row in rows),
-            "bytes_received": sum(row["bytes_received"] for row in rows),
-            "routing": final[client_id].get("routing"),
-        })
+        clients.append(
+            {
+                "id": client_id,
+                "name": data.name,
+                "num_specialists": federation.num_specialists[client_id],
+                "train_tokens": sum(row["train_tokens"] for row in rows),
+                "test_loss": final[client_id].get("test_loss"),
+                "test_ppl": final[client_id].get("test_ppl"),
+                "bytes_sent": sum(row["bytes_sent"] for row in rows),
+                "bytes_received": sum(row["bytes_received"] for row in rows),
+                "routing": final[client_id].get("routing"),
+            }
+        )
     ppls = [c["test_ppl"] for c in clients if c["test_ppl"] is not None]
     return {
         "strategy": cfg.strategy,
@@ -55,8 +67,7 @@ def write_curves(path: Path, records: list[dict], federation: Federation) -> Non
         writer.writeheader()
         for record in records:
             for row in record["clients"]:
-                writer.writerow({"round": record["round"], "client": federation.clients[row["client_id"]].name,
-                                 **row})
+                writer.writerow({"round": record["round"], "client": federation.clients[row["client_id"]].name, **row})
 
 
 def _safe_name(name: str) -> str:
@@ -77,8 +88,11 @@ def write_outputs(federation: Federation, cfg: RecipeConfig, accelerator: Accele
             federation.model.save_pretrained(directory)
             federation.tokenizer.save_pretrained(directory)
     if accelerator.is_main_process:
-        if federation.strategy.shared_roles and 0 in federation.states and "generalist" in \
-                federation.strategy.shared_roles:
+        if (
+            federation.strategy.shared_roles
+            and 0 in federation.states
+            and "generalist" in federation.strategy.shared_roles
+        ):
             activate_client(federation.model, federation.states[0], federation.shared)
             for index in range(federation.model.config.num_generalists):
                 suffix = "" if federation.model.config.num_generalists == 1 else f"/generalist_{index}"
@@ -130,8 +144,12 @@ def plot_routing(results: dict, path: Path) -> None:
         shares = client["routing"]["generalist_token_share"]
         axis.bar([layer + i * width for layer in range(layers)], shares, width, label=client["name"])
     axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    axis.set(title=f"{results['strategy']}: share of tokens routed to generalists", xlabel="layer",
-             ylabel="generalist share", ylim=(0, 1))
+    axis.set(
+        title=f"{results['strategy']}: share of tokens routed to generalists",
+        xlabel="layer",
+        ylabel="generalist share",
+        ylim=(0, 1),
+    )
     axis.set_xticks([layer + 0.4 - width / 2 for layer in range(layers)], [str(layer) for layer in range(layers)])
     axis.legend(fontsize=8)
     figure.tight_layout()

@@ -30,12 +30,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .config import RecipeConfig, build_strategy, client_num_specialists, config_to_dict, validate_client_splits
+from .aggregation import get_aggregator
+from .config import RecipeConfig, build_strategy, client_num_specialists, validate_client_splits
 from .data import ClientData, build_client_datasets
 from .metrics import load_perplexity
 from .modeling_comigs import CoMiGSForCausalLM
 from .strategies import Strategy, aggregation_weights, partition_state_dict, payload_bytes
-from .aggregation import get_aggregator
 from .trainer import ClientState, activate_client, evaluate_client, train_client_round
 
 ALL_ROLES = ("generalist", "specialist", "router")
@@ -75,7 +75,9 @@ def load_base(cfg: RecipeConfig, accelerator: Accelerator):
         with accelerator.main_process_first():
             path = str(build_embedded_base(progress=accelerator.is_main_process))
     tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision)
-    base = AutoModelForCausalLM.from_pretrained(path, revision=cfg.model.revision, dtype=getattr(torch, cfg.model.dtype))
+    base = AutoModelForCausalLM.from_pretrained(
+        path, revision=cfg.model.revision, dtype=getattr(torch, cfg.model.dtype)
+    )
     name = cfg.model.base_model if cfg.model.base_model != "embedded" else "comigs_hf/embedded-base"
     return base.to(accelerator.device), tokenizer, name
 
@@ -85,23 +87,36 @@ def setup_federation(cfg: RecipeConfig, accelerator: Accelerator) -> Federation:
     base, tokenizer, base_name = load_base(cfg, accelerator)
     with accelerator.main_process_first():
         clients = build_client_datasets(cfg.data, tokenizer, cfg.seed)
-    validate_client_splits(clients, splits=("train", "test") if cfg.training.router_on_train else
-                           ("train", "validation", "test"))
+    validate_client_splits(
+        clients, splits=("train", "test") if cfg.training.router_on_train else ("train", "validation", "test")
+    )
     counts = client_num_specialists(cfg, num_clients=len(clients))
     strategy = build_strategy(cfg)
     if strategy.requires_equal_experts and len(set(counts)) > 1:
-        raise ValueError(f"strategy {strategy.name!r} averages specialists/routers, so every client needs the same "
-                         f"number of specialists; model.num_specialists gives {counts}.")
+        raise ValueError(
+            f"strategy {strategy.name!r} averages specialists/routers, so every client needs the same "
+            f"number of specialists; model.num_specialists gives {counts}."
+        )
     for client, count in zip(clients, counts):
         if cfg.model.top_k > cfg.model.num_generalists + count:
-            raise ValueError(f"model.top_k={cfg.model.top_k} exceeds the {cfg.model.num_generalists + count} experts "
-                             f"of client {client.name!r}.")
+            raise ValueError(
+                f"model.top_k={cfg.model.top_k} exceeds the {cfg.model.num_generalists + count} experts "
+                f"of client {client.name!r}."
+            )
     model = CoMiGSForCausalLM.from_base(
-        base, base_model_name_or_path=base_name, num_generalists=cfg.model.num_generalists,
-        num_specialists=counts[0], lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
-        lora_dropout=cfg.model.lora_dropout, use_rslora=cfg.model.use_rslora, top_k=cfg.model.top_k,
-        router_aux_loss_coef=cfg.model.router_aux_loss_coef, generalist_importance=cfg.model.generalist_importance,
-        target_modules=cfg.model.target_modules, attention_lora=cfg.model.attention_lora,
+        base,
+        base_model_name_or_path=base_name,
+        num_generalists=cfg.model.num_generalists,
+        num_specialists=counts[0],
+        lora_r=cfg.model.lora_r,
+        lora_alpha=cfg.model.lora_alpha,
+        lora_dropout=cfg.model.lora_dropout,
+        use_rslora=cfg.model.use_rslora,
+        top_k=cfg.model.top_k,
+        router_aux_loss_coef=cfg.model.router_aux_loss_coef,
+        generalist_importance=cfg.model.generalist_importance,
+        target_modules=cfg.model.target_modules,
+        attention_lora=cfg.model.attention_lora,
     ).to(accelerator.device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -128,8 +143,13 @@ def initialise_states(federation: Federation, cfg: RecipeConfig, accelerator: Ac
     for client_id in local_client_ids(len(federation.clients), accelerator):
         parameters = _fresh_parameters(model, counts[client_id], derived_seed(cfg.seed, 0, client_id))
         generator = torch.Generator().manual_seed(derived_seed(cfg.seed, -1, client_id))
-        federation.states[client_id] = ClientState(client_id, federation.clients[client_id].name, counts[client_id],
-                                                   parameters, generator=generator.get_state())
+        federation.states[client_id] = ClientState(
+            client_id,
+            federation.clients[client_id].name,
+            counts[client_id],
+            parameters,
+            generator=generator.get_state(),
+        )
 
 
 # ---- one round -----------------------------------------------------------------------------------------------------
@@ -146,26 +166,41 @@ def run_round(federation: Federation, cfg: RecipeConfig, round_index: int, accel
     total_steps = cfg.rounds * cfg.training.local_steps
     updates = []
     local_ids = local_client_ids(len(federation.clients), accelerator)
-    for client_id in tqdm(local_ids, desc=f"round {round_index} clients", leave=False,
-                          disable=not accelerator.is_local_main_process):
+    for client_id in tqdm(
+        local_ids, desc=f"round {round_index} clients", leave=False, disable=not accelerator.is_local_main_process
+    ):
         state = federation.states[client_id]
         activate_client(model, state, federation.shared)
         torch.manual_seed(derived_seed(cfg.seed, round_index, client_id))
-        result = train_client_round(model, state, federation.clients[client_id], cfg.training, total_steps,
-                                    accelerator)
+        result = train_client_round(
+            model, state, federation.clients[client_id], cfg.training, total_steps, accelerator
+        )
         trained = {k: v.cpu() for k, v in model.role_state_dict(*ALL_ROLES).items()}
         shared, private = partition_state_dict(trained, strategy)
         state.parameters = {**state.parameters, **private}
-        updates.append({"client_id": client_id, "train_tokens": result.train_tokens, "train_loss": result.train_loss,
-                        "router_loss": result.router_loss, "shared": shared})
+        updates.append(
+            {
+                "client_id": client_id,
+                "train_tokens": result.train_tokens,
+                "train_loss": result.train_loss,
+                "router_loss": result.router_loss,
+                "shared": shared,
+            }
+        )
     everyone = _exchange(accelerator, updates)
     if strategy.shared_roles:
         aggregate = get_aggregator(strategy.aggregation)
         weights = aggregation_weights(strategy, [u["train_tokens"] for u in everyone])
         federation.shared = aggregate([u["shared"] for u in everyone], weights, **strategy.aggregation_kwargs)
     received = payload_bytes(federation.shared) if strategy.shared_roles else 0
-    rows = [{**{k: v for k, v in update.items() if k != "shared"}, "bytes_sent": payload_bytes(update["shared"]),
-             "bytes_received": received} for update in everyone]
+    rows = [
+        {
+            **{k: v for k, v in update.items() if k != "shared"},
+            "bytes_sent": payload_bytes(update["shared"]),
+            "bytes_received": received,
+        }
+        for update in everyone
+    ]
     if round_index % cfg.eval_every == 0 or round_index == cfg.rounds:
         for row, metrics in zip(rows, evaluate_clients(federation, cfg, accelerator)):
             row.update({k: v for k, v in metrics.items() if k != "client_id"})
@@ -177,15 +212,25 @@ def evaluate_clients(federation: Federation, cfg: RecipeConfig, accelerator: Acc
     rows = []
     for client_id in local_client_ids(len(federation.clients), accelerator):
         activate_client(federation.model, federation.states[client_id], federation.shared)
-        metric = load_perplexity(keep_in_memory=True, process_id=0, num_process=1,
-                                 experiment_id=f"client-{client_id}-rank-{accelerator.process_index}")
-        rows.append({"client_id": client_id, **evaluate_client(federation.model, federation.clients[client_id].test,
-                                                               cfg.training, accelerator, metric)})
+        metric = load_perplexity(
+            keep_in_memory=True,
+            process_id=0,
+            num_process=1,
+            experiment_id=f"client-{client_id}-rank-{accelerator.process_index}",
+        )
+        rows.append(
+            {
+                "client_id": client_id,
+                **evaluate_client(
+                    federation.model, federation.clients[client_id].test, cfg.training, accelerator, metric
+                ),
+            }
+        )
     rows = gather_object(rows) if accelerator.num_processes > 1 else rows  # metrics only: floats, no tensors
     return sorted(rows, key=lambda row: row["client_id"])
 
 
-# ---- checkpoints -----------------------------------------------------------------------------------------------------
+# ---- checkpoints ---------------------------------------------------------------------------------------------------
 def latest_checkpoint(output_dir: str) -> Path | None:
     pointer = Path(output_dir) / "checkpoints" / "latest.json"
     if not pointer.is_file():
@@ -232,12 +277,17 @@ def load_checkpoint(federation: Federation, cfg: RecipeConfig, accelerator: Acce
     federation.start_round = saved["round"] + 1
 
 
-# ---- the whole run -----------------------------------------------------------------------------------------------
+# ---- the whole run -------------------------------------------------------------------------------------------------
 def run_federated(cfg: RecipeConfig, accelerator: Accelerator) -> dict:
     """Run (or resume) all rounds and write the outputs; returns the results written to `results.json`."""
     federation = setup_federation(cfg, accelerator)
-    progress = tqdm(range(federation.start_round, cfg.rounds + 1), desc=f"{cfg.strategy} rounds",
-                    disable=not accelerator.is_main_process, initial=federation.start_round - 1, total=cfg.rounds)
+    progress = tqdm(
+        range(federation.start_round, cfg.rounds + 1),
+        desc=f"{cfg.strategy} rounds",
+        disable=not accelerator.is_main_process,
+        initial=federation.start_round - 1,
+        total=cfg.rounds,
+    )
     for round_index in progress:
         record = run_round(federation, cfg, round_index, accelerator)
         federation.records.append(record)
@@ -250,9 +300,10 @@ def run_federated(cfg: RecipeConfig, accelerator: Accelerator) -> dict:
 
 def _round_scalars(record: dict) -> dict:
     rows = record["clients"]
-    scalars = {"train_loss": sum(r["train_loss"] for r in rows) / len(rows),
-               "bytes_sent": sum(r["bytes_sent"] for r in rows)}
+    scalars = {
+        "train_loss": sum(r["train_loss"] for r in rows) / len(rows),
+        "bytes_sent": sum(r["bytes_sent"] for r in rows),
+    }
     if all("test_ppl" in r for r in rows):
         scalars["mean_test_ppl"] = sum(r["test_ppl"] for r in rows) / len(rows)
     return scalars
-

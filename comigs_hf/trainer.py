@@ -87,10 +87,12 @@ def activate_client(model: CoMiGSForCausalLM, state: ClientState, shared: dict[s
 def _optimizers(model: CoMiGSForCausalLM, state: ClientState, cfg: TrainingSection):
     experts = [p for _, p in model.named_parameters_by_role(*EXPERT_ROLES)]
     routers = [p for _, p in model.named_parameters_by_role("router")]
-    expert_optimizer = torch.optim.AdamW(experts, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
-                                         weight_decay=cfg.weight_decay)
-    router_optimizer = torch.optim.AdamW(routers, lr=cfg.router_learning_rate, betas=tuple(cfg.adam_betas),
-                                         weight_decay=cfg.weight_decay)
+    expert_optimizer = torch.optim.AdamW(
+        experts, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+    )
+    router_optimizer = torch.optim.AdamW(
+        routers, lr=cfg.router_learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+    )
     if state.expert_optimizer:
         expert_optimizer.load_state_dict(state.expert_optimizer)
     if state.router_optimizer:
@@ -139,16 +141,18 @@ def train_client_round(
         lr = cosine_learning_rate(state.expert_steps, total_expert_steps, cfg.learning_rate, cfg.min_lr_ratio)
         for group in expert_optimizer.param_groups:
             group["lr"] = lr
-        expert_losses.append(_accumulated_step(model, expert_optimizer, experts, data.train, cfg, accelerator,
-                                               generator))
+        expert_losses.append(
+            _accumulated_step(model, expert_optimizer, experts, data.train, cfg, accelerator, generator)
+        )
         state.expert_steps += 1
         if cfg.router_steps and state.expert_steps % cfg.router_update_every == 0:
             # router phase on held-out data: experts frozen
             _set_trainable(experts, False)
             _set_trainable(routers, True)
             for _ in range(cfg.router_steps):
-                router_losses.append(_accumulated_step(model, router_optimizer, routers, router_blocks, cfg,
-                                                       accelerator, generator))
+                router_losses.append(
+                    _accumulated_step(model, router_optimizer, routers, router_blocks, cfg, accelerator, generator)
+                )
                 state.router_steps += 1
     _set_trainable(experts + routers, True)
     state.expert_optimizer = expert_optimizer.state_dict()

@@ -1,7 +1,8 @@
 """Federated CoMiGS (or a baseline) over Accelerate: one YAML config, `key=value` overrides.
 
     accelerate launch recipes/federated.py --config recipes/configs/demo.yaml
-    accelerate launch --num_processes 2 recipes/federated.py --config recipes/configs/demo.yaml strategy=fedavg rounds=5
+    accelerate launch --num_processes 2 recipes/federated.py --config recipes/configs/demo.yaml \
+        strategy=fedavg rounds=5
 
 On a CPU-only machine, `accelerate launch --multi_gpu --num_processes 2 ...` gives two processes on gloo. Clients are
 spread over the processes; every process holds one frozen base. Outputs land in `output_dir` (see the README).
@@ -21,12 +22,16 @@ from comigs_hf.rounds import run_federated
 
 def format_results(results: dict) -> str:
     """One line per client with its test perplexity and traffic, then the mean."""
-    lines = [f"strategy={results['strategy']} rounds={results['rounds']} seed={results['seed']}",
-             f"{'client':<24}{'experts':>8}{'test loss':>11}{'test ppl':>10}{'sent MiB':>10}{'recv MiB':>10}"]
+    lines = [
+        f"strategy={results['strategy']} rounds={results['rounds']} seed={results['seed']}",
+        f"{'client':<24}{'experts':>8}{'test loss':>11}{'test ppl':>10}{'sent MiB':>10}{'recv MiB':>10}",
+    ]
     for client in results["clients"]:
-        lines.append(f"{client['name'][:23]:<24}{'1+' + str(client['num_specialists']):>8}"
-                     f"{client['test_loss']:>11.4f}{client['test_ppl']:>10.2f}"
-                     f"{client['bytes_sent'] / 2**20:>10.2f}{client['bytes_received'] / 2**20:>10.2f}")
+        lines.append(
+            f"{client['name'][:23]:<24}{'1+' + str(client['num_specialists']):>8}"
+            f"{client['test_loss']:>11.4f}{client['test_ppl']:>10.2f}"
+            f"{client['bytes_sent'] / 2**20:>10.2f}{client['bytes_received'] / 2**20:>10.2f}"
+        )
     lines.append(f"{'mean':<32}{'':>11}{results['mean_test_ppl']:>10.2f}")
     return "\n".join(lines)
 
@@ -43,8 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from error
 
     trackers = [t for t in cfg.trackers if t != "none"]
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None,
-                              project_dir=cfg.output_dir)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=cfg.output_dir)
     accelerator.init_trackers(f"comigs-{cfg.strategy}", config=_flat(config_to_dict(cfg)))
     results = run_federated(cfg, accelerator)
     if accelerator.is_main_process:

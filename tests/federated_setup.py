@@ -33,12 +33,24 @@ def write_tiny_world(root: Path, docs_per_domain: int = 60, seed: int = 0) -> tu
         vocab[word] = len(vocab)
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
-                                        pad_token="<eos>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>"
+    )
     torch.manual_seed(seed)
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                                      attn_pdrop=0.0))
+    base = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(vocab),
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     base_dir = root / "base"
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
@@ -48,13 +60,26 @@ def write_tiny_world(root: Path, docs_per_domain: int = 60, seed: int = 0) -> tu
 def tiny_overrides(base_dir: Path, data_file: Path, output_dir: Path, **extra) -> list[str]:
     """`key=value` overrides that make any recipe run in seconds on the tiny world."""
     values = {
-        "model.base_model": str(base_dir), "model.lora_r": 4, "data.dataset": "json",
-        "data.data_files": str(data_file), "data.partition": "column", "data.partition_column": "domain",
-        "data.block_size": 16, "data.validation_fraction": 0.2, "data.test_fraction": 0.2,
+        "model.base_model": str(base_dir),
+        "model.lora_r": 4,
+        "data.dataset": "json",
+        "data.data_files": str(data_file),
+        "data.partition": "column",
+        "data.partition_column": "domain",
+        "data.block_size": 16,
+        "data.validation_fraction": 0.2,
+        "data.test_fraction": 0.2,
         "data.cache_dir": str(output_dir.parent / "data-cache"),
-        "training.local_steps": 2, "training.router_update_every": 2, "training.router_steps": 1,
-        "training.batch_size": 4, "training.micro_batch_size": 2, "rounds": 3, "eval_every": 1,
-        "output_dir": str(output_dir), "trackers": "[none]", "plots": False,
+        "training.local_steps": 2,
+        "training.router_update_every": 2,
+        "training.router_steps": 1,
+        "training.batch_size": 4,
+        "training.micro_batch_size": 2,
+        "rounds": 3,
+        "eval_every": 1,
+        "output_dir": str(output_dir),
+        "trackers": "[none]",
+        "plots": False,
     }
     values.update(extra)
     return [f"{key}={value}" for key, value in values.items()]

@@ -530,7 +530,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _create_repo(self) -> _Response:
-        """`HfApi.create_repo`: 409 with the repo `url` in the body if it exists (the client reads it with exist_ok)."""
+        """`HfApi.create_repo`: 409 with the repo `url` in the body if it exists (read by the client with exist_ok)."""
         self._require_write()
         payload = self._json_body()
         repo_type = payload.get("type") or "model"

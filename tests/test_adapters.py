@@ -12,8 +12,9 @@ from comigs_hf import CoMiGSForCausalLM
 
 
 def build(make_base, **kwargs):
-    options = dict(num_generalists=2, num_specialists=1, lora_r=4, lora_alpha=8, top_k=2,
-                   base_model_name_or_path="tiny-base")
+    options = dict(
+        num_generalists=2, num_specialists=1, lora_r=4, lora_alpha=8, top_k=2, base_model_name_or_path="tiny-base"
+    )
     options.update(kwargs)
     model = CoMiGSForCausalLM.from_base(make_base(), **options)
     perturb_experts(model)
@@ -34,7 +35,9 @@ def test_exported_adapter_targets_exactly_the_expert_projections(tmp_path):
     model = build(lambda: tiny_gpt2())
     model.export_generalist(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert sorted(config["target_modules"]) == [f"transformer.h.{i}.mlp.{p}" for i in (0, 1) for p in ("c_fc", "c_proj")]
+    assert sorted(config["target_modules"]) == [
+        f"transformer.h.{i}.mlp.{p}" for i in (0, 1) for p in ("c_fc", "c_proj")
+    ]
     assert config["use_rslora"] is True and config["r"] == 4 and config["base_model_name_or_path"] == "tiny-base"
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight" in keys
@@ -56,8 +59,12 @@ def test_load_generalist_is_the_inverse_of_export(make_base, tmp_path):
 
 def test_any_peft_lora_adapter_on_the_same_targets_seeds_a_generalist(input_ids, tmp_path):
     # a plain (non-rsLoRA) PEFT adapter with another alpha: the update must be carried over unchanged
-    peft_model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, lora_alpha=32, target_modules=r".*\.mlp\.(c_fc|c_proj)",
-                                                        init_lora_weights=False, fan_in_fan_out=True))
+    peft_model = get_peft_model(
+        tiny_gpt2(),
+        LoraConfig(
+            r=4, lora_alpha=32, target_modules=r".*\.mlp\.(c_fc|c_proj)", init_lora_weights=False, fan_in_fan_out=True
+        ),
+    )
     peft_model.eval()
     peft_model.save_pretrained(tmp_path)
     model = build(lambda: tiny_gpt2(), base_model_name_or_path=None)

@@ -267,8 +267,9 @@ def test_base_without_known_mlp_lists_what_was_searched():
 
 
 def test_base_that_is_not_a_causal_lm_is_refused():
-    encoder = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=64))
+    encoder = BertModel(
+        BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    )
     with pytest.raises(ValueError, match="causal language model.*BertModel"):
         CoMiGSForCausalLM.from_base(encoder)
 
@@ -277,3 +278,12 @@ def test_config_without_specialists_targets_the_generalists_uniformly():
     config = CoMiGSConfig(num_generalists=2, num_specialists=0, num_experts_per_tok=1)
     model = CoMiGSForCausalLM(config)
     torch.testing.assert_close(model.load_balancing_target(), torch.tensor([0.5, 0.5]))
+
+
+def test_set_num_specialists_refuses_too_few_experts_and_changes_nothing(make_base):
+    model = build(make_base, num_specialists=2, top_k=2)
+    before = model.role_state_dict("generalist", "specialist", "router")
+    with pytest.raises(ValueError, match="num_experts_per_tok=2"):
+        model.set_num_specialists(0)
+    assert model.config.num_specialists == 2
+    assert model.role_state_dict("generalist", "specialist", "router").keys() == before.keys()

@@ -36,15 +36,31 @@ def config(world, output_dir, **extra):
 
 def launch(world, output_dir, num_processes=1, direct=False, **extra) -> subprocess.Popen:
     """The recipe through `accelerate launch`, or (`direct`) as the one process to kill."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        str(num_processes),
+    ]
     if num_processes > 1:
         launcher.append("--multi_gpu")  # with Accelerator(cpu=True): N CPU processes on gloo
     if direct:
         launcher = [sys.executable]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen([*launcher, str(RECIPE), *tiny_overrides(*world, output_dir, **extra)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [*launcher, str(RECIPE), *tiny_overrides(*world, output_dir, **extra)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finished(process: subprocess.Popen) -> str:
@@ -94,8 +110,9 @@ def test_comigs_1g1s_sends_exactly_the_generalist_tensors_each_round(world, tmp_
     results = run_federated(cfg, Accelerator(cpu=True))
     model = setup_federation(config(world, tmp_path / "again"), Accelerator(cpu=True)).model
     generalist_bytes = sum(p.numel() * p.element_size() for _, p in model.named_parameters_by_role("generalist"))
-    expert_bytes = sum(p.numel() * p.element_size() for _, p in model.named_parameters_by_role("generalist",
-                                                                                              "specialist"))
+    expert_bytes = sum(
+        p.numel() * p.element_size() for _, p in model.named_parameters_by_role("generalist", "specialist")
+    )
     assert generalist_bytes * 2 == expert_bytes  # half of what FedAvg over both experts would send
     for client in results["clients"]:
         assert client["bytes_sent"] == client["bytes_received"] == 2 * generalist_bytes
@@ -110,7 +127,8 @@ def test_outputs_hold_results_curves_models_generalist_and_plots(world, tmp_path
     results = json.loads((out / "results.json").read_text())
     assert {"strategy", "rounds", "seed", "clients", "mean_test_ppl"} <= set(results)
     assert {"id", "num_specialists", "train_tokens", "test_loss", "test_ppl", "bytes_sent", "bytes_received"} <= set(
-        results["clients"][0])
+        results["clients"][0]
+    )
     assert sorted(os.listdir(out / "clients")) == ["0-cooking", "1-finance", "2-science", "3-sports"]
     assert (out / "global_generalist" / "adapter_model.safetensors").is_file()
     assert (out / "training_curves.png").stat().st_size > 0 and (out / "routing.png").stat().st_size > 0
@@ -126,13 +144,19 @@ def test_router_steps_zero_never_change_the_router(world, tmp_path):
         for key, value in before[client_id].items():
             if parameter_role(key) == "router":
                 assert torch.equal(state.parameters[key], value), key
-        assert any(not torch.equal(state.parameters[k], v) for k, v in before[client_id].items()
-                   if parameter_role(k) == "specialist")
+        assert any(
+            not torch.equal(state.parameters[k], v)
+            for k, v in before[client_id].items()
+            if parameter_role(k) == "specialist"
+        )
 
 
 def test_expert_steps_never_touch_the_router_and_router_steps_never_touch_experts(world, tmp_path):
-    cfg = config(world, tmp_path / "out", **{"training.local_steps": 2, "training.router_update_every": 1,
-                                            "training.router_steps": 2})
+    cfg = config(
+        world,
+        tmp_path / "out",
+        **{"training.local_steps": 2, "training.router_update_every": 1, "training.router_steps": 2},
+    )
     federation = setup_federation(cfg, Accelerator(cpu=True))
     model, state = federation.model, federation.states[0]
     activate_client(model, state, federation.shared)
@@ -163,8 +187,9 @@ def test_impossible_combinations_are_rejected_before_training(world, tmp_path, c
     import federated
 
     with pytest.raises(SystemExit) as exit_info:
-        federated.main(tiny_overrides(*world, tmp_path / "out", strategy="fedavg", **{"model.num_specialists":
-                                                                                       "[0,1,2,3]"}))
+        federated.main(
+            tiny_overrides(*world, tmp_path / "out", strategy="fedavg", **{"model.num_specialists": "[0,1,2,3]"})
+        )
     assert exit_info.value.code == 2
     assert "num_specialists" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
