@@ -183,11 +183,10 @@ def test_expert_steps_never_touch_the_router_and_router_steps_never_touch_expert
 
 
 def test_impossible_combinations_are_rejected_before_training(world, tmp_path, capsys):
-    sys.path.insert(0, str(RECIPE.parent))
-    import federated
+    from comigs_hf.recipe import main
 
     with pytest.raises(SystemExit) as exit_info:
-        federated.main(
+        main(
             tiny_overrides(*world, tmp_path / "out", strategy="fedavg", **{"model.num_specialists": "[0,1,2,3]"})
         )
     assert exit_info.value.code == 2
