@@ -7,6 +7,8 @@ comigs pull MODEL REPO_ID --round T [--index I] [--output D] Hub round-T general
 comigs inspect MODEL [--json]                                config summary, parameters per role
 comigs submit MODEL REPO_ID --client-id C --round T --num-tokens N
 comigs aggregate REPO_ID --round T --min-clients K [--timeout S] [--poll-interval S]
+comigs hub-seed --repo-id R [--config YAML] [KEY=VALUE ...]   a recipe's round-1 global generalist -> Hub
+comigs hub-client --repo-id R --client-id I --round T --state-dir D [--config YAML] [KEY=VALUE ...]
 comigs bench [ARGS ...]                                      comigs_hf.benchmark.main(ARGS)
 comigs run [ARGS ...]                                        comigs_hf.recipe.main(ARGS), when that module exists
 ```
@@ -273,6 +275,35 @@ def _aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_config(args: argparse.Namespace) -> Any:
+    from .config import load_config
+
+    try:
+        return load_config(args.config, args.overrides)
+    except FileNotFoundError as error:
+        raise _UsageError("--config", str(error)) from None
+
+
+def _hub_seed(args: argparse.Namespace) -> int:
+    from .hub_rounds import seed_hub_rounds
+
+    sha = seed_hub_rounds(_recipe_config(args), args.repo_id, private=args.private or None)
+    print(f"Seeded {args.repo_id} with the round-1 global generalist (commit {sha}, tag round-1)")
+    return 0
+
+
+def _hub_client(args: argparse.Namespace) -> int:
+    from .hub_rounds import run_hub_client_round
+
+    record = run_hub_client_round(_recipe_config(args), args.client_id, args.round, args.repo_id, args.state_dir)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    print(f"Client {record['client_id']} ({record['name']}) trained round {record['round']}: train loss "
+          f"{record['train_loss']:.4f} over {record['train_tokens']} tokens; update at commit {record['commit_sha']}")
+    return 0
+
+
 def _pass_through(module_name: str, argv: list[str]) -> int:
     """Hand the remaining arguments to `module_name.main(argv)` (its own parser, its own `--help`)."""
     result = importlib.import_module(module_name).main(argv)
@@ -355,6 +386,28 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--strategy", default="comigs", help="federated strategy, for the card (default: comigs)")
     aggregate.add_argument("--json", action="store_true", help="print the report as JSON")
     aggregate.set_defaults(handler=_aggregate)
+
+    recipe_help = "YAML recipe (see recipes/configs/); the same on every client"
+    overrides_help = "recipe overrides, last on the line, dotted for sections: training.local_steps=5"
+    hub_seed = commands.add_parser("hub-seed", help="push a recipe's initial global generalist, tagged round-1")
+    # an option, not a positional: argparse takes no trailing KEY=VALUE positionals after options otherwise
+    hub_seed.add_argument("--repo-id", type=_repo_id, required=True, help="the shared round repo (created if missing)")
+    hub_seed.add_argument("--config", help=recipe_help)
+    hub_seed.add_argument("--private", action="store_true", help="create the repo private")
+    hub_seed.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+    hub_seed.set_defaults(handler=_hub_seed)
+
+    hub_client = commands.add_parser("hub-client", help="one client's round: pull round-T, train locally, submit")
+    hub_client.add_argument("--repo-id", type=_repo_id, required=True, help="the shared round repo")
+    hub_client.add_argument("--client-id", type=_non_negative_int, required=True,
+                            help="this client's position in the recipe's data partition")
+    hub_client.add_argument("--round", type=_positive_int, required=True, help="the round to train")
+    hub_client.add_argument("--state-dir", required=True,
+                            help="private folder for this client's specialists, router and optimiser states")
+    hub_client.add_argument("--config", help=recipe_help)
+    hub_client.add_argument("--json", action="store_true", help="print the round's record as JSON")
+    hub_client.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+    hub_client.set_defaults(handler=_hub_client)
 
     commands.add_parser("bench", help="step, memory and generation benchmark (comigs bench --help)", add_help=False)
     if _recipe_available():

@@ -41,6 +41,14 @@ class CoMiGSRouting:
     router_logits: torch.Tensor
     expert_index: torch.LongTensor
     expert_weight: torch.Tensor
+    _one_hot: torch.Tensor | None = None
+
+    def expert_one_hot(self, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+        """One-hot of each copy's expert, `(batch_size, sequence_length, top_k, num_experts)`, built once per pass
+        and shared by the mixture's projections."""
+        if self._one_hot is None or self._one_hot.dtype != dtype:
+            self._one_hot = F.one_hot(self.expert_index, num_experts).to(dtype)
+        return self._one_hot
 
 
 class CoMiGSRoutingState:
@@ -58,10 +66,10 @@ class CoMiGSRouter(nn.Module):
     expert's softmax probability over all experts, so the LM loss still sends a gradient into the router.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, device=None, dtype=None):
         super().__init__()
         self.top_k = top_k
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
 
     def forward(self, hidden_states: torch.Tensor, forced_expert: int | None = None) -> CoMiGSRouting:
         router_logits = F.linear(hidden_states, self.weight)  # (B, T, E)
@@ -167,7 +175,7 @@ class CoMiGSLoraLinear(nn.Module):
         lora_A, lora_B = self._stacked_factors()
         # per copy, a one-hot of its expert carrying the LoRA scaling (and, at the output, the gate): (..., K, E, 1).
         # Everything that touches it is of size E*R per token; the wide (..., K, O) tensors see one op each.
-        selector = F.one_hot(routing.expert_index, num_experts).to(x.dtype).unsqueeze(-1) * self.scaling
+        selector = routing.expert_one_hot(num_experts, x.dtype).unsqueeze(-1) * self.scaling
         if self.role == "input":
             codes = F.linear(self.lora_dropout(x), lora_A).unflatten(-1, (num_experts, self.r))  # (..., E, R)
             codes = (selector * codes.unsqueeze(-3)).flatten(-2)  # (..., K, E*R): zero outside each copy's expert
@@ -179,7 +187,7 @@ class CoMiGSLoraLinear(nn.Module):
             mixed, gate_sum = x.squeeze(-2), gate  # top-1: sum_k g_k x_k / sum_k g_k is the single copy
         else:
             gate_sum = gate.sum(dim=-1, keepdim=True)  # (..., 1), 1 up to rounding
-            mixed = torch.einsum("...k,...ki->...i", gate / gate_sum, x)  # (..., I)
+            mixed = ((gate / gate_sum).unsqueeze(-1) * x).sum(dim=-2)  # (..., I); beats einsum's tiny bmm on CPU
         # W(sum_k g_k x_k) + b * sum_k g_k == sum_k g_k (W x_k + b): the base runs once per token
         result = self.base_layer(mixed) * gate_sum  # (..., O)
         codes = F.linear(self.lora_dropout(x), lora_A).unflatten(-1, (num_experts, self.r))  # (..., K, E, R)
@@ -205,7 +213,9 @@ class CoMiGSMoeMLP(nn.Module):
     ):
         super().__init__()
         self.base_mlp = base_mlp
-        self.router = CoMiGSRouter(hidden_size, num_experts, top_k)
+        # same device and dtype as the base: a bf16 base gets a bf16 router
+        weight = projections[0].base_layer.weight
+        self.router = CoMiGSRouter(hidden_size, num_experts, top_k, device=weight.device, dtype=weight.dtype)
         # plain list: the projections are registered (and saved) under base_mlp already
         self._projections = projections
         self._state = state
@@ -215,7 +225,7 @@ class CoMiGSMoeMLP(nn.Module):
         for projection in self._projections:
             projection.set_adapters(names)
         old = self.router.weight
-        router = CoMiGSRouter(old.shape[1], len(names), self.router.top_k).to(old.device, old.dtype)
+        router = CoMiGSRouter(old.shape[1], len(names), self.router.top_k, device=old.device, dtype=old.dtype)
         init_router(router)
         with torch.no_grad():
             for index, name in enumerate(names):

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .aggregation import get_aggregator
 from .config import RecipeConfig, build_strategy, client_num_specialists, validate_client_splits
@@ -103,11 +103,26 @@ def setup_federation(cfg: RecipeConfig, accelerator: Accelerator) -> Federation:
                 f"model.top_k={cfg.model.top_k} exceeds the {cfg.model.num_generalists + count} experts "
                 f"of client {client.name!r}."
             )
+    model = build_model(cfg, base, base_name, counts[0], accelerator)
+    federation = Federation(model, tokenizer, clients, counts, strategy)
+    if cfg.resume and latest_checkpoint(cfg.output_dir) is not None:
+        load_checkpoint(federation, cfg, accelerator)
+    else:
+        initialise_states(federation, cfg, accelerator)
+    return federation
+
+
+def build_model(
+    cfg: RecipeConfig, base: PreTrainedModel, base_name: str, num_specialists: int, accelerator: Accelerator
+) -> CoMiGSForCausalLM:
+    """The CoMiGS model around `base` as `cfg.model` describes it, holding `num_specialists` specialists (client 0's
+    count: `initialise_states` draws the shared reference from this layout); also used by the Hub-round seed, which
+    needs the model but no client data."""
     model = CoMiGSForCausalLM.from_base(
         base,
         base_model_name_or_path=base_name,
         num_generalists=cfg.model.num_generalists,
-        num_specialists=counts[0],
+        num_specialists=num_specialists,
         lora_r=cfg.model.lora_r,
         lora_alpha=cfg.model.lora_alpha,
         lora_dropout=cfg.model.lora_dropout,
@@ -120,12 +135,7 @@ def setup_federation(cfg: RecipeConfig, accelerator: Accelerator) -> Federation:
     ).to(accelerator.device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    federation = Federation(model, tokenizer, clients, counts, strategy)
-    if cfg.resume and latest_checkpoint(cfg.output_dir) is not None:
-        load_checkpoint(federation, cfg, accelerator)
-    else:
-        initialise_states(federation, cfg, accelerator)
-    return federation
+    return model
 
 
 def _fresh_parameters(model: CoMiGSForCausalLM, num_specialists: int, seed: int) -> dict[str, torch.Tensor]:
@@ -135,11 +145,19 @@ def _fresh_parameters(model: CoMiGSForCausalLM, num_specialists: int, seed: int)
     return {k: v.cpu() for k, v in model.role_state_dict(*ALL_ROLES).items()}
 
 
+def initial_shared_state(
+    model: CoMiGSForCausalLM, cfg: RecipeConfig, strategy: Strategy, num_specialists: int
+) -> dict[str, torch.Tensor]:
+    """The global shared tensors before round 1, drawn once with client 0's expert count (`num_specialists`); the
+    Hub-round seed publishes exactly these."""
+    reference = _fresh_parameters(model, num_specialists, derived_seed(cfg.seed, 0, -1))
+    return partition_state_dict(reference, strategy)[0]
+
+
 def initialise_states(federation: Federation, cfg: RecipeConfig, accelerator: Accelerator) -> None:
     """Seeded per client (whatever process holds it); shared tensors start equal on every client."""
     model, counts = federation.model, federation.num_specialists
-    reference = _fresh_parameters(model, counts[0], derived_seed(cfg.seed, 0, -1))
-    federation.shared, _ = partition_state_dict(reference, federation.strategy)
+    federation.shared = initial_shared_state(model, cfg, federation.strategy, counts[0])
     for client_id in local_client_ids(len(federation.clients), accelerator):
         parameters = _fresh_parameters(model, counts[client_id], derived_seed(cfg.seed, 0, client_id))
         generator = torch.Generator().manual_seed(derived_seed(cfg.seed, -1, client_id))

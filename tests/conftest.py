@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VOCAB = 99
+# tiny models: one thread is as fast, and two threads spin badly when the 2 cores are shared
+torch.set_num_threads(1)
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

@@ -208,6 +208,14 @@ def test_bfloat16_forward_and_backward(make_base, input_ids):
     assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
 
 
+def test_a_bfloat16_base_gets_bfloat16_experts_and_routers(make_base, input_ids):
+    model = CoMiGSForCausalLM.from_base(make_base().to(torch.bfloat16), num_specialists=2, top_k=2)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model.set_num_specialists(3)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(model(input_ids, labels=input_ids).loss)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(make_base, input_ids):
     plain = build(make_base).train()
     checkpointed = copy.deepcopy(plain)
