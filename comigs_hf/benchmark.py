@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{name:<20}{row['step_s']:>10.4f}{row['step_s'] / baseline['step_s']:>9.2f}"
             f"{row['peak_bytes'] / 2**20:>11.1f}{row['peak_bytes'] / baseline['peak_bytes']:>9.2f}"
         )
-    generation = {v: _run_child(args, "generate", v) for v in ("base", "comigs-1G3S-top2")}
+    generation = {v: _run_child(args, "generate", v) for v in ("base", "peft-lora", "comigs-1G3S-top2")}
     print(f"\n{'generation':<20}{'tokens/s':>10}{'x base':>9}")
     for name, row in generation.items():
         print(

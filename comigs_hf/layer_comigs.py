@@ -124,6 +124,7 @@ class CoMiGSLoraLinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.set_adapters(adapter_names)
         self.routing: CoMiGSRouting | None = None
+        self._stacked_cache: tuple | None = None
 
     # transformers' `_init_weights` of some bases (GPT-2) reads `module.c_proj.weight` directly
     @property
@@ -159,9 +160,17 @@ class CoMiGSLoraLinear(nn.Module):
 
     def _stacked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         # (E*R, in) and (O, E*R); concatenating E small matrices is far cheaper than E separate matmuls
-        lora_A = torch.cat([a.weight for a in self.lora_A.values()], dim=0)
-        lora_B = torch.cat([b.weight for b in self.lora_B.values()], dim=1)
-        return lora_A, lora_B
+        weights = [a.weight for a in self.lora_A.values()] + [b.weight for b in self.lora_B.values()]
+        if torch.is_grad_enabled():
+            self._stacked_cache = None
+            return torch.cat(weights[: len(self.lora_A)], dim=0), torch.cat(weights[len(self.lora_A) :], dim=1)
+        # generation calls this once per token and layer: reuse the concatenation until a weight changes
+        # (in-place updates such as optimizer steps or load_state_dict bump the tensors' version counters)
+        key = tuple((id(w), w._version) for w in weights)
+        if self._stacked_cache is None or self._stacked_cache[0] != key:
+            stacked = torch.cat(weights[: len(self.lora_A)], dim=0), torch.cat(weights[len(self.lora_A) :], dim=1)
+            self._stacked_cache = (key, stacked)
+        return self._stacked_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.role == "shared":

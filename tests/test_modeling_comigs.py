@@ -283,7 +283,7 @@ def test_base_that_is_not_a_causal_lm_is_refused():
 
 
 def test_config_without_specialists_targets_the_generalists_uniformly():
-    config = CoMiGSConfig(num_generalists=2, num_specialists=0, num_experts_per_tok=1)
+    config = CoMiGSConfig(text_config=tiny_gpt2().config, num_generalists=2, num_specialists=0, num_experts_per_tok=1)
     model = CoMiGSForCausalLM(config)
     torch.testing.assert_close(model.load_balancing_target(), torch.tensor([0.5, 0.5]))
 
@@ -295,3 +295,15 @@ def test_set_num_specialists_refuses_too_few_experts_and_changes_nothing(make_ba
         model.set_num_specialists(0)
     assert model.config.num_specialists == 2
     assert model.role_state_dict("generalist", "specialist", "router").keys() == before.keys()
+
+
+def test_no_grad_forward_follows_in_place_expert_updates(make_base, input_ids):
+    model = build(make_base)
+    with torch.no_grad():
+        before = model(input_ids).logits
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(2)  # as an optimizer step or load_state_dict would, in place
+        after = model(input_ids).logits
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, model(input_ids).logits.detach(), rtol=0, atol=0)
