@@ -342,9 +342,9 @@ class EmbeddedBaseSettings:
     n_embd: int = 128
     n_head: int = 4
     n_positions: int = 256
-    max_steps: int = 600
-    batch_size: int = 8
-    learning_rate: float = 2e-3
+    max_steps: int = 1200
+    batch_size: int = 4
+    learning_rate: float = 3e-3
     pretraining_chars_per_domain: int | None = 750_000
     seed: int = 0
 
@@ -400,7 +400,8 @@ def _pretrain(model: GPT2LMHeadModel, blocks: torch.Tensor, settings: EmbeddedBa
 
 
 def _is_complete(model_dir: Path) -> bool:
-    return all((model_dir / name).is_file() for name in (BUILD_INFO_NAME, "config.json", "tokenizer.json"))
+    files = (BUILD_INFO_NAME, "config.json", "tokenizer.json")
+    return all((model_dir / name).is_file() for name in files) and any(model_dir.glob("model*.safetensors"))
 
 
 def _read_settings(model_dir: Path) -> dict:
@@ -415,9 +416,9 @@ def build_embedded_base(
     n_embd: int = 128,
     n_head: int = 4,
     n_positions: int = 256,
-    max_steps: int = 600,
-    batch_size: int = 8,
-    learning_rate: float = 2e-3,
+    max_steps: int = 1200,
+    batch_size: int = 4,
+    learning_rate: float = 3e-3,
     pretraining_chars_per_domain: int | None = 750_000,
     seed: int = 0,
     num_threads: int | None = 2,
@@ -444,11 +445,11 @@ def build_embedded_base(
             Attention heads per block.
         n_positions (`int`, *optional*, defaults to 256):
             Context length, also the pretraining sequence length.
-        max_steps (`int`, *optional*, defaults to 600):
+        max_steps (`int`, *optional*, defaults to 1200):
             Optimizer steps.
-        batch_size (`int`, *optional*, defaults to 8):
+        batch_size (`int`, *optional*, defaults to 4):
             Sequences per step.
-        learning_rate (`float`, *optional*, defaults to 2e-3):
+        learning_rate (`float`, *optional*, defaults to 3e-3):
             Peak AdamW learning rate (linear warmup, cosine decay to a tenth).
         pretraining_chars_per_domain (`int`, *optional*, defaults to 750000):
             Characters of pretraining text per domain; `None` takes all.
@@ -503,6 +504,7 @@ def build_embedded_base(
         staging = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-", dir=model_dir.parent))
         try:
             _build_into(staging, settings, num_threads, progress)
+            staging.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like ~/.cache/huggingface
             os.replace(staging, model_dir)
         finally:
             if staging.exists():

@@ -14,6 +14,7 @@ from comigs_hf.config import (
     client_num_specialists,
     config_from_dict,
     config_to_dict,
+    expected_num_clients,
     load_config,
     validate_client_splits,
     validate_config,
@@ -57,8 +58,37 @@ def test_list_override_gives_per_client_specialist_counts():
 
 
 def test_single_specialist_count_is_broadcast_to_every_client():
-    cfg = load_config(None, ["model.num_specialists=2", "data.num_clients=3"])
+    cfg = load_config(None, ["model.num_specialists=2", "data.partition=iid", "data.num_clients=3"])
     assert client_num_specialists(cfg) == [2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "num_clients"),
+    [
+        ([], 4),  # the embedded dataset: one client per domain
+        (["data.partition=iid", "data.num_clients=3"], 3),
+        (["data.partition=dirichlet", "data.partition_column=label", "data.num_clients=5"], 5),
+        (["data.client_values=[code, reference]"], 2),
+        (["data.dataset=json", "data.partition_column=label"], None),
+        (["data.dataset=json", "data.partition_column=lang", "data.data_files={en: en.jsonl, de: de.jsonl}"], 2),
+    ],
+)
+def test_expected_client_count_follows_the_partition(overrides, num_clients):
+    assert expected_num_clients(load_config(None, overrides).data) == num_clients
+
+
+def test_shared_specialist_count_needs_the_client_count_once_data_decides_it():
+    cfg = load_config(None, ["data.dataset=json", "data.partition_column=label", "model.num_specialists=2"])
+    with pytest.raises(ValueError, match="model.num_specialists=2 applies to every client.*pass num_clients"):
+        client_num_specialists(cfg)
+    assert client_num_specialists(cfg, num_clients=3) == [2, 2, 2]
+
+
+def test_per_client_list_is_checked_against_the_loaded_client_count():
+    cfg = load_config(None, ["data.dataset=json", "data.partition_column=label", "model.num_specialists=[1, 2]"])
+    assert client_num_specialists(cfg) == [1, 2]
+    with pytest.raises(ValueError, match=re.escape("model.num_specialists has 2 entries [1, 2] but there are 3")):
+        client_num_specialists(cfg, num_clients=3)
 
 
 def test_overrides_apply_on_top_of_the_yaml_file(tmp_path):
@@ -107,6 +137,7 @@ def test_data_section_accepts_its_union_types():
         None,
         [
             "data.dataset=json",
+            "data.partition_column=label",
             "data.data_files={train: a.jsonl, test: b.jsonl}",
             "data.max_train_tokens=[10, 20, 30, 40]",
             "data.client_values=[a, b, c, d]",
@@ -119,9 +150,10 @@ def test_data_section_accepts_its_union_types():
 
 
 def test_dotted_override_reaches_into_a_dict_field():
-    cfg = load_config(None, ["data.data_files.train=a.csv", "data.extra.seed_offset=3"])
+    cfg = load_config(None, ["data.dataset=csv", "data.partition=iid", "data.data_files.train=a.csv"])
     assert cfg.data.data_files == {"train": "a.csv"}
-    assert cfg.data.extra == {"seed_offset": 3}
+    cfg = load_config(None, ["aggregation=trimmed_mean", "aggregation_kwargs.trim_ratio=0.2"])
+    assert cfg.aggregation_kwargs == {"trim_ratio": 0.2}
 
 
 def test_empty_yaml_file_gives_the_defaults(tmp_path):
@@ -206,7 +238,18 @@ def test_override_below_a_plain_value_is_rejected():
     [
         (["strategy=fedprox"], ["strategy: unknown strategy 'fedprox'", "known: comigs, fedavg, local"]),
         (["model.num_generalists=0"], ["model.num_generalists must be >= 1"]),
-        (["model.num_specialists=[1, 1, 1]"], ["model.num_specialists has 3 entries", "data.num_clients is 4"]),
+        (
+            ["model.num_specialists=[1, 1, 1]"],
+            ["model.num_specialists has 3 entries [1, 1, 1] but the embedded dataset has 4 domains"],
+        ),
+        (
+            ["data.partition=iid", "data.num_clients=2", "model.num_specialists=[1, 1, 1]"],
+            ["model.num_specialists has 3 entries [1, 1, 1] but data.num_clients is 2"],
+        ),
+        (
+            ["data.client_values=[code, reference]", "model.num_specialists=[1, 1, 1]"],
+            ["model.num_specialists has 3 entries [1, 1, 1] but data.client_values has 2 entries"],
+        ),
         (["model.num_specialists=-1"], ["model.num_specialists must be >= 0, got -1"]),
         (["model.num_specialists=[1, -1, 1, 1]"], ["model.num_specialists[1] (client 1) is -1"]),
         (
@@ -228,14 +271,10 @@ def test_override_below_a_plain_value_is_rejected():
         (["training.local_steps=0"], ["training.local_steps must be >= 1"]),
         (["rounds=0"], ["rounds must be >= 1, got 0"]),
         (["eval_every=0"], ["eval_every must be >= 1, got 0"]),
-        (["data.validation_fraction=1.0"], ["data.validation_fraction must be in [0, 1), got 1.0"]),
-        (["data.test_fraction=-0.1"], ["data.test_fraction must be in [0, 1), got -0.1"]),
         (
-            ["data.validation_fraction=0.5", "data.test_fraction=0.5"],
-            ["data.validation_fraction + data.test_fraction must be < 1"],
+            ["data.partition=iid", "data.max_train_tokens=[10, 20]"],
+            ["data.max_train_tokens has 2 entries but data.num_clients is 4"],
         ),
-        (["data.num_clients=0"], ["data.num_clients must be >= 1"]),
-        (["data.max_train_tokens=[10, 20]"], ["data.max_train_tokens has 2 entries but data.num_clients is 4"]),
         (["training.learning_rate=0"], ["training.learning_rate must be a finite number > 0, got 0.0"]),
         (["training.router_learning_rate=-1e-3"], ["training.router_learning_rate must be a finite number > 0"]),
         (["training.adam_betas=[0.9, 1.0]"], ["training.adam_betas[1] must be in [0, 1), got 1.0"]),
@@ -244,7 +283,8 @@ def test_override_below_a_plain_value_is_rejected():
         (["training.eval_batches=0"], ["training.eval_batches must be >= 1 or null"]),
         (["model.lora_r=0"], ["model.lora_r must be >= 1"]),
         (["model.lora_dropout=1"], ["model.lora_dropout must be in [0, 1)"]),
-        (["model.target_modules=[]"], ["model.target_modules is an empty list"]),
+        (["model.target_modules=[mlp.c_fc]"], ["model.target_modules needs at least an input and an output"]),
+        (["model.generalist_importance=1.0"], ["model.generalist_importance must be in (0, 1)"]),
         (["model.dtype=float64"], ["model.dtype: unknown dtype 'float64'", "float32, bfloat16, float16"]),
         (["trackers=[tensorboard, neptune]"], ["trackers: unknown tracker(s) ['neptune']", "wandb, mlflow"]),
         (["aggregation=median"], ["aggregation: unknown rule 'median'; known: trimmed_mean, weighted_mean"]),
@@ -261,6 +301,23 @@ def test_impossible_combination_is_rejected_naming_the_key(overrides, fragments)
         load_config(None, overrides)
     for fragment in fragments:
         assert fragment in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["data.validation_fraction=1.0"], "validation_fraction"),
+        (["data.test_fraction=-0.1"], "test_fraction"),
+        (["data.validation_fraction=0.5", "data.test_fraction=0.5"], "validation_fraction"),
+        (["data.partition=iid", "data.num_clients=0"], "num_clients"),
+    ],
+)
+def test_impossible_data_section_is_rejected_naming_the_section_and_field(overrides, field):
+    # DataConfig checks some of these itself on construction; either way the message locates the key
+    with pytest.raises(ValueError) as excinfo:
+        load_config(None, overrides)
+    message = str(excinfo.value)
+    assert f"data.{field}" in message or (message.startswith("data: ") and field in message)
 
 
 def test_every_problem_is_reported_at_once():
