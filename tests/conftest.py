@@ -17,10 +17,10 @@ VOCAB = 99
 torch.set_num_threads(1)
 
 
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+def tiny_gpt2(seed: int = 0, vocab_size: int = VOCAB) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         n_embd=32,
         n_layer=2,
         n_head=2,
@@ -57,6 +57,14 @@ BASES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 def make_base(request):
     """A factory of tiny bases of one architecture; equal seeds give equal weights."""
     return BASES[request.param]
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """`(base_dir, data_file)` of the tiny federated world (see federated_setup.py), built once per session."""
+    from federated_setup import write_tiny_world
+
+    return write_tiny_world(tmp_path_factory.mktemp("world"))
 
 
 @pytest.fixture

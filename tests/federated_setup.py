@@ -4,9 +4,9 @@ import json
 import random
 from pathlib import Path
 
-import torch
+from conftest import tiny_gpt2
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 DOMAINS = {
     "sports": "goal match team score league coach win player ball season",
@@ -36,21 +36,7 @@ def write_tiny_world(root: Path, docs_per_domain: int = 60, seed: int = 0) -> tu
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>"
     )
-    torch.manual_seed(seed)
-    base = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=len(vocab),
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            n_positions=64,
-            bos_token_id=0,
-            eos_token_id=0,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-    )
+    base = tiny_gpt2(seed, vocab_size=len(vocab))
     base_dir = root / "base"
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)

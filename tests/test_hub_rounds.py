@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from federated_setup import tiny_overrides, write_tiny_world
+from federated_setup import tiny_overrides
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import RevisionNotFoundError
 from safetensors.torch import load_file
@@ -48,20 +48,6 @@ def hub(local_hub: LocalHub) -> Iterator[LocalHub]:
     assert local_hub.unhandled == []  # the client called nothing the local server does not implement
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture
-def one_thread():
-    # the tiny model gains nothing from intra-op threads, and on a busy machine every threaded op waits for a core
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def overrides(world, output_dir: Path, **extra) -> list[str]:
     return tiny_overrides(*world, output_dir, rounds=ROUNDS, save_models=False, **extra)
 
@@ -76,7 +62,7 @@ def global_at(round_index: int) -> dict[str, torch.Tensor]:
     ids=["1g1s", "heterogeneous-0123-top1"],  # fresh per-client models vs one model resized client after client
 )
 def test_hub_rounds_give_the_accelerate_run_s_global_generalist_and_test_losses(
-    world, hub, one_thread, tmp_path, layout
+    world, hub, tmp_path, layout
 ):
     cfg = load_config(None, overrides(world, tmp_path / "accelerate", **layout))
     results = run_federated(cfg, Accelerator(cpu=True))
@@ -112,7 +98,7 @@ def test_hub_rounds_give_the_accelerate_run_s_global_generalist_and_test_losses(
 
 
 def test_a_rerun_round_reuploads_the_saved_update_and_refused_rounds_leave_the_state_alone(
-    world, hub, one_thread, tmp_path, capsys
+    world, hub, tmp_path, capsys
 ):
     args = overrides(world, tmp_path / "unused")
     assert comigs(["hub-seed", "--repo-id", REPO, *args]) == 0

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from federated_setup import tiny_overrides, write_tiny_world
+from federated_setup import tiny_overrides
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -145,20 +144,6 @@ def test_the_llama_recipe_holds_the_base_in_bfloat16_with_gradient_checkpointing
 # ---- the paper recipes on the tiny world -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture
-def one_thread():
-    # the tiny model gains nothing from intra-op threads, and on a busy machine every threaded op waits for a core
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def documented_mixed_precision(path: Path) -> str:
     """The `--mixed_precision` of the recipe's first `accelerate launch` command, `"no"` without one."""
     launch = next(command for command in documented_commands(path) if command[0] == "accelerate")
@@ -166,7 +151,7 @@ def documented_mixed_precision(path: Path) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_paper_recipe_strategy_and_experts_run_a_round_on_the_tiny_world(world, one_thread, tmp_path, name):
+def test_paper_recipe_strategy_and_experts_run_a_round_on_the_tiny_world(world, tmp_path, name):
     raw = yaml.safe_load((CONFIGS / name).read_text())
     raw["data"] = {}  # the tiny world's 4 domains stand in for the recipe's 4 clients
     extra = {"rounds": 1, "save_models": False, "training.router_update_every": 1}

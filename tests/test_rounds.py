@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from federated_setup import tiny_overrides, write_tiny_world
+from federated_setup import tiny_overrides
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from comigs_hf import parameter_role
@@ -23,11 +23,6 @@ from comigs_hf.trainer import activate_client, train_client_round
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "federated.py"
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("world"))
 
 
 def config(world, output_dir, **extra):
