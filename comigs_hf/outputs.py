@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import logging
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +16,8 @@ from .config import RecipeConfig, config_to_dict
 
 if TYPE_CHECKING:
     from .rounds import Federation
+
+logger = logging.getLogger(__name__)
 
 CURVE_FIELDS = [
     "round",
@@ -99,11 +103,18 @@ def write_outputs(federation: Federation, cfg: RecipeConfig, accelerator: Accele
                 federation.model.export_generalist(output / f"global_generalist{suffix}", index=index)
         write_curves(output / "curves.csv", records, federation)
         (output / "results.json").write_text(json.dumps(results, indent=2))
-        if cfg.plots:
+        if cfg.plots and _have_matplotlib():
             plot_curves(records, federation, output / "training_curves.png")
             plot_routing(results, output / "routing.png")
     accelerator.wait_for_everyone()
     return results
+
+
+def _have_matplotlib() -> bool:
+    if importlib.util.find_spec("matplotlib") is None:
+        logger.warning("plots=true but matplotlib is not installed (pip install 'comigs-hf[plots]'): no PNGs written.")
+        return False
+    return True
 
 
 def plot_curves(records: list[dict], federation: Federation, path: Path) -> None:
@@ -128,7 +139,10 @@ def plot_curves(records: list[dict], federation: Federation, path: Path) -> None
 
 
 def plot_routing(results: dict, path: Path) -> None:
-    """Share of token copies routed to the generalists, per layer and client, at the final evaluation."""
+    """Share of the mixing weight that goes to the generalists, per layer and client, at the final evaluation.
+
+    The weight share, not the token share: with 1 generalist + 1 specialist and top-2 every token visits both.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,16 +152,16 @@ def plot_routing(results: dict, path: Path) -> None:
     if not clients:
         return
     figure, axis = plt.subplots(figsize=(6, 4))
-    layers = len(clients[0]["routing"]["generalist_token_share"])
+    layers = len(clients[0]["routing"]["generalist_weight_share"])
     width = 0.8 / len(clients)
     for i, client in enumerate(clients):
-        shares = client["routing"]["generalist_token_share"]
+        shares = client["routing"]["generalist_weight_share"]
         axis.bar([layer + i * width for layer in range(layers)], shares, width, label=client["name"])
     axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     axis.set(
-        title=f"{results['strategy']}: share of tokens routed to generalists",
+        title=f"{results['strategy']}: mixing weight on generalists",
         xlabel="layer",
-        ylabel="generalist share",
+        ylabel="generalist weight share",
         ylim=(0, 1),
     )
     axis.set_xticks([layer + 0.4 - width / 2 for layer in range(layers)], [str(layer) for layer in range(layers)])
