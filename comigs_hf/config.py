@@ -97,6 +97,10 @@ class ModelSection:
     )
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    recompute_activation: bool = field(
+        default=True,
+        metadata={"help": "With top_k > 1, recompute composite MLP activations in backward, not keep k copies."},
+    )
 
 
 @dataclass

@@ -65,6 +65,9 @@ class CoMiGSConfig(PreTrainedConfig):
             Add one shared LoRA adapter on the attention projections, treated like a generalist.
         attention_target_modules (`list[str]`, *optional*):
             Attention projections for `attention_lora`, as paths inside a decoder block; detected when not given.
+        recompute_activation (`bool`, defaults to `True`):
+            With top-k > 1, recompute in backward the MLP activations that keep several tensors (GPT-2's tanh-GELU)
+            instead of keeping them for each of the k copies of a token: less memory for some extra element-wise work.
         router_init_std (`float`, defaults to 0.02):
             Standard deviation of the routers' initial weights.
     """
@@ -86,6 +89,7 @@ class CoMiGSConfig(PreTrainedConfig):
     generalist_importance: int | float = 0.5
     attention_lora: bool = False
     attention_target_modules: list[str] | None = None
+    recompute_activation: bool = True
     router_init_std: int | float = 0.02
     tie_word_embeddings: bool = False
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -204,6 +205,43 @@ class CoMiGSLoraLinear(nn.Module):
         return result + F.linear(codes, lora_B)  # (..., O)
 
 
+class CoMiGSRecomputedActivation(nn.Module):
+    """An element-wise activation of the MLP, recomputed in backward instead of kept.
+
+    Between the input and output projections the mixture carries K copies of every token, so whatever the activation
+    keeps for backward is kept K times. A composite activation such as GPT-2's tanh-GELU (`gelu_new`, a dozen
+    element-wise ops) keeps several `(..., K, I)` tensors; recomputing it from its input keeps one, for the price of
+    re-running cheap element-wise ops. Only activations that keep several tensors are wrapped
+    ([`keeps_several_tensors`]); single-op ones such as SiLU or ReLU keep one already and are left alone.
+    """
+
+    def __init__(self, activation: nn.Module):
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(self.activation, x, use_reentrant=False)
+        return self.activation(x)
+
+
+def keeps_several_tensors(activation: nn.Module) -> bool:
+    """Whether autograd keeps more than one tensor for the backward of `activation` (probed on a tiny tensor)."""
+    kept = set()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        kept.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    probe = torch.linspace(-2, 2, 8, requires_grad=True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            activation(probe)
+    except Exception:  # not an element-wise function of one tensor: leave it as it is
+        return False
+    return len(kept) > 1
+
+
 class CoMiGSMoeMLP(nn.Module):
     """A base MLP turned into a mixture of LoRA experts with a token-level router.
 
@@ -219,9 +257,15 @@ class CoMiGSMoeMLP(nn.Module):
         num_experts: int,
         top_k: int,
         state: CoMiGSRoutingState,
+        recompute_activation: bool = True,
     ):
         super().__init__()
         self.base_mlp = base_mlp
+        # with top-1 there is one copy per token and nothing to save by recomputing
+        for name, child in list(base_mlp.named_children()) if recompute_activation and top_k > 1 else []:
+            is_activation = not isinstance(child, (CoMiGSLoraLinear, nn.Dropout)) and not any(child.parameters())
+            if is_activation and keeps_several_tensors(child):
+                setattr(base_mlp, name, CoMiGSRecomputedActivation(child))
         # same device and dtype as the base: a bf16 base gets a bf16 router
         weight = projections[0].base_layer.weight
         self.router = CoMiGSRouter(hidden_size, num_experts, top_k, device=weight.device, dtype=weight.dtype)

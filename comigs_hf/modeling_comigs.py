@@ -251,7 +251,13 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
                 setattr(mlp, attribute, layer)
                 projections.append(layer)
             mixture = CoMiGSMoeMLP(
-                mlp, projections, hidden_size, len(experts), config.num_experts_per_tok, self._routing_state
+                mlp,
+                projections,
+                hidden_size,
+                len(experts),
+                config.num_experts_per_tok,
+                self._routing_state,
+                recompute_activation=config.recompute_activation,
             )
             self.model.set_submodule(mlp_path, mixture)
             self.mixtures.append(mixture)

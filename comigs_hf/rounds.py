@@ -128,6 +128,7 @@ def build_model(
         lora_dropout=cfg.model.lora_dropout,
         use_rslora=cfg.model.use_rslora,
         top_k=cfg.model.top_k,
+        recompute_activation=cfg.model.recompute_activation,
         router_aux_loss_coef=cfg.model.router_aux_loss_coef,
         generalist_importance=cfg.model.generalist_importance,
         target_modules=cfg.model.target_modules,

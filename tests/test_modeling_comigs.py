@@ -12,7 +12,7 @@ from conftest import VOCAB, perturb_experts, tiny_gpt2
 from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel
 
 from comigs_hf import CoMiGSConfig, CoMiGSForCausalLM, parameter_role
-from comigs_hf.layer_comigs import CoMiGSRouting
+from comigs_hf.layer_comigs import CoMiGSRecomputedActivation, CoMiGSRouting, keeps_several_tensors
 from comigs_hf.modeling_comigs import load_balancing_loss
 
 
@@ -307,3 +307,55 @@ def test_no_grad_forward_follows_in_place_expert_updates(make_base, input_ids):
         after = model(input_ids).logits
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, model(input_ids).logits.detach(), rtol=0, atol=0)
+
+
+def _unwrap_activations(model):
+    for mixture in model.mixtures:
+        for name, child in list(mixture.base_mlp.named_children()):
+            if isinstance(child, CoMiGSRecomputedActivation):
+                setattr(mixture.base_mlp, name, child.activation)
+
+
+def _saved_bytes(model, input_ids) -> int:
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids, labels=input_ids).loss.backward()
+    return sum(storages.values())
+
+
+def test_composite_activation_is_recomputed_with_equal_gradients_and_less_kept_memory(input_ids):
+    recomputed = build(lambda seed: tiny_gpt2(seed)).train()  # GPT-2's gelu_new keeps several tensors
+    assert isinstance(recomputed.mixtures[0].base_mlp.act, CoMiGSRecomputedActivation)
+    kept = copy.deepcopy(recomputed)
+    _unwrap_activations(kept)
+    assert _saved_bytes(recomputed, input_ids) < _saved_bytes(kept, input_ids)
+    recomputed.zero_grad()
+    kept.zero_grad()
+    recomputed(input_ids, labels=input_ids).loss.backward()
+    kept(input_ids, labels=input_ids).loss.backward()
+    for (name, a), (_, b) in zip(recomputed.named_parameters(), kept.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("activation, wrapped", [("gelu_new", True), ("silu", False), ("relu", False),
+                                                 ("gelu", False)])
+def test_only_activations_that_keep_several_tensors_are_recomputed(activation, wrapped):
+    from transformers.activations import ACT2FN
+
+    assert keeps_several_tensors(ACT2FN[activation]) is wrapped
+
+
+def test_top1_keeps_the_activation_as_it_is():
+    model = build(lambda seed: tiny_gpt2(seed), top_k=1)
+    assert not isinstance(model.mixtures[0].base_mlp.act, CoMiGSRecomputedActivation)
+
+
+def test_activation_recomputation_can_be_switched_off():
+    model = build(lambda seed: tiny_gpt2(seed), top_k=2, recompute_activation=False)
+    assert not isinstance(model.mixtures[0].base_mlp.act, CoMiGSRecomputedActivation)
