@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from hub_server import local_hub_fixture
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,6 +58,10 @@ BASES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 def make_base(request):
     """A factory of tiny bases of one architecture; equal seeds give equal weights."""
     return BASES[request.param]
+
+
+# the real huggingface_hub client against a Hub-compatible server on 127.0.0.1 (see hub_server.py)
+local_hub = pytest.fixture(local_hub_fixture)
 
 
 @pytest.fixture(scope="session")

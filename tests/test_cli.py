@@ -18,14 +18,13 @@ from comigs_hf.adapters import generalist_state_dict
 from comigs_hf.cli import main, summarize
 
 try:  # default pytest import mode: `tests/` (no __init__.py) is on sys.path
-    from hub_server import LocalHub, configure_hf_client, local_hub_fixture
+    from hub_server import LocalHub, configure_hf_client
 except ImportError:  # `tests` made a package, or --import-mode=importlib
-    from tests.hub_server import LocalHub, configure_hf_client, local_hub_fixture
+    from tests.hub_server import LocalHub, configure_hf_client
 
 REPO = "local-user/comigs-cli"
 TOKEN = "hf_cliSecretTokenValue9876543210"
 
-local_hub = pytest.fixture(local_hub_fixture)
 
 
 def build(seed: int = 0) -> CoMiGSForCausalLM:

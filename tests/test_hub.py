@@ -33,14 +33,13 @@ from comigs_hf.hub import (
 )
 
 try:  # default pytest import mode: `tests/` (no __init__.py) is on sys.path
-    from hub_server import LocalHub, configure_hf_client, local_hub_fixture
+    from hub_server import LocalHub, configure_hf_client
 except ImportError:  # `tests` made a package, or --import-mode=importlib
-    from tests.hub_server import LocalHub, configure_hf_client, local_hub_fixture
+    from tests.hub_server import LocalHub, configure_hf_client
 
 REPO = "local-user/comigs-generalist"
 TOKEN = "hf_comigsSecretTokenValue0123456789"
 
-local_hub = pytest.fixture(local_hub_fixture)
 
 
 @pytest.fixture

@@ -31,15 +31,14 @@ from comigs_hf.hub_rounds import (
 from comigs_hf.rounds import run_federated
 
 try:  # default pytest import mode: `tests/` (no __init__.py) is on sys.path
-    from hub_server import LocalHub, local_hub_fixture
+    from hub_server import LocalHub
 except ImportError:  # `tests` made a package, or --import-mode=importlib
-    from tests.hub_server import LocalHub, local_hub_fixture
+    from tests.hub_server import LocalHub
 
 REPO = "local-user/comigs-rounds"
 NUM_CLIENTS = 4
 ROUNDS = 2
 
-local_hub = pytest.fixture(local_hub_fixture)
 
 
 @pytest.fixture

@@ -32,14 +32,13 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 
 try:  # default pytest import mode: `tests/` (no __init__.py) is on sys.path
-    from hub_server import LocalHub, configure_hf_client, git_blob_sha, local_hub_fixture
+    from hub_server import LocalHub, configure_hf_client, git_blob_sha
 except ImportError:  # `tests` made a package, or --import-mode=importlib
-    from tests.hub_server import LocalHub, configure_hf_client, git_blob_sha, local_hub_fixture
+    from tests.hub_server import LocalHub, configure_hf_client, git_blob_sha
 
 REPO = "local-user/tiny-lora"
 TOKEN = "hf_local_test_token"
 
-local_hub = pytest.fixture(local_hub_fixture)
 
 
 @pytest.fixture(autouse=True)
