@@ -216,20 +216,19 @@ def _all_records() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     # Empty docstrings carry nothing; exact duplicates ("Return self.") would leak between train and test splits
     # or between domains.
     seen = set()
-    for domain in DOMAINS:
+
+    def first_occurrences(texts: list[str]) -> list[str]:
         unique = []
-        for text in client[domain]:
+        for text in texts:
             if text.strip() and text not in seen:
                 seen.add(text)
                 unique.append(text)
-        client[domain] = unique
-    for domain in DOMAINS:
-        unique = []
-        for text in pretraining[domain]:
-            if text.strip() and text not in seen:
-                seen.add(text)
-                unique.append(text)
-        pretraining[domain] = unique
+        return unique
+
+    # client records first (all domains), then pretraining: the order decides which copy a duplicate keeps
+    for records in (client, pretraining):
+        for domain in DOMAINS:
+            records[domain] = first_occurrences(records[domain])
     return {domain: (tuple(client[domain]), tuple(pretraining[domain])) for domain in DOMAINS}
 
 

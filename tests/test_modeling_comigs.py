@@ -216,15 +216,21 @@ def test_a_bfloat16_base_gets_bfloat16_experts_and_routers(make_base, input_ids)
     assert torch.isfinite(model(input_ids, labels=input_ids).loss)
 
 
+def assert_same_gradients(left, right, input_ids, rtol, atol):
+    """One LM-loss backward through each model gives equal gradients on every trainable parameter."""
+    for model in (left, right):
+        model.zero_grad()
+        model(input_ids, labels=input_ids).loss.backward()
+    for (name, a), (_, b) in zip(left.named_parameters(), right.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol, msg=name)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(make_base, input_ids):
     plain = build(make_base).train()
     checkpointed = copy.deepcopy(plain)
     checkpointed.gradient_checkpointing_enable()
-    plain(input_ids, labels=input_ids).loss.backward()
-    checkpointed(input_ids, labels=input_ids).loss.backward()
-    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
-        if a.requires_grad:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_gradients(plain, checkpointed, input_ids, rtol=1e-4, atol=1e-6)
 
 
 def test_set_num_specialists_keeps_existing_experts_and_adds_fresh_ones(make_base, input_ids):
@@ -334,13 +340,7 @@ def test_composite_activation_is_recomputed_with_equal_gradients_and_less_kept_m
     kept = copy.deepcopy(recomputed)
     _unwrap_activations(kept)
     assert _saved_bytes(recomputed, input_ids) < _saved_bytes(kept, input_ids)
-    recomputed.zero_grad()
-    kept.zero_grad()
-    recomputed(input_ids, labels=input_ids).loss.backward()
-    kept(input_ids, labels=input_ids).loss.backward()
-    for (name, a), (_, b) in zip(recomputed.named_parameters(), kept.named_parameters()):
-        if a.requires_grad:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_gradients(recomputed, kept, input_ids, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("activation, wrapped", [("gelu_new", True), ("silu", False), ("relu", False),
