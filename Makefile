@@ -40,12 +40,14 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(BIN)/python -m comigs_hf.benchmark --json outputs/benchmark.json
+	$(BIN)/python benchmarks/benchmark.py --json outputs/benchmark.json
 
 lint quality: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 style: $(STAMP)
+	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 clean:

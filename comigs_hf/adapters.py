@@ -14,7 +14,6 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub import snapshot_download
@@ -22,8 +21,7 @@ from peft import LoraConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-if TYPE_CHECKING:
-    from .modeling_comigs import CoMiGSForCausalLM
+from .modeling_comigs import CoMiGSForCausalLM
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -114,7 +112,7 @@ def _scaling(config: dict) -> float:
     return alpha / (r**0.5 if config.get("use_rslora", False) else r)
 
 
-def load_generalist(
+def read_generalist(
     model: CoMiGSForCausalLM,
     source: str | os.PathLike,
     index: int = 0,
@@ -122,12 +120,17 @@ def load_generalist(
     subfolder: str | None = None,
     token: str | bool | None = None,
     check_base_model: bool = True,
-) -> None:
-    """Load a PEFT LoRA adapter (a directory or a Hub repo id at `revision`) into generalist `index`.
+) -> dict[str, torch.Tensor]:
+    """Read a PEFT LoRA adapter (a directory or a Hub repo id at `revision`) as the tensors of generalist `index`.
 
     Any PEFT LoRA adapter of the same rank on exactly the generalist's projections can seed a generalist; a different
-    `lora_alpha` or rsLoRA setting is folded into `lora_B` so the update is unchanged. The model is modified only
-    after every check passed.
+    `lora_alpha` or rsLoRA setting is folded into `lora_B` so the update is unchanged. The model is only read (for
+    its layout), never written: pass the result to `model.load_role_state_dict`, or to a client round as the global
+    shared state.
+
+    Returns:
+        `dict[str, torch.Tensor]`: parameter name of `model` (`...lora_A.generalist_0.weight`) to tensor, in the
+        model's dtype.
 
     Raises:
         `ValueError`: the adapter is not LoRA, has another rank, another base model, another set of target
@@ -176,8 +179,47 @@ def load_generalist(
     named = {}
     for key, (adapter, layer, ab) in expected.items():
         tensor = state[key]
+        module = (layer.lora_A if ab == "A" else layer.lora_B)[adapter]
+        if tuple(tensor.shape) != tuple(module.weight.shape):
+            raise ValueError(
+                f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {tuple(module.weight.shape)}."
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{source}: {key!r} holds NaN or infinite values.")
         if ab == "B":
             tensor = tensor.float() * rescale
-        module = (layer.lora_A if ab == "A" else layer.lora_B)[adapter]
         named[f"{module_names[id(module)]}.weight"] = tensor.to(module.weight.dtype)
-    model.load_role_state_dict(named)  # checks every shape and value before writing any
+    return named
+
+
+def load_generalist(
+    model: CoMiGSForCausalLM,
+    source: str | os.PathLike,
+    index: int = 0,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
+    check_base_model: bool = True,
+) -> None:
+    """Load a PEFT LoRA adapter (a directory or a Hub repo id at `revision`) into generalist `index`.
+
+    [`read_generalist`] with the same arguments checks and converts it; the model is modified only after every check
+    passed.
+
+    Raises:
+        `ValueError`: see [`read_generalist`].
+    """
+    state = read_generalist(model, source, index, revision, subfolder, token, check_base_model)
+    model.load_role_state_dict(state)  # checks every shape and value again before writing any
+
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "export_generalist",
+    "generalist_peft_config",
+    "generalist_state_dict",
+    "load_generalist",
+    "read_generalist",
+    "resolve_adapter_directory",
+]

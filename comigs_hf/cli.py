@@ -6,11 +6,10 @@ comigs push MODEL REPO_ID [--round T] [--index I] ...        generalist -> Hub (
 comigs pull MODEL REPO_ID --round T [--index I] [--output D] Hub round-T generalist -> saved model, re-saved
 comigs inspect MODEL [--json]                                config summary, parameters per role
 comigs submit MODEL REPO_ID --client-id C --round T --num-tokens N
-comigs aggregate REPO_ID --round T --min-clients K [--timeout S] [--poll-interval S]
+comigs aggregate REPO_ID --round T --min-clients K [--config YAML | --strategy S] [--timeout S] [--poll-interval S]
 comigs hub-seed --repo-id R [--config YAML] [KEY=VALUE ...]   a recipe's round-1 global generalist -> Hub
 comigs hub-client --repo-id R --client-id I --round T --state-dir D [--config YAML] [KEY=VALUE ...]
-comigs bench [ARGS ...]                                      comigs_hf.benchmark.main(ARGS)
-comigs run [ARGS ...]                                        comigs_hf.recipe.main(ARGS), when that module exists
+comigs run [ARGS ...]                                        the federated recipe, comigs_hf.recipe.main(ARGS)
 ```
 
 `MODEL` is a saved CoMiGS model (a folder written by `save_pretrained`, or a Hub repo id), loaded with
@@ -23,23 +22,17 @@ and a message naming the argument; a Hub or network failure exits with status 1.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import validate_repo_id
-
-# `run` hands over to the federated recipe; the subcommand only exists when that module does.
-RECIPE_MODULE = "comigs_hf.recipe"
-BENCHMARK_MODULE = "comigs_hf.benchmark"
 
 
 class _UsageError(Exception):
@@ -130,8 +123,9 @@ def _load_model(source: str, argument: str = "model") -> Any:
 def _check_index(model: Any, index: int) -> None:
     if not 0 <= index < model.config.num_generalists:
         raise _UsageError(
-            "--index", f"generalist {index} does not exist: the model has {model.config.num_generalists} "
-            f"(indices 0 to {model.config.num_generalists - 1})"
+            "--index",
+            f"generalist {index} does not exist: the model has {model.config.num_generalists} "
+            f"(indices 0 to {model.config.num_generalists - 1})",
         )
 
 
@@ -152,9 +146,11 @@ def _save_in_place(model: Any, directory: Path) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from .adapters import export_generalist
+
     model = _load_model(args.model)
     _check_index(model, args.index)
-    model.export_generalist(args.output_dir, index=args.index)
+    export_generalist(model, args.output_dir, index=args.index)
     print(f"Wrote generalist_{args.index} as a PEFT LoRA adapter to {args.output_dir}")
     return 0
 
@@ -165,9 +161,16 @@ def _push(args: argparse.Namespace) -> int:
     model = _load_model(args.model)
     _check_index(model, args.index)
     sha = push_generalist_to_hub(
-        model, args.repo_id, index=args.index, round=args.round, num_clients=args.num_clients,
-        num_tokens=args.num_tokens, strategy=args.strategy, private=args.private or None,
-        commit_message=args.commit_message, path_in_repo=args.path_in_repo,
+        model,
+        args.repo_id,
+        index=args.index,
+        round=args.round,
+        num_clients=args.num_clients,
+        num_tokens=args.num_tokens,
+        strategy=args.strategy,
+        private=args.private or None,
+        commit_message=args.commit_message,
+        path_in_repo=args.path_in_repo,
         base_model_revision=args.base_model_revision,
     )
     tag = f" (tag round-{args.round})" if args.round is not None else ""
@@ -176,13 +179,15 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
+    from .adapters import load_generalist
+
     if not args.output and not Path(args.model).is_dir():
         raise _UsageError("--output", "required when MODEL is a Hub repo id (where to save the updated model)")
     model = _load_model(args.model)
     _check_index(model, args.index)
     revision = f"round-{args.round}" if args.round is not None else args.revision
     try:
-        model.load_generalist(args.repo_id, index=args.index, revision=revision, subfolder=args.subfolder)
+        load_generalist(model, args.repo_id, index=args.index, revision=revision, subfolder=args.subfolder)
     except RevisionNotFoundError:
         argument = "--round" if args.round is not None else "--revision"
         raise _UsageError(argument, f"{revision!r} does not exist in {args.repo_id}") from None
@@ -194,10 +199,10 @@ def _pull(args: argparse.Namespace) -> int:
 
 def summarize(model: Any) -> dict[str, Any]:
     """Config summary of a CoMiGS model: base, experts, LoRA settings, targets, parameter counts per role."""
-    from .modeling_comigs import parameter_role
+    from .modeling_comigs import ROLES, parameter_role
 
     config = model.config
-    counts: dict[str, int] = {"generalist": 0, "specialist": 0, "router": 0, "base": 0}
+    counts: dict[str, int] = dict.fromkeys((*ROLES, "base"), 0)
     for name, param in model.named_parameters():
         counts[parameter_role(name)] += param.numel()
     return {
@@ -226,8 +231,9 @@ def _inspect(args: argparse.Namespace) -> int:
     counts = summary["parameters"]
     print(f"base model:       {summary['base_model'] or 'not recorded'} ({summary['base_model_type']})")
     print(f"experts:          {', '.join(summary['experts'])} (top-{summary['num_experts_per_tok']} per token)")
-    print(f"LoRA:             r={summary['lora_r']}, lora_alpha={summary['lora_alpha']}, "
-          f"rsLoRA={summary['use_rslora']}")
+    print(
+        f"LoRA:             r={summary['lora_r']}, lora_alpha={summary['lora_alpha']}, rsLoRA={summary['use_rslora']}"
+    )
     print(f"target modules:   {', '.join(summary['target_modules'])} in {summary['num_mixture_layers']} blocks")
     if summary["attention_lora"]:
         print(f"attention LoRA:   {', '.join(summary['attention_target_modules'])} (shared, like a generalist)")
@@ -238,16 +244,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from .hub import submit_update
+    from .hub import check_client_id, submit_update
 
+    try:
+        check_client_id(args.client_id)
+    except ValueError as error:
+        raise _UsageError("--client-id", str(error)) from None
     model = _load_model(args.model)
     _check_index(model, args.index)
-    try:
-        sha = submit_update(model, args.repo_id, args.client_id, args.round, args.num_tokens, index=args.index)
-    except ValueError as error:
-        if "client_id" in str(error):
-            raise _UsageError("--client-id", str(error)) from None
-        raise
+    sha = submit_update(model, args.repo_id, args.client_id, args.round, args.num_tokens, index=args.index)
     print(f"Submitted the round {args.round} update of {args.client_id} to {args.repo_id} (commit {sha})")
     return 0
 
@@ -255,10 +260,25 @@ def _submit(args: argparse.Namespace) -> int:
 def _aggregate(args: argparse.Namespace) -> int:
     from .hub import aggregate_round
 
+    if args.config is not None:
+        from .config import build_strategy
+
+        strategy = build_strategy(_recipe_config(args))
+    else:
+        from .strategies import get_strategy
+
+        try:
+            strategy = get_strategy(args.strategy)
+        except ValueError as error:
+            raise _UsageError("--strategy", str(error)) from None
     try:
         report = aggregate_round(
-            args.repo_id, args.round, min_clients=args.min_clients, timeout_s=args.timeout,
-            poll_interval_s=args.poll_interval, strategy=args.strategy,
+            args.repo_id,
+            args.round,
+            min_clients=args.min_clients,
+            timeout_s=args.timeout,
+            poll_interval_s=args.poll_interval,
+            strategy=strategy,
         )
     except TimeoutError as error:
         print(f"comigs aggregate: {error}", file=sys.stderr)
@@ -266,8 +286,10 @@ def _aggregate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**report.to_dict(), "commit_sha": report.commit_sha}, indent=2))
         return 0
-    print(f"Round {report.round}: {len(report.accepted)} update(s) aggregated into {report.tag} "
-          f"(commit {report.commit_sha}), {report.num_tokens} tokens")
+    print(
+        f"Round {report.round}: {len(report.accepted)} update(s) aggregated ({report.aggregation}) into "
+        f"{report.tag} (commit {report.commit_sha}), {report.num_tokens} tokens"
+    )
     for update in report.accepted:
         print(f"  accepted {update.client_id}: {update.num_tokens} tokens, weight {update.weight:.4f}")
     for update in report.rejected:
@@ -285,45 +307,43 @@ def _recipe_config(args: argparse.Namespace) -> Any:
 
 
 def _hub_seed(args: argparse.Namespace) -> int:
-    from .hub_rounds import seed_hub_rounds
+    from .recipe import seed_hub
 
-    sha = seed_hub_rounds(_recipe_config(args), args.repo_id, private=args.private or None)
+    sha = seed_hub(_recipe_config(args), args.repo_id, private=args.private or None)
     print(f"Seeded {args.repo_id} with the round-1 global generalist (commit {sha}, tag round-1)")
     return 0
 
 
 def _hub_client(args: argparse.Namespace) -> int:
-    from .hub_rounds import run_hub_client_round
+    from .recipe import run_hub_round
 
-    record = run_hub_client_round(_recipe_config(args), args.client_id, args.round, args.repo_id, args.state_dir)
+    record = run_hub_round(_recipe_config(args), args.client_id, args.round, args.repo_id, args.state_dir)
     if args.json:
         print(json.dumps(record, indent=2))
         return 0
-    print(f"Client {record['client_id']} ({record['name']}) trained round {record['round']}: train loss "
-          f"{record['train_loss']:.4f} over {record['train_tokens']} tokens; update at commit {record['commit_sha']}")
+    print(
+        f"Client {record['client_id']} ({record['name']}) trained round {record['round']}: train loss "
+        f"{record['train_loss']:.4f} over {record['train_tokens']} tokens; update at commit {record['commit_sha']}"
+    )
     return 0
 
 
-def _pass_through(module_name: str, argv: list[str]) -> int:
-    """Hand the remaining arguments to `module_name.main(argv)` (its own parser, its own `--help`)."""
-    result = importlib.import_module(module_name).main(argv)
-    return result if isinstance(result, int) else 0
+def _run(argv: list[str]) -> int:
+    """`comigs run ...`: the federated recipe, with its own parser and `--help`."""
+    from .recipe import main as recipe_main
 
-
-def _recipe_available() -> bool:
-    try:
-        return importlib.util.find_spec(RECIPE_MODULE) is not None
-    except ImportError:
-        return False
+    recipe_main(argv)
+    return 0
 
 
 # ---- parser ----------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `comigs` argument parser (`bench` and `run` only list here: their arguments go to their own parsers)."""
+    """The `comigs` argument parser (`run` only lists here: its arguments go to the recipe's own parser)."""
     parser = argparse.ArgumentParser(
-        prog="comigs", description=__doc__.split("\n\n")[0],
+        prog="comigs",
+        description=__doc__.split("\n\n")[0],
         epilog="Hub commands authenticate with HF_TOKEN or `hf auth login`.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -379,13 +399,23 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("repo_id", type=_repo_id, help="the shared round repo")
     aggregate.add_argument("--round", type=_positive_int, required=True, help="the round to aggregate")
     aggregate.add_argument("--min-clients", type=_positive_int, required=True, help="valid updates to wait for")
-    aggregate.add_argument("--timeout", type=_non_negative_seconds, default=600.0,
-                           help="seconds to wait for them (default: 600)")
-    aggregate.add_argument("--poll-interval", type=_positive_seconds, default=10.0,
-                           help="seconds between checks (default: 10)")
-    aggregate.add_argument("--strategy", default="comigs", help="federated strategy, for the card (default: comigs)")
+    aggregate.add_argument(
+        "--timeout", type=_non_negative_seconds, default=600.0, help="seconds to wait for them (default: 600)"
+    )
+    aggregate.add_argument(
+        "--poll-interval", type=_positive_seconds, default=10.0, help="seconds between checks (default: 10)"
+    )
+    which_strategy = aggregate.add_mutually_exclusive_group()
+    which_strategy.add_argument(
+        "--strategy",
+        default="comigs",
+        help="strategy preset whose rule and weighting combine the updates (default: comigs)",
+    )
+    which_strategy.add_argument(
+        "--config", help="YAML recipe: its strategy, aggregation, aggregation_kwargs and weighting combine the updates"
+    )
     aggregate.add_argument("--json", action="store_true", help="print the report as JSON")
-    aggregate.set_defaults(handler=_aggregate)
+    aggregate.set_defaults(handler=_aggregate, overrides=[])
 
     recipe_help = "YAML recipe (see recipes/configs/); the same on every client"
     overrides_help = "recipe overrides, last on the line, dotted for sections: training.local_steps=5"
@@ -399,27 +429,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     hub_client = commands.add_parser("hub-client", help="one client's round: pull round-T, train locally, submit")
     hub_client.add_argument("--repo-id", type=_repo_id, required=True, help="the shared round repo")
-    hub_client.add_argument("--client-id", type=_non_negative_int, required=True,
-                            help="this client's position in the recipe's data partition")
+    hub_client.add_argument(
+        "--client-id",
+        type=_non_negative_int,
+        required=True,
+        help="this client's position in the recipe's data partition",
+    )
     hub_client.add_argument("--round", type=_positive_int, required=True, help="the round to train")
-    hub_client.add_argument("--state-dir", required=True,
-                            help="private folder for this client's specialists, router and optimiser states")
+    hub_client.add_argument(
+        "--state-dir", required=True, help="private folder for this client's specialists, router and optimiser states"
+    )
     hub_client.add_argument("--config", help=recipe_help)
     hub_client.add_argument("--json", action="store_true", help="print the round's record as JSON")
     hub_client.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
     hub_client.set_defaults(handler=_hub_client)
 
-    commands.add_parser("bench", help="step, memory and generation benchmark (comigs bench --help)", add_help=False)
-    if _recipe_available():
-        commands.add_parser("run", help="the federated recipe (comigs run --help)", add_help=False)
+    commands.add_parser("run", help="the federated recipe over Accelerate (comigs run --help)", add_help=False)
     return parser
-
-
-PASS_THROUGH: dict[str, Callable[[], str | None]] = {
-    "bench": lambda: BENCHMARK_MODULE,
-    # Hook for the federated recipe: `comigs run ...` is `comigs_hf.recipe.main([...])` once that module exists.
-    "run": lambda: RECIPE_MODULE if _recipe_available() else None,
-}
 
 
 def _fail(parser: argparse.ArgumentParser, command: str | None, message: str) -> NoReturn:
@@ -439,13 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] in PASS_THROUGH:
-        module = PASS_THROUGH[argv[0]]()
-        if module is None:
-            message = f"argument COMMAND: {argv[0]!r} needs the {RECIPE_MODULE} module, which is not installed"
-            _fail(parser, None, message)
-        # the sub-tool parses its own options (`--layers 2` would be an unknown option to this parser)
-        return _pass_through(module, argv[1:])
+    if argv and argv[0] == "run":
+        # the recipe parses its own options (`--config` and KEY=VALUE overrides)
+        return _run(argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -135,6 +135,8 @@ class CoMiGSConfig(PreTrainedConfig):
             )
         if self.lora_r < 1:
             raise ValueError(f"`lora_r` must be at least 1, got {self.lora_r}.")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"`lora_alpha` must be above 0, got {self.lora_alpha}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}.")
         if not 0.0 < self.generalist_importance < 1.0 and self.num_specialists > 0:

@@ -9,7 +9,6 @@ Legend for shape comments: B batch, T tokens, H hidden, E experts, K chosen expe
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import re
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -26,7 +25,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from .configuration_comigs import KNOWN_ATTENTION_TARGETS, KNOWN_MLP_TARGETS, CoMiGSConfig
 from .layer_comigs import CoMiGSLoraLinear, CoMiGSMoeMLP, CoMiGSRouter, CoMiGSRouting, CoMiGSRoutingState
 
+# The one definition of the trainable roles: generalists are shared with the federation, specialists and routers
+# stay on the client (unless a strategy says otherwise); everything else is the frozen "base".
 ROLES = ("generalist", "specialist", "router")
+EXPERT_ROLES = ("generalist", "specialist")
 _ROLE_PATTERN = re.compile(r"\.(?:lora_[AB]\.(generalist|specialist|attention)(?:_\d+)?\.|(router)\.)")
 
 
@@ -193,12 +195,15 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
         name = None
         if isinstance(base, (str, os.PathLike)):
             name = str(base)
-            try:
-                base = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype, token=token)
-            except ValueError as error:
-                if "Unrecognized configuration class" in str(error):
-                    raise ValueError(f"{name!r} is not a causal language model: {error}") from error
-                raise
+            base_config = AutoConfig.from_pretrained(name, revision=revision, token=token)
+            if type(base_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+                raise ValueError(
+                    f"{name!r} is not a causal language model: its config is a {type(base_config).__name__}, which "
+                    "no `AutoModelForCausalLM` class takes."
+                )
+            base = AutoModelForCausalLM.from_pretrained(
+                name, config=base_config, revision=revision, dtype=dtype, token=token
+            )
         _check_causal_lm(base)
         if "top_k" in config_kwargs:  # the name used in the CoMiGS paper and reference code
             config_kwargs["num_experts_per_tok"] = config_kwargs.pop("top_k")
@@ -444,29 +449,6 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
             routing_stats=routing_statistics(routings, attention_mask) if output_routing_stats else None,
         )
 
-    # ---- PEFT adapters --------------------------------------------------------------------------------------------
-    def export_generalist(self, save_directory: str | os.PathLike, index: int = 0, **kwargs: Any) -> None:
-        """Write generalist `index` as a standard PEFT LoRA adapter (see `comigs_hf.adapters.export_generalist`)."""
-        _adapters().export_generalist(self, save_directory, index=index, **kwargs)
-
-    def load_generalist(
-        self, source: str | os.PathLike, index: int = 0, revision: str | None = None, **kwargs: Any
-    ) -> None:
-        """Load a PEFT LoRA adapter (directory or Hub repo id) into generalist `index`
-        (see `comigs_hf.adapters.load_generalist`)."""
-        _adapters().load_generalist(self, source, index=index, revision=revision, **kwargs)
-
-
-def _adapters():
-    # Imported by name: transformers installs every `import` it finds in remote code, and PEFT conversion is a
-    # comigs_hf feature, not needed to run a saved model.
-    try:
-        return importlib.import_module("comigs_hf.adapters")
-    except ImportError as error:
-        raise ImportError(
-            "Exporting and loading PEFT generalists needs the comigs_hf package: pip install comigs-hf"
-        ) from error
-
 
 def _check_causal_lm(model: nn.Module) -> None:
     is_causal = isinstance(model, PreTrainedModel) and (
@@ -480,4 +462,11 @@ def _check_causal_lm(model: nn.Module) -> None:
         )
 
 
-__all__ = ["CoMiGSCausalLMOutputWithPast", "CoMiGSForCausalLM", "CoMiGSPreTrainedModel", "parameter_role"]
+__all__ = [
+    "EXPERT_ROLES",
+    "ROLES",
+    "CoMiGSCausalLMOutputWithPast",
+    "CoMiGSForCausalLM",
+    "CoMiGSPreTrainedModel",
+    "parameter_role",
+]

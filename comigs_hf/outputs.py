@@ -8,14 +8,13 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
 
+from .adapters import export_generalist
 from .config import RecipeConfig, config_to_dict
-
-if TYPE_CHECKING:
-    from .rounds import Federation
+from .rounds import Federation
+from .trainer import activate_client
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +27,7 @@ CURVE_FIELDS = [
     "test_loss",
     "test_ppl",
     "train_tokens",
+    "tokens_seen",
     "bytes_sent",
     "bytes_received",
 ]
@@ -43,8 +43,10 @@ def summarise(records: list[dict], federation: Federation, cfg: RecipeConfig) ->
             {
                 "id": client_id,
                 "name": data.name,
+                "num_generalists": federation.model.config.num_generalists,
                 "num_specialists": federation.num_specialists[client_id],
-                "train_tokens": sum(row["train_tokens"] for row in rows),
+                "train_tokens": data.num_train_tokens,
+                "tokens_seen": sum(row["tokens_seen"] for row in rows),
                 "test_loss": final[client_id].get("test_loss"),
                 "test_ppl": final[client_id].get("test_ppl"),
                 "bytes_sent": sum(row["bytes_sent"] for row in rows),
@@ -55,6 +57,8 @@ def summarise(records: list[dict], federation: Federation, cfg: RecipeConfig) ->
     ppls = [c["test_ppl"] for c in clients if c["test_ppl"] is not None]
     return {
         "strategy": cfg.strategy,
+        "aggregation": federation.strategy.aggregation,
+        "weighting": federation.strategy.weighting,
         "rounds": cfg.rounds,
         "seed": cfg.seed,
         "clients": clients,
@@ -80,8 +84,6 @@ def _safe_name(name: str) -> str:
 
 def write_outputs(federation: Federation, cfg: RecipeConfig, accelerator: Accelerator) -> dict:
     """Write everything; every rank saves its own clients' models, the main process the rest."""
-    from .trainer import activate_client
-
     output = Path(cfg.output_dir)
     records = federation.records
     results = summarise(records, federation, cfg)
@@ -100,7 +102,7 @@ def write_outputs(federation: Federation, cfg: RecipeConfig, accelerator: Accele
             activate_client(federation.model, federation.states[0], federation.shared)
             for index in range(federation.model.config.num_generalists):
                 suffix = "" if federation.model.config.num_generalists == 1 else f"/generalist_{index}"
-                federation.model.export_generalist(output / f"global_generalist{suffix}", index=index)
+                export_generalist(federation.model, output / f"global_generalist{suffix}", index=index)
         write_curves(output / "curves.csv", records, federation)
         (output / "results.json").write_text(json.dumps(results, indent=2))
         if cfg.plots and _have_matplotlib():

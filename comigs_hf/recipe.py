@@ -1,4 +1,4 @@
-"""The federated recipe: one YAML config, `key=value` overrides, CoMiGS or a baseline over Accelerate.
+"""The federated recipe: from one YAML config to a run, over Accelerate or through the Hub.
 
 Launched as `recipes/federated.py` (a thin script around `main`) or `comigs run`:
 
@@ -8,18 +8,70 @@ Launched as `recipes/federated.py` (a thin script around `main`) or `comigs run`
 
 On a CPU-only machine, `accelerate launch --multi_gpu --num_processes 2 ...` gives two processes on gloo. Clients are
 spread over the processes; every process holds one frozen base. Outputs land in `output_dir` (see the README).
+
+This module is where a config becomes objects: the base and the CoMiGS model (`comigs_hf.model`), the clients' data
+(`comigs_hf.data`), the strategy; the transports (`comigs_hf.rounds`, `comigs_hf.hub`) take those objects, never the
+config. The Hub functions here build one client's model and its own data only.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 
-from .config import config_to_dict, load_config
-from .rounds import run_federated
+from .config import (
+    RecipeConfig,
+    build_strategy,
+    check_client_layout,
+    config_to_dict,
+    load_config,
+)
+from .data import build_client_data, build_client_datasets
+from .hub import HubClient, check_hub_strategy, evaluate_hub_client, run_hub_client_round, seed_hub_rounds
+from .model import build_model, load_base
+from .modeling_comigs import CoMiGSForCausalLM
+from .outputs import write_outputs
+from .rounds import Federation, run_federated, start_federation
+from .trainer import initial_shared_state
+
+__all__ = [
+    "evaluate_hub_round",
+    "format_results",
+    "main",
+    "run",
+    "run_hub_round",
+    "seed_hub",
+    "setup_federation",
+]
+
+
+def default_accelerator() -> Accelerator:
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+# ---- Accelerate ----------------------------------------------------------------------------------------------------
+def setup_federation(cfg: RecipeConfig, accelerator: Accelerator) -> Federation:
+    """Build the model, load and split every client's data, and initialise (or resume) this rank's client states."""
+    strategy = build_strategy(cfg)
+    with accelerator.main_process_first():
+        base, tokenizer, base_name = load_base(cfg.model, progress=accelerator.is_main_process)
+        clients = build_client_datasets(cfg.data, tokenizer, cfg.seed)
+    counts = check_client_layout(cfg, num_clients=len(clients))
+    # client 0's layout: the shared reference is drawn from it (see trainer.initial_shared_state)
+    model = build_model(cfg.model, base.to(accelerator.device), base_name, counts[0]).to(accelerator.device)
+    federation = Federation(model, tokenizer, clients, counts, strategy, cfg.training, cfg)
+    return start_federation(federation, accelerator)
+
+
+def run(cfg: RecipeConfig, accelerator: Accelerator) -> dict:
+    """Run (or resume) the recipe's federation over Accelerate and write its outputs; returns `results.json`."""
+    federation = run_federated(setup_federation(cfg, accelerator), accelerator)
+    return write_outputs(federation, cfg, accelerator)
 
 
 def format_results(results: dict) -> str:
@@ -29,8 +81,9 @@ def format_results(results: dict) -> str:
         f"{'client':<24}{'experts':>8}{'test loss':>11}{'test ppl':>10}{'sent MiB':>10}{'recv MiB':>10}",
     ]
     for client in results["clients"]:
+        experts = f"{client['num_generalists']}+{client['num_specialists']}"
         lines.append(
-            f"{client['name'][:23]:<24}{'1+' + str(client['num_specialists']):>8}"
+            f"{client['name'][:23]:<24}{experts:>8}"
             f"{client['test_loss']:>11.4f}{client['test_ppl']:>10.2f}"
             f"{client['bytes_sent'] / 2**20:>10.2f}{client['bytes_received'] / 2**20:>10.2f}"
         )
@@ -52,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     trackers = [t for t in cfg.trackers if t != "none"]
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=cfg.output_dir)
     accelerator.init_trackers(f"comigs-{cfg.strategy}", config=_flat(config_to_dict(cfg)))
-    results = run_federated(cfg, accelerator)
+    results = run(cfg, accelerator)
     if accelerator.is_main_process:
         print(format_results(results))
         print(f"outputs: {cfg.output_dir}")
@@ -69,3 +122,104 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+# ---- Hub-mediated rounds -------------------------------------------------------------------------------------------
+def _num_specialists_of(cfg: RecipeConfig, client_id: int) -> int:
+    # a per-client list was checked against the data section when the config loaded
+    counts = cfg.model.num_specialists
+    if isinstance(counts, int):
+        return counts
+    if not 0 <= client_id < len(counts):
+        raise ValueError(f"client_id must be in [0, {len(counts)}) (model.num_specialists), got {client_id}.")
+    return counts[client_id]
+
+
+def _hub_model(cfg: RecipeConfig, num_specialists: int, accelerator: Accelerator):
+    base, tokenizer, base_name = load_base(cfg.model, progress=accelerator.is_main_process)
+    model = build_model(cfg.model, base, base_name, num_specialists).to(accelerator.device)
+    return model, tokenizer
+
+
+def _hub_client(
+    cfg: RecipeConfig,
+    client_id: int,
+    repo_id: str,
+    state_dir: str | os.PathLike,
+    token: str | bool | None,
+    accelerator: Accelerator | None,
+) -> tuple[CoMiGSForCausalLM, Any, HubClient, Accelerator]:
+    """One client's model, its own data (no other client's source is opened) and its [`HubClient`]."""
+    strategy = check_hub_strategy(build_strategy(cfg), cfg.model.num_generalists)
+    accelerator = _one_process(accelerator)
+    count = _num_specialists_of(cfg, client_id)
+    model, tokenizer = _hub_model(cfg, count, accelerator)
+    data = build_client_data(cfg.data, tokenizer, cfg.seed, client_id)
+    client = HubClient(repo_id, client_id, count, state_dir, strategy, cfg.training, cfg.rounds, cfg.seed, token)
+    return model, data, client, accelerator
+
+
+def _one_process(accelerator: Accelerator | None) -> Accelerator:
+    accelerator = accelerator if accelerator is not None else default_accelerator()
+    if accelerator.num_processes != 1:
+        raise ValueError(
+            f"A Hub client or coordinator is one process, got {accelerator.num_processes}; run several clients as "
+            "separate processes instead."
+        )
+    return accelerator
+
+
+def seed_hub(
+    cfg: RecipeConfig,
+    repo_id: str,
+    *,
+    token: str | bool | None = None,
+    private: bool | None = None,
+    accelerator: Accelerator | None = None,
+) -> str:
+    """Push the recipe's round-1 global generalist, tagged `round-1`: the tensors the Accelerate rounds start from.
+
+    Needs the base model but no client data. Publishing again with the same config is a no-op.
+
+    Raises:
+        `ValueError`: a recipe the Hub rounds cannot carry (see `comigs_hf.hub.check_hub_strategy`), or `round-1`
+        already tagged on other content.
+    """
+    strategy = check_hub_strategy(build_strategy(cfg), cfg.model.num_generalists)
+    accelerator = _one_process(accelerator)
+    first = _num_specialists_of(cfg, 0)
+    model, _ = _hub_model(cfg, first, accelerator)
+    shared = initial_shared_state(model, strategy, first, cfg.seed)
+    return seed_hub_rounds(model, shared, repo_id, strategy=strategy, token=token, private=private)
+
+
+def run_hub_round(
+    cfg: RecipeConfig,
+    client_id: int,
+    round_index: int,
+    repo_id: str,
+    state_dir: str | os.PathLike,
+    *,
+    token: str | bool | None = None,
+    accelerator: Accelerator | None = None,
+) -> dict[str, Any]:
+    """Client `client_id`'s round `round_index` through the Hub, built from the recipe (see
+    `comigs_hf.hub.run_hub_client_round`); only this client's data source is opened."""
+    model, data, client, accelerator = _hub_client(cfg, client_id, repo_id, state_dir, token, accelerator)
+    return run_hub_client_round(model, data, client, round_index, accelerator)
+
+
+def evaluate_hub_round(
+    cfg: RecipeConfig,
+    client_id: int,
+    round_index: int,
+    repo_id: str,
+    state_dir: str | os.PathLike,
+    *,
+    token: str | bool | None = None,
+    accelerator: Accelerator | None = None,
+) -> dict[str, Any]:
+    """Client `client_id`'s test metrics after round `round_index` of Hub rounds (see
+    `comigs_hf.hub.evaluate_hub_client`)."""
+    model, data, client, accelerator = _hub_client(cfg, client_id, repo_id, state_dir, token, accelerator)
+    return evaluate_hub_client(model, data, client, round_index, accelerator)

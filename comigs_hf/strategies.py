@@ -8,12 +8,14 @@ YAML change. `partition_state_dict` is the only function that decides what may l
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from . import modeling_comigs
 from .aggregation import AGGREGATORS
+from .modeling_comigs import parameter_role
 
 __all__ = [
     "ROLES",
@@ -26,7 +28,7 @@ __all__ = [
 ]
 
 # roles that can be shared; "base" (the frozen backbone) is never sent, whatever the strategy
-ROLES = frozenset({"generalist", "specialist", "router"})
+ROLES = frozenset(modeling_comigs.ROLES)
 WEIGHTINGS = ("train_tokens", "uniform")
 
 
@@ -79,6 +81,15 @@ class Strategy:
             raise ValueError(
                 f"Strategy {self.name!r}: unknown weighting {self.weighting!r}; known: {', '.join(WEIGHTINGS)}."
             )
+        try:
+            # the rule checks its own arguments (trim_ratio, ...): run it once on a one-client dummy so a bad value
+            # fails here, before any training, not at the end of the first round
+            AGGREGATORS[self.aggregation]([{"probe": torch.zeros(1)}], [1.0], **self.aggregation_kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"Strategy {self.name!r}: aggregation {self.aggregation!r} rejects aggregation_kwargs "
+                f"{self.aggregation_kwargs}: {error}"
+            ) from None
         object.__setattr__(self, "requires_equal_experts", bool(self.shared_roles & {"specialist", "router"}))
 
 
@@ -86,29 +97,41 @@ STRATEGIES: dict[str, Strategy] = {
     # every client trains alone: the lower bound of collaboration
     "local": Strategy(name="local", shared_roles=frozenset()),
     # every expert and the router averaged, as if the mixture were one FedAvg model
-    "fedavg": Strategy(name="fedavg", shared_roles=frozenset({"generalist", "specialist", "router"})),
+    "fedavg": Strategy(name="fedavg", shared_roles=ROLES),
     # CoMiGS: generalists averaged, specialists and router stay on the client
     "comigs": Strategy(name="comigs", shared_roles=frozenset({"generalist"})),
 }
 
 
-def get_strategy(name: str) -> Strategy:
-    """Returns the preset strategy called `name`.
+def get_strategy(
+    name: str,
+    *,
+    aggregation: str | None = None,
+    weighting: str | None = None,
+    aggregation_kwargs: Mapping[str, Any] | None = None,
+) -> Strategy:
+    """Returns the preset strategy called `name`, with the given aggregation settings in place of its own.
+
+    Args:
+        name (`str`): a key of `STRATEGIES`.
+        aggregation (`str`, *optional*): a key of `AGGREGATORS`; `None` keeps the preset's rule.
+        weighting (`str`, *optional*): `"train_tokens"` or `"uniform"`; `None` keeps the preset's.
+        aggregation_kwargs (`Mapping[str, Any]`, *optional*): arguments of the rule; empty or `None` keeps the
+            preset's.
 
     Raises:
-        `ValueError`: for an unknown name, listing the known ones.
+        `ValueError`: for an unknown name (listing the known ones), rule or weighting, or arguments the rule rejects.
     """
     try:
-        return STRATEGIES[name]
+        preset = STRATEGIES[name]
     except KeyError:
         raise ValueError(f"Unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}.") from None
-
-
-def _default_role_of(name: str) -> str:
-    # imported on first use so that strategies.py never forms an import cycle with the model code
-    from .modeling_comigs import parameter_role
-
-    return parameter_role(name)
+    return replace(
+        preset,
+        aggregation=aggregation if aggregation is not None else preset.aggregation,
+        weighting=weighting if weighting is not None else preset.weighting,
+        aggregation_kwargs=aggregation_kwargs or preset.aggregation_kwargs,
+    )
 
 
 def partition_state_dict(
@@ -129,7 +152,7 @@ def partition_state_dict(
             Decides which roles are shared.
         role_of (`Callable[[str], str]`, *optional*):
             Maps a parameter name to `"generalist"`, `"specialist"`, `"router"` or `"base"`; defaults to
-            `comigs_hf.modeling_comigs.parameter_role`.
+            [`~comigs_hf.modeling_comigs.parameter_role`].
 
     Returns:
         `tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]`: `(shared, private)`, both in the input's key order.
@@ -138,7 +161,7 @@ def partition_state_dict(
     Raises:
         `ValueError`: if `role_of` returns a role outside `{"generalist", "specialist", "router", "base"}`.
     """
-    role_of = role_of if role_of is not None else _default_role_of
+    role_of = role_of if role_of is not None else parameter_role
     shared, private = {}, {}
     for name, tensor in state.items():
         role = role_of(name)

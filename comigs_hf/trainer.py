@@ -1,4 +1,4 @@
-"""One client's local work: the bi-level alternating steps and its evaluation.
+"""The client step of the round protocol: one client's round in, one [`ClientUpdate`] out.
 
 CoMiGS solves a bi-level problem: the experts minimise the training loss, the router minimises the loss on a separate
 validation split. Locally this is an alternation: expert steps on train batches with the router frozen, and every
@@ -6,7 +6,8 @@ validation split. Locally this is an alternation: expert steps on train batches 
 groups have separate AdamW optimisers; the experts' learning rate follows a cosine from `learning_rate` to
 `learning_rate * min_lr_ratio` over all expert steps of the run, the router's is constant.
 
-Nothing here talks to other processes: `rounds.py` owns every collective.
+Every transport (Accelerate, the Hub, Flower) runs a client's round through [`run_client_round`] and sends the server
+the [`ClientUpdate`] it returns; nothing here talks to other processes.
 """
 
 from __future__ import annotations
@@ -17,11 +18,76 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 
-from .config import TrainingSection
 from .data import ClientData
-from .modeling_comigs import CoMiGSForCausalLM
+from .metrics import load_perplexity
+from .modeling_comigs import EXPERT_ROLES, ROLES, CoMiGSForCausalLM
+from .strategies import Strategy, partition_state_dict
 
-EXPERT_ROLES = ("generalist", "specialist")
+
+@dataclass
+class TrainingConfig:
+    """Optimisation of one client per round; defaults follow the CoMiGS reference implementation."""
+
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of the expert optimiser."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the experts."})
+    adam_betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas (a YAML list)."})
+    min_lr_ratio: float = field(
+        default=0.1, metadata={"help": "Cosine decay of the expert lr to learning_rate * min_lr_ratio over the run."}
+    )
+    router_learning_rate: float = field(default=2e-3, metadata={"help": "Constant learning rate of the router."})
+    local_steps: int = field(default=10, metadata={"help": "Expert optimiser steps per client per round."})
+    router_update_every: int = field(
+        default=30, metadata={"help": "Expert steps between router phases, counted over the whole run."}
+    )
+    router_steps: int = field(default=10, metadata={"help": "Router optimiser steps per router phase; 0: frozen."})
+    batch_size: int = field(default=64, metadata={"help": "Sequences per optimiser step."})
+    micro_batch_size: int = field(
+        default=8, metadata={"help": "Sequences per forward; batch_size / micro_batch_size accumulation steps."}
+    )
+    router_on_train: bool = field(
+        default=False, metadata={"help": "Ablation: train the router on the train split instead of validation."}
+    )
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm; None: no clipping."})
+    eval_batches: int | None = field(default=None, metadata={"help": "Test batches per evaluation; None: all."})
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)
+        problems = []
+        for key in ("learning_rate", "router_learning_rate"):
+            value = getattr(self, key)
+            if not (value > 0 and math.isfinite(value)):
+                problems.append(f"{key} must be a finite number > 0, got {value}.")
+        if not self.weight_decay >= 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}.")
+        for index, beta in enumerate(self.adam_betas):
+            if not 0 <= beta < 1:
+                problems.append(f"adam_betas[{index}] must be in [0, 1), got {beta}.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+        if self.local_steps < 1:
+            problems.append(f"local_steps must be >= 1, got {self.local_steps}.")
+        if self.router_steps < 0:
+            problems.append(f"router_steps must be >= 0 (0 freezes the router), got {self.router_steps}.")
+        elif self.router_steps > 0 and self.router_update_every < 1:
+            problems.append(
+                f"router_update_every must be >= 1 when router_steps={self.router_steps} > 0, got "
+                f"{self.router_update_every}."
+            )
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            problems.append(
+                f"batch_size and micro_batch_size must be >= 1, got {self.batch_size} and {self.micro_batch_size}."
+            )
+        elif self.batch_size % self.micro_batch_size != 0:
+            problems.append(
+                f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size} "
+                "(gradient accumulation)."
+            )
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            problems.append(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}.")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            problems.append(f"eval_batches must be >= 1 or null (whole test split), got {self.eval_batches}.")
+        if problems:
+            raise ValueError("\n".join(problems))
 
 
 @dataclass
@@ -60,12 +126,30 @@ class ClientState:
 
 
 @dataclass
-class LocalResult:
-    """What one client's round produced: its training losses and tokens (the aggregation weight)."""
+class ClientUpdate:
+    """What one client sends the server after its round: the only thing that leaves a client.
 
+    Args:
+        client_id (`int` or `str`): the client's position in the partition (Accelerate, Flower) or its folder name in
+            a Hub repo.
+        round (`int`): the round trained, from 1.
+        shared (`dict[str, torch.Tensor]`): the strategy's shared tensors after local training, on CPU.
+        train_tokens (`int`): tokens in the client's training split, its aggregation weight under the
+            `"train_tokens"` weighting (FedAvg's example count).
+        metrics (`dict[str, float | int | None]`): `train_loss` and `router_loss` (the round's mean losses, `None`
+            without a router phase) and `tokens_seen` (the round's expert-step tokens, local steps x batch x block).
+    """
+
+    client_id: int | str
+    round: int
+    shared: dict[str, torch.Tensor]
     train_tokens: int
-    train_loss: float
-    router_loss: float | None
+    metrics: dict[str, float | int | None] = field(default_factory=dict)
+
+
+def derived_seed(seed: int, round_index: int, client_id: int) -> int:
+    """A seed for one (round, client) pair, the same whichever process or transport runs the client."""
+    return (seed * 1_000_003 + round_index * 10_007 + client_id + 1) % (2**63)
 
 
 def cosine_learning_rate(step: int, total_steps: int, peak: float, min_ratio: float) -> float:
@@ -74,8 +158,31 @@ def cosine_learning_rate(step: int, total_steps: int, peak: float, min_ratio: fl
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _sample(blocks: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    return blocks[torch.randint(0, blocks.shape[0], (count,), generator=generator)]
+# ---- initial state -------------------------------------------------------------------------------------------------
+def fresh_parameters(model: CoMiGSForCausalLM, num_specialists: int, seed: int) -> dict[str, torch.Tensor]:
+    """Freshly initialised expert and router tensors for a client with `num_specialists` specialists."""
+    model.set_num_specialists(num_specialists)  # draws from the global RNG when it adds experts: seed after it
+    torch.manual_seed(seed)
+    model.reset_experts()
+    return {k: v.cpu() for k, v in model.role_state_dict(*ROLES).items()}
+
+
+def initial_shared_state(
+    model: CoMiGSForCausalLM, strategy: Strategy, num_specialists: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """The global shared tensors before round 1, drawn once with client 0's expert count (`num_specialists`), the same
+    for every transport."""
+    reference = fresh_parameters(model, num_specialists, derived_seed(seed, 0, -1))
+    return partition_state_dict(reference, strategy)[0]
+
+
+def initial_client_state(
+    model: CoMiGSForCausalLM, client_id: int, name: str, num_specialists: int, seed: int
+) -> ClientState:
+    """Client `client_id`'s state before round 1: seeded by its id, whatever process or transport holds it."""
+    parameters = fresh_parameters(model, num_specialists, derived_seed(seed, 0, client_id))
+    generator = torch.Generator().manual_seed(derived_seed(seed, -1, client_id))
+    return ClientState(client_id, name, num_specialists, parameters, generator=generator.get_state())
 
 
 def activate_client(model: CoMiGSForCausalLM, state: ClientState, shared: dict[str, torch.Tensor]) -> None:
@@ -84,7 +191,12 @@ def activate_client(model: CoMiGSForCausalLM, state: ClientState, shared: dict[s
     model.load_role_state_dict({**state.parameters, **shared})
 
 
-def _optimizers(model: CoMiGSForCausalLM, state: ClientState, cfg: TrainingSection):
+# ---- local training ------------------------------------------------------------------------------------------------
+def _sample(blocks: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    return blocks[torch.randint(0, blocks.shape[0], (count,), generator=generator)]
+
+
+def _optimizers(model: CoMiGSForCausalLM, state: ClientState, cfg: TrainingConfig):
     experts = [p for _, p in model.named_parameters_by_role(*EXPERT_ROLES)]
     routers = [p for _, p in model.named_parameters_by_role("router")]
     expert_optimizer = torch.optim.AdamW(
@@ -117,16 +229,27 @@ def _accumulated_step(model, optimizer, params, blocks, cfg, accelerator, genera
     return total
 
 
+def _set_trainable(params: list[torch.nn.Parameter], trainable: bool) -> None:
+    for param in params:
+        param.requires_grad_(trainable)
+
+
 def train_client_round(
     model: CoMiGSForCausalLM,
     state: ClientState,
     data: ClientData,
-    cfg: TrainingSection,
+    cfg: TrainingConfig,
     total_expert_steps: int,
     accelerator: Accelerator,
-) -> LocalResult:
-    """Run one round of the client's alternating expert/router steps; the model must hold the client (see
-    [`activate_client`]). Updates `state`'s optimiser, counters and generator, not its parameters."""
+) -> dict[str, float | None]:
+    """The alternating expert/router steps of one round; the model must hold the client (see [`activate_client`]).
+
+    Updates `state`'s optimisers, counters and generator, not its parameters.
+
+    Returns:
+        `dict`: `train_loss` (mean over the expert steps) and `router_loss` (mean over the router steps, `None`
+        when no router phase fell in this round).
+    """
     generator = torch.Generator()
     if state.generator is not None:
         generator.set_state(state.generator)
@@ -158,21 +281,65 @@ def train_client_round(
     state.expert_optimizer = expert_optimizer.state_dict()
     state.router_optimizer = router_optimizer.state_dict()
     state.generator = generator.get_state()
-    return LocalResult(
-        train_tokens=cfg.local_steps * cfg.batch_size * data.train.shape[1],
-        train_loss=sum(expert_losses) / len(expert_losses),
-        router_loss=sum(router_losses) / len(router_losses) if router_losses else None,
+    return {
+        "train_loss": sum(expert_losses) / len(expert_losses),
+        "router_loss": sum(router_losses) / len(router_losses) if router_losses else None,
+    }
+
+
+def run_client_round(
+    model: CoMiGSForCausalLM,
+    state: ClientState,
+    data: ClientData,
+    shared: dict[str, torch.Tensor],
+    strategy: Strategy,
+    cfg: TrainingConfig,
+    *,
+    round_index: int,
+    total_rounds: int,
+    seed: int,
+    accelerator: Accelerator,
+) -> ClientUpdate:
+    """One client's round: start from the global `shared` tensors, train locally, return what leaves the client.
+
+    The client is swapped into `model`, seeded with [`derived_seed`]`(seed, round_index, client_id)` and trained
+    ([`train_client_round`]); [`~comigs_hf.strategies.partition_state_dict`] then splits the result. The private
+    part goes back into `state` and the model keeps the trained tensors; only the shared part is in the update.
+
+    Args:
+        model ([`CoMiGSForCausalLM`]): the process's model; the client's state is swapped into it.
+        state ([`ClientState`]): the client's private state; updated in place.
+        data ([`~comigs_hf.data.ClientData`]): the client's blocks.
+        shared (`dict[str, torch.Tensor]`): the global shared tensors the round starts from (empty for `local`).
+        strategy ([`~comigs_hf.strategies.Strategy`]): decides what is shared.
+        cfg ([`TrainingConfig`]): the local optimisation.
+        round_index (`int`): the round, from 1.
+        total_rounds (`int`): rounds in the run; with `cfg.local_steps` it sets the length of the cosine schedule.
+        seed (`int`): the run's seed.
+        accelerator (`Accelerator`): device, autocast and backward.
+
+    Returns:
+        [`ClientUpdate`]: the shared tensors (on CPU), the training split's token count and the round's metrics.
+    """
+    activate_client(model, state, shared)
+    torch.manual_seed(derived_seed(seed, round_index, state.client_id))
+    metrics = train_client_round(model, state, data, cfg, total_rounds * cfg.local_steps, accelerator)
+    trained = {k: v.cpu() for k, v in model.role_state_dict(*ROLES).items()}
+    shared_after, private = partition_state_dict(trained, strategy)
+    state.parameters = {**state.parameters, **private}
+    return ClientUpdate(
+        client_id=state.client_id,
+        round=round_index,
+        shared=shared_after,
+        train_tokens=data.num_train_tokens,
+        metrics={**metrics, "tokens_seen": cfg.local_steps * cfg.batch_size * data.train.shape[1]},
     )
 
 
-def _set_trainable(params: list[torch.nn.Parameter], trainable: bool) -> None:
-    for param in params:
-        param.requires_grad_(trainable)
-
-
+# ---- evaluation ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_client(
-    model: CoMiGSForCausalLM, blocks: torch.Tensor, cfg: TrainingSection, accelerator: Accelerator, perplexity
+    model: CoMiGSForCausalLM, blocks: torch.Tensor, cfg: TrainingConfig, accelerator: Accelerator
 ) -> dict:
     """Test loss and perplexity (through the shipped `evaluate` metric) and routing shares of the held client.
 
@@ -180,6 +347,7 @@ def evaluate_client(
         `dict` with `test_loss`, `test_ppl`, `test_tokens`, and `routing`: per layer, the share of token copies and
         of mixing weight that goes to the generalists (the rest goes to specialists).
     """
+    perplexity = load_perplexity(keep_in_memory=True, process_id=0, num_process=1)
     model.eval()
     if cfg.eval_batches is not None:
         blocks = blocks[: cfg.eval_batches * cfg.micro_batch_size]
@@ -208,3 +376,19 @@ def evaluate_client(
             "generalist_weight_share": (weight_share / num_batches).tolist(),
         },
     }
+
+
+__all__ = [
+    "ClientState",
+    "ClientUpdate",
+    "TrainingConfig",
+    "activate_client",
+    "cosine_learning_rate",
+    "derived_seed",
+    "evaluate_client",
+    "fresh_parameters",
+    "initial_client_state",
+    "initial_shared_state",
+    "run_client_round",
+    "train_client_round",
+]

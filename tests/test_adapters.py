@@ -9,6 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from comigs_hf import CoMiGSForCausalLM
+from comigs_hf.adapters import export_generalist, load_generalist
 
 
 def build(make_base, **kwargs):
@@ -24,7 +25,7 @@ def build(make_base, **kwargs):
 @pytest.mark.parametrize("attention_lora", [False, True])
 def test_exported_generalist_in_stock_peft_matches_route_all_to(make_base, input_ids, tmp_path, attention_lora):
     model = build(make_base, attention_lora=attention_lora)
-    model.export_generalist(tmp_path, index=1)
+    export_generalist(model, tmp_path, index=1)
     peft_model = PeftModel.from_pretrained(make_base(), tmp_path).eval()
     with model.route_all_to(1):
         expected = model(input_ids).logits
@@ -33,7 +34,7 @@ def test_exported_generalist_in_stock_peft_matches_route_all_to(make_base, input
 
 def test_exported_adapter_targets_exactly_the_expert_projections(tmp_path):
     model = build(lambda: tiny_gpt2())
-    model.export_generalist(tmp_path)
+    export_generalist(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == [
         f"transformer.h.{i}.mlp.{p}" for i in (0, 1) for p in ("c_fc", "c_proj")
@@ -46,10 +47,10 @@ def test_exported_adapter_targets_exactly_the_expert_projections(tmp_path):
 
 def test_load_generalist_is_the_inverse_of_export(make_base, tmp_path):
     source = build(make_base)
-    source.export_generalist(tmp_path, index=1)
+    export_generalist(source, tmp_path, index=1)
     target = build(make_base)
     target.reset_experts()
-    target.load_generalist(tmp_path, index=0)
+    load_generalist(target, tmp_path, index=0)
     exported = source.role_state_dict("generalist")
     loaded = target.role_state_dict("generalist")
     for key, value in exported.items():
@@ -68,21 +69,21 @@ def test_any_peft_lora_adapter_on_the_same_targets_seeds_a_generalist(input_ids,
     peft_model.eval()
     peft_model.save_pretrained(tmp_path)
     model = build(lambda: tiny_gpt2(), base_model_name_or_path=None)
-    model.load_generalist(tmp_path, index=0)
+    load_generalist(model, tmp_path, index=0)
     with model.route_all_to(0):
         torch.testing.assert_close(model(input_ids).logits, peft_model(input_ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_adapter_of_another_rank_is_refused_naming_both_ranks(tmp_path):
-    build(lambda: tiny_gpt2(), lora_r=8).export_generalist(tmp_path)
+    export_generalist(build(lambda: tiny_gpt2(), lora_r=8), tmp_path)
     with pytest.raises(ValueError, match=r"r=8.*lora_r=4"):
-        build(lambda: tiny_gpt2()).load_generalist(tmp_path)
+        load_generalist(build(lambda: tiny_gpt2()), tmp_path)
 
 
 def test_adapter_of_another_base_model_is_refused(tmp_path):
-    build(lambda: tiny_gpt2(), base_model_name_or_path="other-base").export_generalist(tmp_path)
+    export_generalist(build(lambda: tiny_gpt2(), base_model_name_or_path="other-base"), tmp_path)
     with pytest.raises(ValueError, match="other-base.*tiny-base"):
-        build(lambda: tiny_gpt2()).load_generalist(tmp_path)
+        load_generalist(build(lambda: tiny_gpt2()), tmp_path)
 
 
 def test_adapter_on_other_targets_is_refused_naming_them(tmp_path):
@@ -90,12 +91,12 @@ def test_adapter_on_other_targets_is_refused_naming_them(tmp_path):
     peft_model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_fc", "c_proj"], fan_in_fan_out=True))
     peft_model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"target modules differ.*attn\.c_proj"):
-        build(lambda: tiny_gpt2(), base_model_name_or_path=None).load_generalist(tmp_path)
+        load_generalist(build(lambda: tiny_gpt2(), base_model_name_or_path=None), tmp_path)
 
 
 @pytest.mark.parametrize("corruption, message", [("shape", "shape"), ("nan", "NaN"), ("garbage", "cannot read")])
 def test_corrupt_adapter_is_refused_and_leaves_the_model_untouched(tmp_path, corruption, message):
-    build(lambda: tiny_gpt2()).export_generalist(tmp_path)
+    export_generalist(build(lambda: tiny_gpt2()), tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
     state = load_file(weights)
     key = sorted(state)[-1]
@@ -109,21 +110,21 @@ def test_corrupt_adapter_is_refused_and_leaves_the_model_untouched(tmp_path, cor
     model = build(lambda: tiny_gpt2())
     before = model.role_state_dict("generalist")
     with pytest.raises(ValueError, match=message):
-        model.load_generalist(tmp_path)
+        load_generalist(model, tmp_path)
     assert all(torch.equal(v, model.get_parameter(k)) for k, v in before.items())
 
 
 def test_missing_directory_and_non_lora_adapters_are_refused(tmp_path):
     model = build(lambda: tiny_gpt2())
     with pytest.raises(ValueError, match="does not exist"):
-        model.load_generalist(tmp_path / "nowhere")
-    model.export_generalist(tmp_path)
+        load_generalist(model, tmp_path / "nowhere")
+    export_generalist(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="IA3"):
-        model.load_generalist(tmp_path)
+        load_generalist(model, tmp_path)
 
 
 def test_export_of_a_missing_generalist_is_refused(tmp_path):
     with pytest.raises(ValueError, match="index 2"):
-        build(lambda: tiny_gpt2()).export_generalist(tmp_path, index=2)
+        export_generalist(build(lambda: tiny_gpt2()), tmp_path, index=2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
@@ -10,7 +9,7 @@ import re
 import pytest
 import torch
 from conftest import perturb_experts, tiny_gpt2
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, hf_hub_download
 from safetensors.torch import load_file
 
 from comigs_hf import CoMiGSForCausalLM
@@ -26,10 +25,16 @@ REPO = "local-user/comigs-cli"
 TOKEN = "hf_cliSecretTokenValue9876543210"
 
 
-
 def build(seed: int = 0) -> CoMiGSForCausalLM:
-    model = CoMiGSForCausalLM.from_base(tiny_gpt2(), num_generalists=1, num_specialists=2, lora_r=4, lora_alpha=8,
-                                        top_k=2, base_model_name_or_path="tiny-base")
+    model = CoMiGSForCausalLM.from_base(
+        tiny_gpt2(),
+        num_generalists=1,
+        num_specialists=2,
+        lora_r=4,
+        lora_alpha=8,
+        top_k=2,
+        base_model_name_or_path="tiny-base",
+    )
     perturb_experts(model, seed=seed)
     return model.eval()
 
@@ -97,8 +102,24 @@ def test_submit_and_aggregate_run_a_hub_round(local_hub, saved, capsys):
         arguments = ["--client-id", client, "--round", "1", "--num-tokens", tokens]
         assert main(["submit", str(model_dir), REPO, *arguments]) == 0
     capsys.readouterr()
-    assert main(["aggregate", REPO, "--round", "1", "--min-clients", "2", "--timeout", "5", "--poll-interval",
-                 "0.05", "--json"]) == 0
+    assert (
+        main(
+            [
+                "aggregate",
+                REPO,
+                "--round",
+                "1",
+                "--min-clients",
+                "2",
+                "--timeout",
+                "5",
+                "--poll-interval",
+                "0.05",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert [u["client_id"] for u in report["accepted"]] == ["alice", "bob"] and report["tag"] == "round-2"
     assert HfApi().revision_exists(REPO, "round-2")
@@ -113,11 +134,15 @@ def test_submit_and_aggregate_run_a_hub_round(local_hub, saved, capsys):
         (["push", "{model}", "{repo}", "--round", "0"], "argument --round: expected a positive integer, got 0"),
         (["push", "{model}", "not a repo id!"], "argument repo_id: not a Hub repo id"),
         (["pull", "{model}", "{repo}"], "one of the arguments --round --revision is required"),
-        (["submit", "{model}", "{repo}", "--client-id", "../x", "--round", "1", "--num-tokens", "5"],
-         "argument --client-id: `client_id` must be"),
+        (
+            ["submit", "{model}", "{repo}", "--client-id", "../x", "--round", "1", "--num-tokens", "5"],
+            "argument --client-id: `client_id` must be",
+        ),
         (["aggregate", "{repo}", "--round", "1", "--min-clients", "0"], "argument --min-clients: expected a positive"),
-        (["aggregate", "{repo}", "--round", "1", "--min-clients", "1", "--poll-interval", "0"],
-         "argument --poll-interval: expected a positive number of seconds"),
+        (
+            ["aggregate", "{repo}", "--round", "1", "--min-clients", "1", "--poll-interval", "0"],
+            "argument --poll-interval: expected a positive number of seconds",
+        ),
         (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
     ],
 )
@@ -139,21 +164,48 @@ def test_pulling_a_round_that_does_not_exist_exits_2_naming_round(local_hub, sav
     assert exit_info.value.code == 2 and "argument --round: 'round-7' does not exist" in capsys.readouterr().err
 
 
-def test_bench_hands_its_arguments_to_the_benchmark_parser(capsys):
+def test_run_hands_its_arguments_to_the_recipe_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "run" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--help"])
-    assert exit_info.value.code == 0 and "--layers" in capsys.readouterr().out
+        main(["run", "--help"])
+    assert exit_info.value.code == 0 and "--config" in capsys.readouterr().out
 
 
-def test_run_is_offered_only_when_the_recipe_module_exists(capsys):
-    if importlib.util.find_spec("comigs_hf.recipe") is not None:
-        with pytest.raises(SystemExit):
-            main(["--help"])
-        assert "run" in capsys.readouterr().out
-        return
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run"])
-    assert exit_info.value.code == 2 and "comigs_hf.recipe" in capsys.readouterr().err
+def test_aggregate_uses_the_recipe_s_rule(local_hub, saved, tmp_path, capsys):
+    assert main(["push", str(saved(seed=0, name="seed")), REPO, "--round", "1"]) == 0
+    for i, client in enumerate(("alice", "bob", "carol")):
+        arguments = ["--client-id", client, "--round", "1", "--num-tokens", str(100 * (i + 1))]
+        assert main(["submit", str(saved(seed=10 + i, name=client)), REPO, *arguments]) == 0
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("aggregation: trimmed_mean\naggregation_kwargs: {trim_ratio: 0.34}\n")
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "aggregate",
+                REPO,
+                "--round",
+                "1",
+                "--min-clients",
+                "3",
+                "--timeout",
+                "5",
+                "--poll-interval",
+                "0.05",
+                "--config",
+                str(recipe),
+            ]
+        )
+        == 0
+    )
+    assert "aggregated (trimmed_mean) into round-2" in capsys.readouterr().out
+    # three clients, one cut from each end: the coordinate-wise median
+    states = [generalist_of(saved(seed=10 + i, name=f"again-{i}")) for i in range(3)]
+    median = {key: torch.stack([state[key] for state in states]).median(dim=0).values for key in states[0]}
+    pulled = load_file(hf_hub_download(REPO, "adapter_model.safetensors", revision="round-2"))
+    assert_same(pulled, median)
 
 
 def test_cli_authenticates_from_hf_token_and_never_prints_it(saved, tmp_path, monkeypatch, capsys, caplog):

@@ -13,8 +13,9 @@ import compare  # noqa: E402
 def write_run(directory: Path, strategy: str, ppls: list[float]) -> Path:
     directory.mkdir()
     clients = [{"name": f"client-{i}", "test_ppl": p, "bytes_sent": 2**20} for i, p in enumerate(ppls)]
-    (directory / "results.json").write_text(json.dumps({"strategy": strategy, "clients": clients,
-                                                        "mean_test_ppl": sum(ppls) / len(ppls)}))
+    (directory / "results.json").write_text(
+        json.dumps({"strategy": strategy, "clients": clients, "mean_test_ppl": sum(ppls) / len(ppls)})
+    )
     return directory
 
 

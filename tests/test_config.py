@@ -1,25 +1,21 @@
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 import yaml
 
 from comigs_hf.config import (
-    ModelSection,
     RecipeConfig,
-    TrainingSection,
     build_strategy,
     client_num_specialists,
     config_from_dict,
     config_to_dict,
-    expected_num_clients,
     load_config,
-    validate_client_splits,
     validate_config,
 )
 from comigs_hf.data import DataConfig
+from comigs_hf.model import ModelConfig
+from comigs_hf.trainer import TrainingConfig
 
 SHIPPED_YAML = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("**/*.yaml"))
 
@@ -33,8 +29,8 @@ def write_yaml(tmp_path, text: str) -> Path:
 def test_defaults_are_valid_and_typed():
     cfg = load_config(None)
     assert cfg == RecipeConfig()
-    assert isinstance(cfg.model, ModelSection)
-    assert isinstance(cfg.training, TrainingSection)
+    assert isinstance(cfg.model, ModelConfig)
+    assert isinstance(cfg.training, TrainingConfig)
     assert isinstance(cfg.data, DataConfig)
     assert cfg.training.adam_betas == (0.9, 0.95)
     assert cfg.trackers == ["tensorboard"]
@@ -74,7 +70,7 @@ def test_single_specialist_count_is_broadcast_to_every_client():
     ],
 )
 def test_expected_client_count_follows_the_partition(overrides, num_clients):
-    assert expected_num_clients(load_config(None, overrides).data) == num_clients
+    assert load_config(None, overrides).data.num_clients_known() == num_clients
 
 
 def test_shared_specialist_count_needs_the_client_count_once_data_decides_it():
@@ -186,7 +182,7 @@ def test_section_key_given_at_the_top_level_points_to_its_section():
 
 
 def test_section_that_is_not_a_mapping_is_rejected():
-    with pytest.raises(ValueError, match="'model': expected a mapping of ModelSection fields, got 3"):
+    with pytest.raises(ValueError, match="'model': expected a mapping of ModelConfig fields, got 3"):
         load_config(None, ["model=3"])
 
 
@@ -195,7 +191,7 @@ def test_section_that_is_not_a_mapping_is_rejected():
     [
         ("training.local_steps=abc", "'training.local_steps' expects int, got 'abc' (str)"),
         ("training.local_steps=2.5", "'training.local_steps' expects int, got 2.5 (float)"),
-        ("model.use_rslora=3", "'model.use_rslora' expects bool, got 3 (int)"),
+        ("model.use_rslora=maybe", "'model.use_rslora' expects bool, got 'maybe' (str)"),
         ("training.learning_rate=true", "'training.learning_rate' expects float, got True (bool)"),
         ("trackers=tensorboard", "'trackers' expects list[str], got 'tensorboard' (str)"),
         ("model.num_specialists=[1, x]", "'model.num_specialists' expects int | list[int], got [1, 'x'] (list)"),
@@ -229,15 +225,15 @@ def test_malformed_override_is_rejected(override, message):
 
 
 def test_override_below_a_plain_value_is_rejected():
-    with pytest.raises(ValueError, match=re.escape("'strategy' is 'comigs', not a section with keys")):
+    with pytest.raises(ValueError, match=re.escape("'strategy' is a plain value, not a section with keys")):
         load_config(None, ["strategy=comigs", "strategy.name=comigs"])
 
 
 @pytest.mark.parametrize(
     ("overrides", "fragments"),
     [
-        (["strategy=fedprox"], ["strategy: unknown strategy 'fedprox'", "known: comigs, fedavg, local"]),
-        (["model.num_generalists=0"], ["model.num_generalists must be >= 1"]),
+        (["strategy=fedprox"], ["strategy: Unknown strategy 'fedprox'", "known: comigs, fedavg, local"]),
+        (["model.num_generalists=0"], ["model: `num_generalists` must be at least 1, got 0"]),
         (
             ["model.num_specialists=[1, 1, 1]"],
             ["model.num_specialists has 3 entries [1, 1, 1] but the embedded dataset has 4 domains"],
@@ -250,50 +246,54 @@ def test_override_below_a_plain_value_is_rejected():
             ["data.client_values=[code, reference]", "model.num_specialists=[1, 1, 1]"],
             ["model.num_specialists has 3 entries [1, 1, 1] but data.client_values has 2 entries"],
         ),
-        (["model.num_specialists=-1"], ["model.num_specialists must be >= 0, got -1"]),
-        (["model.num_specialists=[1, -1, 1, 1]"], ["model.num_specialists[1] (client 1) is -1"]),
+        (["model.num_specialists=-1"], ["model: specialist counts must be >= 0: num_specialists is -1"]),
+        (["model.num_specialists=[1, -1, 1, 1]"], ["model: specialist counts must be >= 0: num_specialists[1] is -1"]),
         (
             ["model.num_specialists=[0, 1, 0, 3]"],
-            ["model.top_k=2 exceeds the number of experts", "client 0 has 1", "client 2 has 1"],
+            ["model: num_specialists=0 (clients [0, 2])", "`num_experts_per_tok` (top-k, 2) must be between 1 and"],
         ),
-        (["model.top_k=0"], ["model.top_k must be >= 1"]),
+        (["model.top_k=0"], ["model: `num_experts_per_tok` (top-k, 0) must be between 1"]),
         (
             ["strategy=fedavg", "model.num_specialists=[1, 1, 2, 2]", "model.top_k=1"],
             ["strategy 'fedavg' averages generalist, router, specialist", "model.num_specialists=[1, 1, 2, 2]"],
         ),
         (
             ["training.batch_size=10", "training.micro_batch_size=4"],
-            ["training.batch_size=10 must be a multiple of training.micro_batch_size=4"],
+            ["training: batch_size=10 must be a multiple of micro_batch_size=4"],
         ),
-        (["training.micro_batch_size=0"], ["training.micro_batch_size must be >= 1"]),
-        (["training.router_update_every=0"], ["training.router_update_every must be >= 1", "router_steps=10"]),
-        (["training.router_steps=-1"], ["training.router_steps must be >= 0"]),
-        (["training.local_steps=0"], ["training.local_steps must be >= 1"]),
+        (["training.micro_batch_size=0"], ["training: batch_size and micro_batch_size must be >= 1, got 64 and 0"]),
+        (["training.router_update_every=0"], ["training: router_update_every must be >= 1", "router_steps=10"]),
+        (["training.router_steps=-1"], ["training: router_steps must be >= 0"]),
+        (["training.local_steps=0"], ["training: local_steps must be >= 1"]),
         (["rounds=0"], ["rounds must be >= 1, got 0"]),
         (["eval_every=0"], ["eval_every must be >= 1, got 0"]),
         (
             ["data.partition=iid", "data.max_train_tokens=[10, 20]"],
-            ["data.max_train_tokens has 2 entries but data.num_clients is 4"],
+            ["data: max_train_tokens lists 2 caps for 4 clients"],
         ),
-        (["training.learning_rate=0"], ["training.learning_rate must be a finite number > 0, got 0.0"]),
-        (["training.router_learning_rate=-1e-3"], ["training.router_learning_rate must be a finite number > 0"]),
-        (["training.adam_betas=[0.9, 1.0]"], ["training.adam_betas[1] must be in [0, 1), got 1.0"]),
-        (["training.min_lr_ratio=2"], ["training.min_lr_ratio must be in [0, 1]"]),
-        (["training.max_grad_norm=0"], ["training.max_grad_norm must be > 0 or null"]),
-        (["training.eval_batches=0"], ["training.eval_batches must be >= 1 or null"]),
-        (["model.lora_r=0"], ["model.lora_r must be >= 1"]),
-        (["model.lora_dropout=1"], ["model.lora_dropout must be in [0, 1)"]),
-        (["model.target_modules=[mlp.c_fc]"], ["model.target_modules needs at least an input and an output"]),
-        (["model.generalist_importance=1.0"], ["model.generalist_importance must be in (0, 1)"]),
-        (["model.dtype=float64"], ["model.dtype: unknown dtype 'float64'", "float32, bfloat16, float16"]),
+        (["training.learning_rate=0"], ["training: learning_rate must be a finite number > 0, got 0.0"]),
+        (["training.router_learning_rate=-1e-3"], ["training: router_learning_rate must be a finite number > 0"]),
+        (["training.adam_betas=[0.9, 1.0]"], ["training: adam_betas[1] must be in [0, 1), got 1.0"]),
+        (["training.min_lr_ratio=2"], ["training: min_lr_ratio must be in [0, 1]"]),
+        (["training.max_grad_norm=0"], ["training: max_grad_norm must be > 0 or null"]),
+        (["training.eval_batches=0"], ["training: eval_batches must be >= 1 or null"]),
+        (["model.lora_r=0"], ["model: `lora_r` must be at least 1"]),
+        (["model.lora_alpha=0"], ["model: `lora_alpha` must be above 0"]),
+        (["model.lora_dropout=1"], ["model: `lora_dropout` must be in [0, 1)"]),
+        (["model.target_modules=[mlp.c_fc]"], ["model: `target_modules` needs at least an input and an output"]),
+        (["model.generalist_importance=1.0"], ["model: `generalist_importance` must be in (0, 1)"]),
+        (["model.dtype=float64"], ["model: dtype: unknown dtype 'float64'", "float32, bfloat16, float16"]),
         (["trackers=[tensorboard, neptune]"], ["trackers: unknown tracker(s) ['neptune']", "wandb, mlflow"]),
-        (["aggregation=median"], ["aggregation: unknown rule 'median'; known: trimmed_mean, weighted_mean"]),
-        (["weighting=by_size"], ["weighting: unknown weighting 'by_size'; known: train_tokens, uniform"]),
+        (["aggregation=median"], ["strategy:", "unknown aggregation 'median'; known: trimmed_mean, weighted_mean"]),
+        (["weighting=by_size"], ["strategy:", "unknown weighting 'by_size'; known: train_tokens, uniform"]),
         (
             ["aggregation=trimmed_mean", "aggregation_kwargs={trim_ratio: 0.5}"],
-            ["aggregation_kwargs: 'trimmed_mean' rejects {'trim_ratio': 0.5}", "trim_ratio must be in [0, 0.5)"],
+            [
+                "aggregation 'trimmed_mean' rejects aggregation_kwargs {'trim_ratio': 0.5}",
+                "trim_ratio must be in [0, 0.5)",
+            ],
         ),
-        (["aggregation_kwargs={trim_ratio: 0.1}"], ["aggregation_kwargs: 'weighted_mean' rejects", "trim_ratio"]),
+        (["aggregation_kwargs={trim_ratio: 0.1}"], ["aggregation 'weighted_mean' rejects", "trim_ratio"]),
     ],
 )
 def test_impossible_combination_is_rejected_naming_the_key(overrides, fragments):
@@ -325,12 +325,19 @@ def test_every_problem_is_reported_at_once():
         load_config(None, ["rounds=0", "eval_every=0", "model.dtype=float8"])
     message = str(excinfo.value)
     assert message.startswith("Invalid recipe config:")
-    assert "rounds must be" in message and "eval_every must be" in message and "model.dtype" in message
+    assert "rounds must be" in message and "eval_every must be" in message and "model: dtype" in message
 
 
-def test_validate_config_rejects_a_config_built_in_code():
-    cfg = RecipeConfig(model=ModelSection(num_generalists=0))
-    with pytest.raises(ValueError, match="model.num_generalists must be >= 1"):
+def test_a_section_built_in_code_is_checked_at_construction():
+    with pytest.raises(ValueError, match="`num_generalists` must be at least 1"):
+        ModelConfig(num_generalists=0)
+    with pytest.raises(ValueError, match="local_steps must be >= 1"):
+        TrainingConfig(local_steps=0)
+
+
+def test_validate_config_rejects_sections_that_disagree_built_in_code():
+    cfg = RecipeConfig(strategy="fedavg", model=ModelConfig(num_specialists=[1, 1, 2, 2], top_k=1))
+    with pytest.raises(ValueError, match="strategy 'fedavg' averages generalist, router, specialist"):
         validate_config(cfg)
 
 
@@ -377,40 +384,3 @@ def test_config_round_trips_through_a_plain_dict_and_yaml(tmp_path):
 @pytest.mark.parametrize("path", SHIPPED_YAML, ids=[path.name for path in SHIPPED_YAML])
 def test_every_shipped_yaml_loads(path):
     assert isinstance(load_config(path), RecipeConfig)
-
-
-def client(name: str, train: int = 4, validation: int = 2, test: int = 2, block_size: int = 8) -> SimpleNamespace:
-    blocks = {
-        split: torch.zeros(count, block_size, dtype=torch.long)
-        for split, count in [("train", train), ("validation", validation), ("test", test)]
-    }
-    return SimpleNamespace(name=name, **blocks)
-
-
-def test_clients_with_every_split_filled_pass():
-    validate_client_splits([client("a"), client("b")])
-
-
-def test_empty_split_is_rejected_naming_client_and_split():
-    with pytest.raises(ValueError) as excinfo:
-        validate_client_splits([client("a"), client("b", validation=0), client("c", test=0)])
-    message = str(excinfo.value)
-    assert "client 1 ('b') has an empty validation split (shape (0, 8))" in message
-    assert "client 2 ('c') has an empty test split" in message
-    assert "client 0" not in message
-
-
-def test_unneeded_split_may_be_empty():
-    validate_client_splits([client("a", validation=0)], splits=("train", "test"))
-
-
-def test_split_of_the_wrong_rank_is_rejected():
-    bad = client("a")
-    bad.train = torch.zeros(32, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"client 0 \('a'\): train split has shape \(32,\), expected"):
-        validate_client_splits([bad])
-
-
-def test_missing_split_is_rejected():
-    with pytest.raises(ValueError, match=r"client 0 \('a'\) has no validation split"):
-        validate_client_splits([SimpleNamespace(name="a", train=torch.zeros(1, 8), test=torch.zeros(1, 8))])

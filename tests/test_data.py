@@ -5,6 +5,7 @@ redirected to local files of the same schema. A word-level tokenizer built in co
 """
 
 import json
+import os
 
 import datasets
 import numpy as np
@@ -17,6 +18,7 @@ from comigs_hf.data import (
     AG_NEWS_LABELS,
     DataConfig,
     ag_news_config,
+    build_client_data,
     build_client_datasets,
     load_records,
     pack_blocks,
@@ -314,8 +316,17 @@ def test_max_train_tokens_below_one_block_raises(ag_news_csv, tokenizer, tmp_pat
 
 
 def test_max_train_tokens_list_must_match_the_clients(ag_news_csv, tokenizer, tmp_path):
-    config = ag_news_config(
-        dataset="csv", data_files=ag_news_csv, block_size=8, cache_dir=str(tmp_path), max_train_tokens=[64, 64]
+    with pytest.raises(ValueError, match="2 caps for 4 clients"):  # 4 client values: known at construction
+        ag_news_config(
+            dataset="csv", data_files=ag_news_csv, block_size=8, cache_dir=str(tmp_path), max_train_tokens=[64, 64]
+        )
+    config = DataConfig(  # one client per label, known only from the data
+        dataset="csv",
+        data_files=ag_news_csv,
+        partition_column="label",
+        block_size=8,
+        cache_dir=str(tmp_path),
+        max_train_tokens=[64, 64],
     )
     with pytest.raises(ValueError, match="2 caps for 4 clients"):
         build_client_datasets(config, tokenizer, seed=0)
@@ -508,6 +519,60 @@ def test_wikipedia_preset_reads_local_files_per_language(tmp_path, file_format):
     assert records["language"] == [language for language in languages for _ in range(20)]
     clients = build_client_datasets(config, tokenizer, seed=0)
     assert [client.name for client in clients] == list(languages)
+
+
+def per_language_files(tmp_path) -> tuple[dict[str, str], PreTrainedTokenizerFast]:
+    languages = ("en", "fr", "de", "it")
+    data_files = {}
+    for language in languages:
+        data_files[language] = str(tmp_path / f"{language}.jsonl")
+        write_records(tmp_path / f"{language}.jsonl", wikipedia_rows(language), "jsonl")
+    return data_files, make_tokenizer([row["text"] for language in languages for row in wikipedia_rows(language)])
+
+
+@pytest.mark.parametrize("per_client_files", [True, False], ids=["a-file-per-client", "one-shared-file"])
+def test_a_client_built_alone_equals_the_client_built_with_the_others(tmp_path, per_client_files):
+    data_files, tokenizer = per_language_files(tmp_path)
+    if per_client_files:
+        config = wikipedia_config(dataset="json", data_files=data_files, block_size=8, cache_dir=str(tmp_path))
+    else:
+        shared = tmp_path / "all.jsonl"
+        rows = [dict(row, language=language) for language in data_files for row in wikipedia_rows(language)]
+        write_records(shared, rows, "jsonl")
+        config = DataConfig(
+            dataset="json",
+            data_files=str(shared),
+            partition_column="language",
+            block_size=8,
+            cache_dir=str(tmp_path),
+            max_train_tokens=[16, 24, 32, 40],
+        )
+    together = build_client_datasets(config, tokenizer, seed=3)
+    for client_id, expected in enumerate(together):
+        alone = build_client_data(config, tokenizer, seed=3, client_id=client_id)
+        assert alone.name == expected.name
+        for split in ("train", "validation", "test"):
+            assert torch.equal(getattr(alone, split), getattr(expected, split)), (client_id, split)
+
+
+def test_a_client_with_its_own_file_never_opens_another_client_s_file(tmp_path):
+    data_files, tokenizer = per_language_files(tmp_path)
+    config = wikipedia_config(dataset="json", data_files=data_files, block_size=8, cache_dir=str(tmp_path))
+    expected = build_client_datasets(config, tokenizer, seed=0)[2]  # "de"
+    for language, path in data_files.items():
+        if language != "de":
+            os.remove(path)
+    alone = build_client_data(config, tokenizer, seed=0, client_id=2)
+    assert alone.name == "de" and torch.equal(alone.train, expected.train)
+    with pytest.raises(FileNotFoundError):
+        build_client_data(config, tokenizer, seed=0, client_id=0)
+
+
+def test_a_client_id_outside_the_partition_is_rejected(tmp_path):
+    data_files, tokenizer = per_language_files(tmp_path)
+    config = wikipedia_config(dataset="json", data_files=data_files, block_size=8, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"client ids \[4\] are out of range: the data section has 4 clients"):
+        build_client_data(config, tokenizer, seed=0, client_id=4)
 
 
 def slimpajama_rows(per_source: int = 20) -> list[dict]:

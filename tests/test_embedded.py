@@ -1,6 +1,7 @@
 """Tests for comigs_hf.embedded: the stdlib domain corpora, the tokenizer and the cached micro base model."""
 
 import ast
+import dataclasses
 import hashlib
 import io
 import json
@@ -14,17 +15,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from comigs_hf import embedded
 from comigs_hf.data import DataConfig, build_client_datasets, load_records
 from comigs_hf.embedded import (
     DOMAINS,
-    EOS_TOKEN,
-    PAD_TOKEN,
     build_domain_corpora,
     build_embedded_base,
     build_pretraining_corpus,
     build_tokenizer,
 )
+from comigs_hf.embedded import base as embedded_base
+from comigs_hf.embedded import corpus as embedded_corpus
+from comigs_hf.embedded.base import EOS_TOKEN, PAD_TOKEN
 
 # Seconds, not minutes: one layer of width 32 trained for a few steps on 20,000 characters per domain.
 MICRO = {
@@ -84,7 +85,7 @@ def test_domains_share_no_record_with_each_other_or_with_pretraining(corpora):
 
 def test_pretraining_mixes_all_domains():
     pretraining = set(build_pretraining_corpus(max_chars_per_domain=None))
-    for domain, (_, held) in embedded._all_records().items():
+    for domain, (_, held) in embedded_corpus._all_records().items():
         assert pretraining.issuperset(held) and held, domain
 
 
@@ -94,7 +95,7 @@ def test_code_records_are_python_without_comments_or_docstrings(corpora):
         assert not any(
             token.type == tokenize.COMMENT for token in tokenize.generate_tokens(io.StringIO(record).readline)
         )
-        assert all(isinstance(node, ast.Module) for node in embedded._docstring_nodes(tree))
+        assert all(isinstance(node, ast.Module) for node in embedded_corpus._docstring_nodes(tree))
 
 
 def test_comment_records_are_only_comments(corpora):
@@ -171,7 +172,7 @@ def test_micro_base_is_built_once_then_read_from_the_cache(tmp_path, monkeypatch
     def no_training(*args, **kwargs):
         raise AssertionError("the cached base was rebuilt")
 
-    monkeypatch.setattr(embedded, "_build_into", no_training)
+    monkeypatch.setattr(embedded_base, "_build_into", no_training)
     assert build_embedded_base(tmp_path / "base", **MICRO) == model_dir
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -194,7 +195,7 @@ def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(embedded, "_pretrain", interrupted)
+    monkeypatch.setattr(embedded_base, "_pretrain", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_embedded_base(tmp_path / "base", progress=False, **MICRO)
     assert [path.name for path in tmp_path.iterdir()] == ["base.lock"]
@@ -204,25 +205,25 @@ def fake_build(directory, settings, num_threads, progress):
     (directory / "config.json").write_text("{}")
     (directory / "tokenizer.json").write_text("{}")
     (directory / "model.safetensors").write_bytes(b"")
-    (directory / "build_info.json").write_text(json.dumps({"settings": embedded.asdict(settings)}))
+    (directory / "build_info.json").write_text(json.dumps({"settings": dataclasses.asdict(settings)}))
 
 
 def test_default_cache_dir_lives_under_comigs_hf_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(embedded, "_build_into", fake_build)
+    monkeypatch.setattr(embedded_base, "_build_into", fake_build)
     assert build_embedded_base() == tmp_path / "comigs_cache" / "embedded-base-v1"
     other = build_embedded_base(**MICRO)
     assert other.parent == tmp_path / "comigs_cache" and other.name.startswith("embedded-base-v1-")
 
 
 def test_cache_built_with_other_settings_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(embedded, "_build_into", fake_build)
+    monkeypatch.setattr(embedded_base, "_build_into", fake_build)
     build_embedded_base(tmp_path / "base", **MICRO)
     with pytest.raises(ValueError, match="built with"):
         build_embedded_base(tmp_path / "base", **{**MICRO, "max_steps": 5})
 
 
 def test_foreign_directory_is_never_overwritten(tmp_path, monkeypatch):
-    monkeypatch.setattr(embedded, "_build_into", fake_build)
+    monkeypatch.setattr(embedded_base, "_build_into", fake_build)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="holds no complete embedded base"):

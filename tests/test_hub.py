@@ -21,7 +21,7 @@ from peft import PeftModel
 from safetensors.torch import load, load_file, save
 
 from comigs_hf import CoMiGSForCausalLM
-from comigs_hf.adapters import generalist_state_dict
+from comigs_hf.adapters import export_generalist, generalist_state_dict, load_generalist
 from comigs_hf.hub import (
     aggregate_round,
     pull_global,
@@ -41,7 +41,6 @@ REPO = "local-user/comigs-generalist"
 TOKEN = "hf_comigsSecretTokenValue0123456789"
 
 
-
 @pytest.fixture
 def hub(local_hub: LocalHub) -> Iterator[LocalHub]:
     yield local_hub
@@ -49,8 +48,15 @@ def hub(local_hub: LocalHub) -> Iterator[LocalHub]:
 
 
 def build(seed: int = 0, **kwargs) -> CoMiGSForCausalLM:
-    options = {"num_generalists": 1, "num_specialists": 1, "lora_r": 4, "lora_alpha": 8, "top_k": 2,
-               "base_model_name_or_path": "tiny-base", **kwargs}
+    options = {
+        "num_generalists": 1,
+        "num_specialists": 1,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "top_k": 2,
+        "base_model_name_or_path": "tiny-base",
+        **kwargs,
+    }
     model = CoMiGSForCausalLM.from_base(tiny_gpt2(), **options)
     perturb_experts(model, seed=seed)
     return model.eval()
@@ -88,7 +94,7 @@ def test_pulling_round_1_after_round_2_gives_round_1_weights(hub):
 
     assert hub.resolve(REPO, "round-1").sha == first_sha
     target = build(seed=3)
-    target.load_generalist(REPO, revision="round-1")
+    load_generalist(target, REPO, revision="round-1")
     assert_same(generalist(target), round_1)
     pull_global(target, REPO, round=2)
     assert_same(generalist(target), round_2)
@@ -125,9 +131,10 @@ def test_generalist_in_a_subfolder_loads_with_subfolder(hub):
     model = build(seed=1)
     push_generalist_to_hub(model, REPO, round=1, path_in_repo="experts/generalist_0")
     assert {"experts/generalist_0/adapter_model.safetensors", "experts/generalist_0/README.md"} <= set(
-        HfApi().list_repo_files(REPO, revision="round-1"))
+        HfApi().list_repo_files(REPO, revision="round-1")
+    )
     target = build(seed=3)
-    target.load_generalist(REPO, revision="round-1", subfolder="experts/generalist_0")
+    load_generalist(target, REPO, revision="round-1", subfolder="experts/generalist_0")
     assert_same(generalist(target), generalist(model))
 
 
@@ -135,23 +142,42 @@ def test_generalist_in_a_subfolder_loads_with_subfolder(hub):
 
 
 def test_card_metadata_round_trips_through_the_hub(hub):
-    push_generalist_to_hub(build(seed=1), REPO, round=3, num_clients=5, num_tokens=12345, strategy="comigs",
-                           eval_results={"perplexity": 17.25}, base_model_revision="abc1234")
+    push_generalist_to_hub(
+        build(seed=1),
+        REPO,
+        round=3,
+        num_clients=5,
+        num_tokens=12345,
+        strategy="comigs",
+        eval_results={"perplexity": 17.25},
+        base_model_revision="abc1234",
+    )
     card = card_at("round-3")
     data = card.data.to_dict()
     assert data["base_model"] == "tiny-base" and data["library_name"] == "peft"
     assert set(data["tags"]) == {"comigs", "federated-learning", "lora", "base_model:adapter:tiny-base"}
-    assert data["comigs"] == {"expert": "generalist_0", "round": 3, "num_clients": 5, "num_tokens": 12345,
-                              "strategy": "comigs", "base_model_revision": "abc1234",
-                              "eval_results": {"perplexity": 17.25}}
+    assert data["comigs"] == {
+        "expert": "generalist_0",
+        "round": 3,
+        "num_clients": 5,
+        "num_tokens": 12345,
+        "strategy": "comigs",
+        "base_model_revision": "abc1234",
+        "eval_results": {"perplexity": 17.25},
+    }
     assert "| perplexity | 17.25 |" in card.text
     assert f'PeftModel.from_pretrained(base, "{REPO}", revision="round-3")' in card.text
-    assert f'load_generalist("{REPO}", revision="round-3")' in card.text
+    assert f'load_generalist(model, "{REPO}", revision="round-3")' in card.text
 
 
 def test_card_with_eval_results_writes_a_model_index():
-    result = EvalResult(task_type="text-generation", dataset_type="wikitext", dataset_name="WikiText",
-                        metric_type="perplexity", metric_value=9.5)
+    result = EvalResult(
+        task_type="text-generation",
+        dataset_type="wikitext",
+        dataset_name="WikiText",
+        metric_type="perplexity",
+        metric_value=9.5,
+    )
     card = render_generalist_card(base_model="tiny-base", repo_id=REPO, round=2, eval_results=[result])
     reparsed = ModelCard(str(card))
     assert reparsed.data.eval_results[0].metric_value == 9.5
@@ -183,8 +209,9 @@ def test_client_model_push_is_refused_without_confirmation(hub):
 def test_client_model_push_with_confirmation_warns_and_uploads_model_and_card(hub, caplog, input_ids):
     model = build(seed=1)
     with caplog.at_level(logging.WARNING, logger="comigs_hf.hub"):
-        push_client_model_to_hub(model, REPO, confirm_private_data_publication=True, round=4, num_clients=3,
-                                 num_tokens=99)
+        push_client_model_to_hub(
+            model, REPO, confirm_private_data_publication=True, round=4, num_clients=3, num_tokens=99
+        )
     assert any("private specialists" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     files = set(HfApi().list_repo_files(REPO))
     assert {"config.json", "model.safetensors", "README.md", "modeling_comigs.py"} <= files
@@ -264,7 +291,7 @@ def test_aggregator_without_any_update_times_out_and_publishes_nothing(clients):
 def _update_files(model: CoMiGSForCausalLM, client_id: str, tmp_path: Path) -> dict[str, bytes]:
     """What `submit_update` uploads for round 1, as bytes to corrupt."""
     folder = tmp_path / f"export-{client_id}"
-    model.export_generalist(folder)
+    export_generalist(model, folder)
     files = {path.name: path.read_bytes() for path in folder.iterdir()}
     update = {"client_id": client_id, "round": 1, "num_tokens": 50, "base_model": "tiny-base"}
     return files | {"update.json": json.dumps(update).encode()}
@@ -295,18 +322,27 @@ def test_each_bad_update_is_rejected_with_its_reason_and_the_valid_ones_are_aggr
 
     bad = {
         "bad-json": (update("bad-json") | {"update.json": b"{not json"}, r"update\.json is not valid JSON"),
-        "missing-file": ({k: v for k, v in update("missing-file").items() if k != "adapter_model.safetensors"},
-                         r"missing adapter_model\.safetensors"),
-        "not-lora": (update("not-lora") | {"adapter_config.json": b'{"peft_type": "IA3"}'},
-                     r"not a LoRA adapter .*'IA3'"),
-        "unreadable": (update("unreadable") | {"adapter_model.safetensors": b"\x07not a safetensors file"},
-                       r"cannot read adapter_model\.safetensors"),
+        "missing-file": (
+            {k: v for k, v in update("missing-file").items() if k != "adapter_model.safetensors"},
+            r"missing adapter_model\.safetensors",
+        ),
+        "not-lora": (
+            update("not-lora") | {"adapter_config.json": b'{"peft_type": "IA3"}'},
+            r"not a LoRA adapter .*'IA3'",
+        ),
+        "unreadable": (
+            update("unreadable") | {"adapter_model.safetensors": b"\x07not a safetensors file"},
+            r"cannot read adapter_model\.safetensors",
+        ),
         "nan": (_with_first_tensor(update("nan"), nan), r"NaN or Inf"),
-        "wrong-shape": (_with_first_tensor(update("wrong-shape"), lambda t: t[:2]),
-                        r"wrong shape for .*\(2, 32\), expected \(4, 32\)"),
-        "wrong-round": (update("wrong-round") | {"update.json": b'{"client_id": "wrong-round", "round": 2, '
-                                                                b'"num_tokens": 50}'},
-                        r"for round 2, not round 1"),
+        "wrong-shape": (
+            _with_first_tensor(update("wrong-shape"), lambda t: t[:2]),
+            r"wrong shape for .*\(2, 32\), expected \(4, 32\)",
+        ),
+        "wrong-round": (
+            update("wrong-round") | {"update.json": b'{"client_id": "wrong-round", "round": 2, "num_tokens": 50}'},
+            r"for round 2, not round 1",
+        ),
         "impostor": (update("alice"), r"duplicate: client_id 'alice' already submitted"),
     }
     for folder, (files, _) in bad.items():

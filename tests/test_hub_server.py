@@ -40,7 +40,6 @@ REPO = "local-user/tiny-lora"
 TOKEN = "hf_local_test_token"
 
 
-
 @pytest.fixture(autouse=True)
 def no_internet(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Refuse (and remember) any name resolution other than the loopback: the client may swallow the error."""

@@ -343,8 +343,9 @@ def test_composite_activation_is_recomputed_with_equal_gradients_and_less_kept_m
     assert_same_gradients(recomputed, kept, input_ids, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("activation, wrapped", [("gelu_new", True), ("silu", False), ("relu", False),
-                                                 ("gelu", False)])
+@pytest.mark.parametrize(
+    "activation, wrapped", [("gelu_new", True), ("silu", False), ("relu", False), ("gelu", False)]
+)
 def test_only_activations_that_keep_several_tensors_are_recomputed(activation, wrapped):
     from transformers.activations import ACT2FN
 

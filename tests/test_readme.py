@@ -6,19 +6,24 @@ from pathlib import Path
 
 import pytest
 
-from comigs_hf.config import ModelSection, RecipeConfig, TrainingSection
+from comigs_hf.config import RecipeConfig
 from comigs_hf.data import DataConfig
+from comigs_hf.model import ModelConfig
+from comigs_hf.trainer import TrainingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-@pytest.mark.parametrize("section, prefix", [(RecipeConfig, ""), (ModelSection, "model."),
-                                             (TrainingSection, "training."), (DataConfig, "data.")])
+@pytest.mark.parametrize(
+    "section, prefix",
+    [(RecipeConfig, ""), (ModelConfig, "model."), (TrainingConfig, "training."), (DataConfig, "data.")],
+)
 def test_configuration_reference_documents_every_key(section, prefix):
     nested = {"model", "data", "training"} if not prefix else set()
-    missing = [f.name for f in dataclasses.fields(section)
-               if f.name not in nested and f"`{prefix}{f.name}`" not in README]
+    missing = [
+        f.name for f in dataclasses.fields(section) if f.name not in nested and f"`{prefix}{f.name}`" not in README
+    ]
     assert not missing, f"README lacks {missing}"
 
 

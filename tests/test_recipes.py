@@ -27,7 +27,7 @@ from comigs_hf.config import (
     load_config,
 )
 from comigs_hf.data import AG_NEWS_LABELS, ag_news_config, build_client_datasets, slimpajama_config, wikipedia_config
-from comigs_hf.rounds import run_federated
+from comigs_hf.recipe import run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 SHIPPED = sorted(CONFIGS.glob("**/*.yaml"))  # demo.yaml and any later recipe included
@@ -159,12 +159,12 @@ def test_paper_recipe_strategy_and_experts_run_a_round_on_the_tiny_world(world, 
     # as launched: the bfloat16 recipe documents bf16 autocast, which its float32 routers need
     mixed_precision = documented_mixed_precision(CONFIGS / name)
     if mixed_precision == "no":
-        results = run_federated(cfg, Accelerator(cpu=True))
+        results = run(cfg, Accelerator(cpu=True))
     else:
         # the process-wide Accelerate state fixes the precision once: reset it around this run (as accelerate's tests)
         AcceleratorState._reset_state(reset_partial_state=True)
         try:
-            results = run_federated(cfg, Accelerator(cpu=True, mixed_precision=mixed_precision))
+            results = run(cfg, Accelerator(cpu=True, mixed_precision=mixed_precision))
         finally:
             AcceleratorState._reset_state(reset_partial_state=True)
     _, _, counts, _, shared = PAPER[name]
@@ -237,8 +237,15 @@ def test_wikipedia_recipe_data_section_streams_one_config_per_language(hub_datas
     languages = ["en", "fr", "de", "it"]
     texts = []
     for language in languages:
-        rows = [{"id": str(i), "url": f"https://{language}.wikipedia.org/{i}", "title": f"T{i}",
-                 "text": document(language, i)} for i in range(40)]
+        rows = [
+            {
+                "id": str(i),
+                "url": f"https://{language}.wikipedia.org/{i}",
+                "title": f"T{i}",
+                "text": document(language, i),
+            }
+            for i in range(40)
+        ]
         texts += [row["text"] for row in rows]
         files[("wikimedia/wikipedia", f"20231101.{language}")] = tmp_path / f"{language}.parquet"
         datasets.Dataset.from_list(rows).to_parquet(tmp_path / f"{language}.parquet")
@@ -255,8 +262,11 @@ def test_wikipedia_recipe_data_section_streams_one_config_per_language(hub_datas
 def test_slimpajama_recipe_data_section_splits_the_stream_by_source(hub_datasets, tmp_path):
     calls, files = hub_datasets
     sources = ["RedPajamaArXiv", "RedPajamaBook", "RedPajamaGithub", "RedPajamaStackExchange", "RedPajamaC4"]
-    rows = [{"text": document(source[len("RedPajama") :].lower() + "x", i), "meta": {"redpajama_set_name": source}}
-            for i in range(40) for source in sources]
+    rows = [
+        {"text": document(source[len("RedPajama") :].lower() + "x", i), "meta": {"redpajama_set_name": source}}
+        for i in range(40)
+        for source in sources
+    ]
     files[("DKYoon/SlimPajama-6B", None)] = tmp_path / "slimpajama.jsonl"
     (tmp_path / "slimpajama.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     cfg = paper_config("slimpajama_llama3.2-1b.yaml", [f"data.cache_dir={tmp_path / 'cache'}"])

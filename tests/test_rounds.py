@@ -1,5 +1,6 @@
 """Federated rounds: what is shared, equality across process counts, resume after a kill, the alternation."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,9 +18,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from comigs_hf import parameter_role
 from comigs_hf import rounds as rounds_module
 from comigs_hf.config import load_config
-from comigs_hf.rounds import run_federated, setup_federation
+from comigs_hf.recipe import run, setup_federation
 from comigs_hf.strategies import get_strategy
-from comigs_hf.trainer import activate_client, train_client_round
+from comigs_hf.trainer import ClientUpdate, activate_client, train_client_round
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "federated.py"
@@ -87,22 +88,24 @@ def test_only_the_strategy_s_shared_tensors_reach_the_collective(world, tmp_path
 
     monkeypatch.setattr(rounds_module, "_exchange", audited)
     cfg = config(world, tmp_path / "out", strategy=strategy, rounds=2, eval_every=2)
-    results = run_federated(cfg, Accelerator(cpu=True))
+    results = run(cfg, Accelerator(cpu=True))
     shared_roles = get_strategy(strategy).shared_roles
     assert len(payloads) == 2
     for updates in payloads:
         for update in updates:
-            tensors = {k for k, v in update.items() if isinstance(v, torch.Tensor)}
-            assert not tensors, f"tensor outside the shared payload: {tensors}"
-            assert set(update) == {"client_id", "train_tokens", "train_loss", "router_loss", "shared"}
-            assert {parameter_role(k) for k in update["shared"]} == set(shared_roles)
+            assert type(update) is ClientUpdate
+            outside = {f.name: getattr(update, f.name) for f in dataclasses.fields(update) if f.name != "shared"}
+            assert {k: v for k, v in outside.items() if isinstance(v, torch.Tensor)} == {}
+            assert all(isinstance(v, (int, float, type(None))) for v in update.metrics.values()), update.metrics
+            assert set(update.metrics) == {"train_loss", "router_loss", "tokens_seen"}
+            assert {parameter_role(k) for k in update.shared} == set(shared_roles)
     if strategy == "local":
         assert all(c["bytes_sent"] == 0 and c["bytes_received"] == 0 for c in results["clients"])
 
 
 def test_comigs_1g1s_sends_exactly_the_generalist_tensors_each_round(world, tmp_path):
     cfg = config(world, tmp_path / "out", rounds=2, eval_every=2)
-    results = run_federated(cfg, Accelerator(cpu=True))
+    results = run(cfg, Accelerator(cpu=True))
     model = setup_federation(config(world, tmp_path / "again"), Accelerator(cpu=True)).model
     generalist_bytes = sum(p.numel() * p.element_size() for _, p in model.named_parameters_by_role("generalist"))
     expert_bytes = sum(
@@ -117,7 +120,7 @@ def test_comigs_1g1s_sends_exactly_the_generalist_tensors_each_round(world, tmp_
 
 def test_outputs_hold_results_curves_models_generalist_and_plots(world, tmp_path):
     cfg = config(world, tmp_path / "out", rounds=1, plots=True)
-    run_federated(cfg, Accelerator(cpu=True))
+    run(cfg, Accelerator(cpu=True))
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     assert {"strategy", "rounds", "seed", "clients", "mean_test_ppl"} <= set(results)
@@ -134,7 +137,7 @@ def test_router_steps_zero_never_change_the_router(world, tmp_path):
     federation = setup_federation(cfg, Accelerator(cpu=True))
     before = {i: {k: v.clone() for k, v in s.parameters.items()} for i, s in federation.states.items()}
     for round_index in (1, 2):
-        rounds_module.run_round(federation, cfg, round_index, Accelerator(cpu=True))
+        rounds_module.run_round(federation, round_index, Accelerator(cpu=True))
     for client_id, state in federation.states.items():
         for key, value in before[client_id].items():
             if parameter_role(key) == "router":
@@ -181,9 +184,7 @@ def test_impossible_combinations_are_rejected_before_training(world, tmp_path, c
     from comigs_hf.recipe import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(
-            tiny_overrides(*world, tmp_path / "out", strategy="fedavg", **{"model.num_specialists": "[0,1,2,3]"})
-        )
+        main(tiny_overrides(*world, tmp_path / "out", strategy="fedavg", **{"model.num_specialists": "[0,1,2,3]"}))
     assert exit_info.value.code == 2
     assert "num_specialists" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -214,3 +215,33 @@ def test_a_run_killed_mid_round_resumes_to_the_same_final_metrics(world, tmp_pat
     output = finished(launch(world, tmp_path / "killed", resume="true", **extra))
     assert f"{checkpointed}/4" in output  # the progress bar starts after the last complete round
     assert_same_metrics(client_metrics(tmp_path / "clean"), client_metrics(tmp_path / "killed"))
+
+
+def test_clients_are_weighted_by_the_tokens_of_their_training_split(world, tmp_path, monkeypatch):
+    exchanged = []
+    exchange = rounds_module._exchange
+
+    def audited(accelerator, updates):
+        exchanged.append(exchange(accelerator, updates))
+        return exchanged[-1]
+
+    monkeypatch.setattr(rounds_module, "_exchange", audited)
+    caps = [32, 64, 96, 128]  # tokens: whole blocks of 16
+    cfg = config(world, tmp_path / "out", strategy="fedavg", **{"data.max_train_tokens": str(caps)})
+    federation = setup_federation(cfg, Accelerator(cpu=True))
+    rounds_module.run_round(federation, 1, Accelerator(cpu=True))
+    updates = exchanged[0]
+    assert [update.train_tokens for update in updates] == caps == [c.num_train_tokens for c in federation.clients]
+    tokens_seen = cfg.training.local_steps * cfg.training.batch_size * cfg.data.block_size
+    assert all(update.metrics["tokens_seen"] == tokens_seen for update in updates)  # the same for every client
+    for key, value in federation.shared.items():
+        expected = sum(cap * update.shared[key].double() for cap, update in zip(caps, updates)) / sum(caps)
+        torch.testing.assert_close(value, expected.float(), msg=key)
+
+
+def test_results_record_the_split_size_and_the_tokens_seen(world, tmp_path):
+    cfg = config(world, tmp_path / "out", rounds=2, **{"data.max_train_tokens": "[32, 64, 96, 128]"})
+    results = run(cfg, Accelerator(cpu=True))
+    assert [c["train_tokens"] for c in results["clients"]] == [32, 64, 96, 128]
+    per_round = cfg.training.local_steps * cfg.training.batch_size * cfg.data.block_size
+    assert [c["tokens_seen"] for c in results["clients"]] == [2 * per_round] * 4

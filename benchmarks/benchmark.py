@@ -1,6 +1,6 @@
 """Speed and memory of a CoMiGS training step against a plain PEFT LoRA step, and generation against the bare base.
 
-Run `python -m comigs_hf.benchmark` (or `comigs bench`, `make bench`). Every variant runs in its own fresh process so
+Run `python benchmarks/benchmark.py` (or `make bench`). Every variant runs in its own fresh process so
 that peak memory is its own; the table prints medians and ratios to the PEFT single-LoRA baseline of the same rank on
 the same base. On CPU, "peak memory" is the growth of the process's peak resident set over the training steps (model
 and batch already built), measured in a second run of each variant in which glibc maps every large block separately
@@ -98,8 +98,12 @@ def measure_step(name: str, args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated() - allocated_before
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
-    return {"variant": name, "step_s": statistics.median(times), "peak_bytes": peak,
-            "saved_bytes": saved_activation_bytes(model, batch)}
+    return {
+        "variant": name,
+        "step_s": statistics.median(times),
+        "peak_bytes": peak,
+        "saved_bytes": saved_activation_bytes(model, batch),
+    }
 
 
 def saved_activation_bytes(model, batch: torch.Tensor) -> int:
@@ -143,8 +147,7 @@ def _run_child(args: argparse.Namespace, mode: str, variant: str, live_memory: b
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     command = [
         sys.executable,
-        "-m",
-        "comigs_hf.benchmark",
+        os.path.abspath(__file__),
         "--child",
         mode,
         "--variant",

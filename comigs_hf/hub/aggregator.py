@@ -1,0 +1,470 @@
+"""The aggregator of Hub-mediated rounds: wait for a round's updates, check them, run the server step, publish.
+
+Round `t` starts from the global tagged `round-<t>`; clients upload their updates under `updates/round-<t>/`
+(`comigs_hf.hub.updates`), and [`aggregate_round`] combines the valid ones through the server step
+(`comigs_hf.server.aggregate_updates`) into the global tagged `round-<t+1>`, with `aggregation.json` reporting what
+was accepted and what was rejected, and why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors.torch import load_file, save
+
+from ..adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from ..server import InvalidUpdate, aggregate_updates, check_update
+from ..strategies import Strategy, aggregation_weights, get_strategy
+from .cards import README_NAME, render_generalist_card
+from .repo import _commit_and_tag, _tag_target, check_hub_strategy, round_tag
+from .updates import _LORA_FIELDS, UPDATE_NAME, UPDATES_FOLDER, _Candidate, _parse_update, _Rejected
+
+logger = logging.getLogger("comigs_hf.hub")
+
+REPORT_NAME = "aggregation.json"
+_SMALL_FILE_LIMIT = 1 << 20  # update.json and adapter_config.json are a few hundred bytes
+
+
+@dataclass
+class _Reference:
+    """What updates of this round must agree with; fields left `None` are settled by majority among the updates.
+
+    `tensors` are the global round-t tensors on the meta device: names, shapes and dtypes, no values.
+    """
+
+    config: dict[str, Any] | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+    base_model: str | None = None
+    commit: str | None = None
+    shapes: dict[str, tuple[int, ...]] | None = None  # what updates must have; `expected_shapes` when given
+
+
+def _lora_signature(config: Mapping[str, Any]) -> str:
+    targets = config.get("target_modules")
+    fields = {name: config.get(name) for name in _LORA_FIELDS}
+    fields["target_modules"] = sorted(targets) if isinstance(targets, list) else targets
+    return json.dumps(fields, sort_keys=True)
+
+
+def _check_against(candidate: _Candidate, reference: _Reference) -> None:
+    """Checks of an upload's format against the round's reference: base model and LoRA settings (the tensors
+    themselves are the server step's to check)."""
+    if reference.base_model and candidate.base_model and candidate.base_model != reference.base_model:
+        raise _Rejected(f"trained on base model {candidate.base_model!r}, the global's is {reference.base_model!r}.")
+    if reference.config is not None:
+        ours, theirs = json.loads(_lora_signature(reference.config)), json.loads(_lora_signature(candidate.config))
+        differing = [name for name in _LORA_FIELDS if ours[name] != theirs[name]]
+        if differing:
+            name = differing[0]
+            raise _Rejected(f"adapter_config {name}={theirs[name]!r} differs from the global's {ours[name]!r}.")
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    """A client update that entered the aggregate, with its normalised weight under the strategy's weighting."""
+
+    client_id: str
+    num_tokens: int
+    weight: float
+
+
+@dataclass(frozen=True)
+class RejectedUpdate:
+    """A client update left out of the average (`client_id` is its folder name) and why."""
+
+    client_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class AggregationReport:
+    """What [`aggregate_round`] averaged into the global generalist of round `round + 1`.
+
+    Stored as `aggregation.json` in the commit it describes (without `commit_sha`, which the tag gives).
+
+    Attributes:
+        round (`int`): the round whose updates were aggregated.
+        tag (`str`): the tag of the new global, `round-<t+1>`.
+        accepted (`tuple[AcceptedUpdate, ...]`): the averaged updates, by client id.
+        rejected (`tuple[RejectedUpdate, ...]`): the updates left out, by folder, with the reason.
+        num_tokens (`int`): training tokens over the accepted updates.
+        min_clients (`int`): the quorum that was awaited.
+        previous_commit (`str`, *optional*): the commit of the global `round-<t>` the updates were checked against.
+        aggregation (`str`, defaults to `"weighted_mean"`): the rule (a key of `AGGREGATORS`) that combined them.
+        commit_sha (`str`, *optional*): the commit of the new global.
+    """
+
+    round: int
+    tag: str
+    accepted: tuple[AcceptedUpdate, ...]
+    rejected: tuple[RejectedUpdate, ...]
+    num_tokens: int
+    min_clients: int
+    previous_commit: str | None = None
+    aggregation: str = "weighted_mean"
+    commit_sha: str | None = field(default=None, compare=False)
+
+    @property
+    def accepted_clients(self) -> list[str]:
+        return [update.client_id for update in self.accepted]
+
+    @property
+    def rejected_reasons(self) -> dict[str, str]:
+        return {update.client_id: update.reason for update in self.rejected}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("commit_sha")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], commit_sha: str | None = None) -> AggregationReport:
+        return cls(
+            round=data["round"],
+            tag=data["tag"],
+            accepted=tuple(AcceptedUpdate(**update) for update in data["accepted"]),
+            rejected=tuple(RejectedUpdate(**update) for update in data["rejected"]),
+            num_tokens=data["num_tokens"],
+            min_clients=data["min_clients"],
+            previous_commit=data.get("previous_commit"),
+            aggregation=data.get("aggregation", "weighted_mean"),
+            commit_sha=commit_sha,
+        )
+
+
+def _majority(candidates: list[_Candidate], key: Any) -> Any:
+    """The most common `key(candidate)`; ties go to the first candidate (sorted by folder) holding one."""
+    counts = Counter(key(candidate) for candidate in candidates)
+    best = max(counts.values())
+    return next(key(candidate) for candidate in candidates if counts[key(candidate)] == best)
+
+
+def _settle(
+    candidates: list[_Candidate], reference: _Reference
+) -> tuple[list[_Candidate], list[RejectedUpdate], dict[str, torch.Tensor] | None]:
+    """Format checks, majority where the reference is silent, the server step's tensor checks, then one update per
+    client; also returns the reference tensors the accepted updates were checked against."""
+    rejected: list[RejectedUpdate] = []
+
+    def keep(pool: list[_Candidate], check: Any) -> list[_Candidate]:
+        kept = []
+        for candidate in pool:
+            try:
+                check(candidate)
+                kept.append(candidate)
+            except _Rejected as reason:
+                rejected.append(RejectedUpdate(candidate.folder, str(reason)))
+            except InvalidUpdate as invalid:
+                rejected.append(RejectedUpdate(candidate.folder, invalid.reason))
+        return kept
+
+    pool = keep(candidates, lambda c: _check_against(c, reference))
+    # no global round-t to compare with: the updates most of the clients agree on define the round's format
+    settled = _Reference(reference.config, reference.tensors, reference.base_model, shapes=reference.shapes)
+    if pool and settled.tensors is None:
+        fitting = [c for c in pool if settled.shapes is None or _shapes(c.update.shared) == settled.shapes]
+        voters = fitting or pool
+        signature = _majority(voters, lambda c: c.signature)
+        winner = next(c for c in voters if c.signature == signature)
+        settled.tensors = _meta(winner.update.shared)
+        if settled.shapes is not None and not fitting:
+            # nobody sent the expected shapes: check against them, in the majority's dtype
+            dtype = next(iter(settled.tensors.values())).dtype
+            settled.tensors = {k: torch.empty(s, dtype=dtype, device="meta") for k, s in settled.shapes.items()}
+    pool = keep(pool, lambda c: check_update(c.update, settled.tensors))
+    if pool and settled.config is None:
+        signature = _majority(pool, lambda c: _lora_signature(c.config))
+        settled.config = next(c.config for c in pool if _lora_signature(c.config) == signature)
+    pool = keep(pool, lambda c: _check_against(c, settled))
+
+    by_client: dict[str, list[_Candidate]] = {}
+    for candidate in pool:
+        by_client.setdefault(candidate.client_id, []).append(candidate)
+    accepted = []
+    for client_id, claims in by_client.items():
+        # the folder named after the client is its own upload: other folders claiming the id do not displace it
+        own = next((candidate for candidate in claims if candidate.folder == client_id), None)
+        for candidate in claims:
+            if candidate is own:
+                accepted.append(candidate)
+                continue
+            if own is not None:
+                reason = f"duplicate: client_id {client_id!r} already submitted in folder {client_id!r}."
+            elif len(claims) > 1:
+                folders = ", ".join(repr(c.folder) for c in claims)
+                reason = f"duplicate: client_id {client_id!r} claimed by several folders ({folders})."
+            else:
+                reason = f"{UPDATE_NAME} client_id {client_id!r} does not match its folder {candidate.folder!r}."
+            rejected.append(RejectedUpdate(candidate.folder, reason))
+    accepted.sort(key=lambda c: c.client_id)
+    return accepted, sorted(rejected, key=lambda r: (r.client_id, r.reason)), settled.tensors
+
+
+def _shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+
+
+def _meta(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # names, shapes and dtypes without the values: all a reference needs
+    return {key: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta") for key, tensor in tensors.items()}
+
+
+def _max_weights_bytes(shapes: Mapping[str, Sequence[int]] | None) -> int | None:
+    # float64 is the widest dtype an honest update can use; anything larger is not worth downloading
+    if shapes is None:
+        return None
+    return 8 * sum(math.prod(shape) for shape in shapes.values()) + (1 << 20)
+
+
+class _UpdateScanner:
+    """Lists the updates of a round at a commit and parses each (cached by the folder's blob ids across polls)."""
+
+    def __init__(self, api: HfApi, repo_id: str, round: int, token: str | bool | None, max_weights: int | None):
+        self.api, self.repo_id, self.round, self.token, self.max_weights = api, repo_id, round, token, max_weights
+        self.prefix = f"{UPDATES_FOLDER}/{round_tag(round)}"
+        self._cache: dict[tuple, _Candidate | RejectedUpdate] = {}
+
+    def scan(self, commit: str) -> tuple[list[_Candidate], list[RejectedUpdate]]:
+        try:
+            entries = list(
+                self.api.list_repo_tree(
+                    self.repo_id, path_in_repo=self.prefix, recursive=True, revision=commit, token=self.token
+                )
+            )
+        except EntryNotFoundError:
+            return [], []
+        folders: dict[str, dict[str, Any]] = {}
+        for entry in entries:
+            if not hasattr(entry, "blob_id"):
+                continue  # a folder
+            folder, _, name = entry.path[len(self.prefix) + 1 :].partition("/")
+            if not name:
+                continue  # a stray file next to the client folders, not an update
+            folders.setdefault(folder, {})
+            if name in (UPDATE_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+                folders[folder][name] = entry
+        candidates, rejected = [], []
+        for folder in sorted(folders):
+            files = folders[folder]
+            signature = (folder, *sorted((name, entry.blob_id) for name, entry in files.items()))
+            if signature not in self._cache:
+                self._cache[signature] = self._parse(folder, files, commit)
+            result = self._cache[signature]
+            (rejected if isinstance(result, RejectedUpdate) else candidates).append(result)
+        return candidates, rejected
+
+    def _parse(self, folder: str, files: Mapping[str, Any], commit: str) -> _Candidate | RejectedUpdate:
+        try:
+            for name, entry in files.items():
+                limit = self.max_weights if name == ADAPTER_WEIGHTS_NAME else _SMALL_FILE_LIMIT
+                if limit is not None and entry.size > limit:
+                    raise _Rejected(f"{name} is {entry.size} bytes, more than the {limit} this round's update needs.")
+            paths = {
+                name: Path(hf_hub_download(self.repo_id, entry.path, revision=commit, token=self.token))
+                for name, entry in files.items()
+            }
+            candidate = _parse_update(folder, paths, self.round)
+        except _Rejected as reason:
+            result = RejectedUpdate(folder, str(reason))
+            logger.warning("Rejected the round %d update in %s/%s: %s", self.round, self.prefix, folder, reason)
+            return result
+        return candidate
+
+
+def _reference(
+    api: HfApi, repo_id: str, round: int, expected_shapes: Mapping[str, Sequence[int]] | None, token: str | bool | None
+) -> _Reference:
+    """The global tagged `round-<t>` (config, shapes, base model), overridden by `expected_shapes` when given."""
+    reference = _Reference()
+    commit = _tag_target(api, repo_id, round_tag(round), token)
+    if commit is not None:
+        reference.commit = commit
+        try:
+            config_path = hf_hub_download(repo_id, ADAPTER_CONFIG_NAME, revision=commit, token=token)
+            weights_path = hf_hub_download(repo_id, ADAPTER_WEIGHTS_NAME, revision=commit, token=token)
+        except EntryNotFoundError:
+            logger.warning(
+                "%s of %s holds no adapter at the root: updates are checked against each other.",
+                round_tag(round),
+                repo_id,
+            )
+        else:
+            reference.config = json.loads(Path(config_path).read_text())
+            reference.tensors = _meta(load_file(weights_path))
+            reference.shapes = _shapes(reference.tensors)
+            reference.base_model = reference.config.get("base_model_name_or_path")
+    if expected_shapes is not None:
+        reference.shapes = {key: tuple(shape) for key, shape in expected_shapes.items()}
+        reference.tensors = None  # settled among the updates of these shapes
+    return reference
+
+
+def _existing_report(api: HfApi, repo_id: str, tag: str, token: str | bool | None) -> AggregationReport | None:
+    commit = _tag_target(api, repo_id, tag, token)
+    if commit is None:
+        return None
+    try:
+        path = hf_hub_download(repo_id, REPORT_NAME, revision=commit, token=token)
+    except EntryNotFoundError:
+        raise ValueError(
+            f"{tag} already exists in {repo_id} (commit {commit}) but was not produced by aggregate_round (no "
+            f"{REPORT_NAME}): refusing to aggregate over it."
+        ) from None
+    return AggregationReport.from_dict(json.loads(Path(path).read_text()), commit_sha=commit)
+
+
+def aggregate_round(
+    repo_id: str,
+    round: int,
+    *,
+    min_clients: int,
+    timeout_s: float,
+    poll_interval_s: float = 10.0,
+    token: str | bool | None = None,
+    expected_shapes: Mapping[str, Sequence[int]] | None = None,
+    strategy: Strategy | str = "comigs",
+) -> AggregationReport:
+    """Wait for the round-`round` updates, aggregate them with the strategy's rule, publish `round-<t+1>`.
+
+    Polls `updates/round-<t>/` until `min_clients` valid updates are in or `timeout_s` passes, then proceeds with
+    what arrived (at least one). Each update is checked: files present and readable (safetensors only), a LoRA
+    config agreeing with the global's (rank, alpha, rsLoRA, targets), `update.json` for this round with a positive
+    `num_tokens`, the same base model, then the server step's checks ([`~comigs_hf.server.check_update`]: the
+    global's tensor names, shapes and dtype, finite values), and one update per client. Failing updates are logged
+    (`comigs_hf.hub` warnings) and listed in the report; they never block the others. Without a global `round-<t>`,
+    or with `expected_shapes`, the format most updates share (of those shapes) is the reference.
+
+    The accepted updates are combined by the server step, [`~comigs_hf.server.aggregate_updates`], with the
+    strategy's rule and weighting (the recipe's `aggregation`, `aggregation_kwargs` and `weighting`, so
+    `trimmed_mean` works here as in the Accelerate rounds). The result is committed at the repo root as a PEFT
+    adapter with its card and `aggregation.json`, in one commit tagged `round-<t+1>`. If that tag already exists,
+    nothing is committed and its stored report is returned.
+
+    Args:
+        repo_id (`str`): the shared repo.
+        round (`int`): the round whose updates to aggregate.
+        min_clients (`int`): valid updates to wait for.
+        timeout_s (`float`): how long to wait for them, in seconds.
+        poll_interval_s (`float`, defaults to 10): seconds between listings of the updates.
+        token (`str` or `bool`, *optional*): Hub token; defaults to `HF_TOKEN` or the stored login.
+        expected_shapes (`Mapping[str, Sequence[int]]`, *optional*): PEFT key to shape, instead of the global's.
+        strategy ([`~comigs_hf.strategies.Strategy`] or `str`, defaults to `"comigs"`): the recipe's strategy, or
+            the name of a preset; it must share the generalist only (see `check_hub_strategy`).
+
+    Returns:
+        [`AggregationReport`]: accepted and rejected updates and the new commit.
+
+    Raises:
+        `TimeoutError`: no valid update arrived in time.
+        `ValueError`: bad arguments, a strategy the Hub rounds cannot carry, `round-<t+1>` existing without an
+        aggregation report, or an aggregate that is not finite (nothing is published then).
+    """
+    round_tag(round)  # checks it
+    strategy = check_hub_strategy(get_strategy(strategy) if isinstance(strategy, str) else strategy)
+    if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
+        raise ValueError(f"`min_clients` must be a positive integer, got {min_clients!r}.")
+    if timeout_s < 0 or poll_interval_s <= 0:
+        raise ValueError(f"`timeout_s` must be >= 0 and `poll_interval_s` > 0, got {timeout_s} and {poll_interval_s}.")
+    api = HfApi()
+    tag = round_tag(round + 1)
+    existing = _existing_report(api, repo_id, tag, token)
+    if existing is not None:
+        logger.info(
+            "%s already aggregated into %s (commit %s): nothing to do.", round_tag(round), tag, existing.commit_sha
+        )
+        return existing
+
+    reference = _reference(api, repo_id, round, expected_shapes, token)
+    scanner = _UpdateScanner(api, repo_id, round, token, _max_weights_bytes(reference.shapes))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        branches = api.list_repo_refs(repo_id, token=token).branches
+        head = next(ref.target_commit for ref in branches if ref.name == "main")
+        candidates, rejected = scanner.scan(head)
+        accepted, late_rejected, reference_tensors = _settle(candidates, reference)
+        remaining = deadline - time.monotonic()
+        if len(accepted) >= min_clients or remaining <= 0:
+            break
+        time.sleep(min(poll_interval_s, remaining))
+    rejected = sorted([*rejected, *late_rejected], key=lambda r: (r.client_id, r.reason))
+    for update in late_rejected:
+        logger.warning(
+            "Rejected the round %d update in %s/%s: %s", round, scanner.prefix, update.client_id, update.reason
+        )
+    if not accepted:
+        reasons = "; ".join(f"{r.client_id}: {r.reason}" for r in rejected) or "none arrived"
+        raise TimeoutError(f"No valid round {round} update in {repo_id} after {timeout_s} s ({reasons}).")
+    if len(accepted) < min_clients:
+        logger.warning(
+            "Round %d: %d of %d expected clients after %s s; aggregating those.",
+            round,
+            len(accepted),
+            min_clients,
+            timeout_s,
+        )
+
+    updates = [candidate.update for candidate in accepted]
+    state = aggregate_updates(strategy, updates, reference_tensors)
+    weights = aggregation_weights(strategy, [update.train_tokens for update in updates])
+    total = sum(update.train_tokens for update in updates)
+    report = AggregationReport(
+        round=round,
+        tag=tag,
+        accepted=tuple(
+            AcceptedUpdate(u.client_id, u.train_tokens, weight / sum(weights)) for u, weight in zip(updates, weights)
+        ),
+        rejected=tuple(rejected),
+        num_tokens=total,
+        min_clients=min_clients,
+        previous_commit=reference.commit,
+        aggregation=strategy.aggregation,
+    )
+    config = dict(reference.config or accepted[0].config)
+    base_model = reference.base_model or config.get("base_model_name_or_path") or accepted[0].base_model
+    card = render_generalist_card(
+        base_model=base_model,
+        repo_id=repo_id,
+        round=round + 1,
+        num_clients=len(accepted),
+        num_tokens=total,
+        strategy=strategy.name,
+        lora_r=config.get("r"),
+        lora_alpha=config.get("lora_alpha"),
+        target_modules=config.get("target_modules") if isinstance(config.get("target_modules"), list) else None,
+    )
+    weights_bytes = save({key: value.contiguous() for key, value in state.items()}, metadata={"format": "pt"})
+    files = {
+        ADAPTER_WEIGHTS_NAME: weights_bytes,
+        ADAPTER_CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True).encode(),
+        README_NAME: str(card).encode(),
+        REPORT_NAME: json.dumps(report.to_dict(), indent=2).encode(),
+    }
+    # another aggregator may have finished this round while we waited: its report stands
+    existing = _existing_report(api, repo_id, tag, token)
+    if existing is not None:
+        logger.info("%s was aggregated into %s meanwhile (commit %s).", round_tag(round), tag, existing.commit_sha)
+        return existing
+    sha = _commit_and_tag(
+        api,
+        repo_id,
+        files,
+        tag=tag,
+        token=token,
+        commit_message=f"Global generalist after round {round} ({len(accepted)} clients)",
+    )
+    logger.info("Aggregated %d round %d updates of %s into %s (commit %s).", len(accepted), round, repo_id, tag, sha)
+    return AggregationReport.from_dict(report.to_dict(), commit_sha=sha)
+
+
+__all__ = ["AcceptedUpdate", "AggregationReport", "RejectedUpdate", "aggregate_round"]

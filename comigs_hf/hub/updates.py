@@ -1,0 +1,172 @@
+"""What a client uploads in a Hub-mediated round, and the checks an upload passes on its own.
+
+```
+updates/round-<t>/<client_id>/adapter_config.json            the client's generalist after local training in round t
+updates/round-<t>/<client_id>/adapter_model.safetensors
+updates/round-<t>/<client_id>/update.json                    {"client_id", "round", "num_tokens", "base_model"}
+```
+
+Uploads are untrusted: they are read with safetensors only, and the tensors are checked against the round's global
+state by the server step (`comigs_hf.server.check_update`) before anything is averaged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, HfApi
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from ..modeling_comigs import CoMiGSForCausalLM
+from ..server import MAX_TRAIN_TOKENS
+from ..trainer import ClientUpdate
+from .repo import _generalist_files, round_tag
+
+logger = logging.getLogger("comigs_hf.hub")
+
+UPDATE_NAME = "update.json"
+UPDATES_FOLDER = "updates"
+# LoRA fields that change what a tensor means: updates are only averaged when they agree on all of them
+_LORA_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "target_modules")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def update_folder(round: int, client_id: str) -> str:
+    """Path of a client's update for round `round` in the shared repo: `updates/round-<t>/<client_id>`."""
+    return f"{UPDATES_FOLDER}/{round_tag(round)}/{client_id}"
+
+
+def check_client_id(client_id: object) -> str:
+    """`client_id` if it can name a client's update folder: 1-96 letters, digits, `.`, `_`, `-`, starting with a
+    letter or digit (nothing else, not even a trailing newline).
+
+    Raises:
+        `ValueError`: naming the rule.
+    """
+    if not isinstance(client_id, str) or _CLIENT_ID.fullmatch(client_id) is None:
+        raise ValueError(
+            f"`client_id` must be 1-96 letters, digits, '.', '_' or '-' starting with a letter or digit, "
+            f"got {client_id!r}."
+        )
+    return client_id
+
+
+def submit_update(
+    model: CoMiGSForCausalLM,
+    repo_id: str,
+    client_id: str,
+    round: int,
+    num_tokens: int,
+    *,
+    index: int = 0,
+    token: str | bool | None = None,
+) -> str:
+    """Upload this client's generalist after local training in round `round`, for
+    [`~comigs_hf.hub.aggregator.aggregate_round`].
+
+    Writes `updates/round-<t>/<client_id>/` (PEFT adapter plus `update.json` with the client id, round, number of
+    training tokens and base model) in one commit. Submitting again for the same round replaces the update.
+
+    Args:
+        model ([`CoMiGSForCausalLM`]): the client model.
+        repo_id (`str`): the shared repo (it must exist: the coordinator creates it with the round-1 seed).
+        client_id (`str`): letters, digits, `.`, `_`, `-`; the folder name.
+        round (`int`): the round trained (starting from the global tagged `round-<t>`).
+        num_tokens (`int`): training tokens this round, the aggregation weight; at least 1.
+        index (`int`, defaults to 0): which generalist.
+        token (`str` or `bool`, *optional*): Hub token; defaults to `HF_TOKEN` or the stored login.
+
+    Returns:
+        `str`: the commit sha.
+    """
+    round_tag(round)  # checks it
+    check_client_id(client_id)
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 1 <= num_tokens <= MAX_TRAIN_TOKENS:
+        raise ValueError(
+            f"`num_tokens` must be an integer in [1, 2**53] (the aggregation weight), got {num_tokens!r}."
+        )
+    files, _ = _generalist_files(model, index)
+    update = {
+        "client_id": client_id,
+        "round": round,
+        "num_tokens": num_tokens,
+        "base_model": model.config.base_model_name_or_path,
+    }
+    files[UPDATE_NAME] = json.dumps(update, indent=2).encode()
+    folder = update_folder(round, client_id)
+    info = HfApi().create_commit(
+        repo_id,
+        operations=[CommitOperationAdd(f"{folder}/{name}", data) for name, data in files.items()],
+        commit_message=f"Round {round} update from {client_id}",
+        token=token,
+    )
+    logger.info("Submitted the round %d update of %s to %s (commit %s).", round, client_id, repo_id, info.oid)
+    return info.oid
+
+
+class _Rejected(Exception):
+    """An update fails a check; the message is the reason recorded in the report."""
+
+
+@dataclass
+class _Candidate:
+    """A parsed upload: its folder, LoRA config and base model, and the update the server step checks."""
+
+    folder: str
+    base_model: str | None
+    config: dict[str, Any]
+    update: ClientUpdate
+
+    @property
+    def client_id(self) -> str:
+        return self.update.client_id
+
+    @property
+    def signature(self) -> str:
+        """Tensor names, shapes and dtypes, for a majority vote where the round has no global to compare with."""
+        return json.dumps(sorted((key, list(t.shape), str(t.dtype)) for key, t in self.update.shared.items()))
+
+
+def _read_json(path: Path, name: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _Rejected(f"{name} is not valid JSON ({error}).") from None
+
+
+def _parse_update(folder: str, paths: Mapping[str, Path], round: int) -> _Candidate:
+    """Checks of an update on its own: files, JSON, LoRA config, round, token count, readable safetensors."""
+    for name in (UPDATE_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+        if name not in paths:
+            raise _Rejected(f"missing {name}.")
+    update = _read_json(paths[UPDATE_NAME], UPDATE_NAME)
+    if not isinstance(update, dict):
+        raise _Rejected(f"{UPDATE_NAME} is not a JSON object.")
+    client_id, update_round, num_tokens = update.get("client_id"), update.get("round"), update.get("num_tokens")
+    if not isinstance(client_id, str) or not client_id:
+        raise _Rejected(f"{UPDATE_NAME} has no client_id.")
+    if update_round != round or isinstance(update_round, bool):
+        raise _Rejected(f"{UPDATE_NAME} is for round {update_round!r}, not round {round}.")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+        raise _Rejected(f"{UPDATE_NAME} num_tokens must be a positive integer, got {num_tokens!r}.")
+    base_model = update.get("base_model")
+    config = _read_json(paths[ADAPTER_CONFIG_NAME], ADAPTER_CONFIG_NAME)
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        peft_type = config.get("peft_type") if isinstance(config, dict) else None
+        raise _Rejected(f"not a LoRA adapter ({ADAPTER_CONFIG_NAME} peft_type is {peft_type!r}).")
+    try:
+        state = load_file(paths[ADAPTER_WEIGHTS_NAME])
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _Rejected(f"cannot read {ADAPTER_WEIGHTS_NAME} ({error}).") from None
+    if not state:
+        raise _Rejected(f"{ADAPTER_WEIGHTS_NAME} holds no tensors.")
+    base_model = base_model if isinstance(base_model, str) else None
+    return _Candidate(folder, base_model, config, ClientUpdate(client_id, round, state, num_tokens))

@@ -1,0 +1,163 @@
+"""The recipe's model section and what it builds: the frozen base and the CoMiGS model around it.
+
+`ModelConfig` holds what a recipe says about the model. The architecture fields are checked by building the
+[`~comigs_hf.CoMiGSConfig`] they describe, once per distinct specialist count, so every check of the architecture
+lives in `configuration_comigs.py`; this section adds only what the recipe itself decides (where the base comes from,
+its dtype, one specialist count per client, gradient checkpointing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .configuration_comigs import CoMiGSConfig
+from .embedded import build_embedded_base
+from .modeling_comigs import CoMiGSForCausalLM
+
+KNOWN_DTYPES = ("float32", "bfloat16", "float16")
+EMBEDDED_BASE_NAME = "comigs_hf/embedded-base"
+
+
+@dataclass
+class ModelConfig:
+    """Base model, experts, LoRA and routing; each client's part becomes a `CoMiGSConfig`."""
+
+    base_model: str = field(
+        default="embedded",
+        metadata={"help": "Hub id or local path of the frozen base causal LM, or 'embedded' for the offline default."},
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) to pin."})
+    num_generalists: int = field(default=1, metadata={"help": "Generalist experts per layer, shared by all clients."})
+    num_specialists: int | list[int] = field(
+        default=1,
+        metadata={"help": "Specialist experts per layer: one count for all clients, or a list with one per client."},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank of every expert (PEFT's `r`)."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator (PEFT's `lora_alpha`)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    use_rslora: bool = field(default=True, metadata={"help": "Scale by lora_alpha / sqrt(r) instead of / r."})
+    top_k: int = field(default=2, metadata={"help": "Experts mixed per token (Mixtral's `num_experts_per_tok`)."})
+    router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balancing loss."})
+    generalist_importance: float = field(
+        default=0.5,
+        metadata={"help": "Share of the load the balancing loss steers to generalists; in (0, 1) with specialists."},
+    )
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "MLP projections carrying experts, in the order the MLP applies them; None: detected."},
+    )
+    attention_lora: bool = field(
+        default=False, metadata={"help": "Also put a generalist LoRA adapter on the attention projection."}
+    )
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    recompute_activation: bool = field(
+        default=True,
+        metadata={"help": "With top_k > 1, recompute composite MLP activations in backward, not keep k copies."},
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.dtype not in KNOWN_DTYPES:
+            problems.append(f"dtype: unknown dtype {self.dtype!r}; known: {', '.join(KNOWN_DTYPES)}.")
+        counts = [self.num_specialists] if isinstance(self.num_specialists, int) else list(self.num_specialists)
+        if not counts:
+            problems.append("num_specialists is an empty list; give one count per client or a single int.")
+        negative = [
+            f"num_specialists{'' if isinstance(self.num_specialists, int) else f'[{i}]'} is {count}"
+            for i, count in enumerate(counts)
+            if count < 0
+        ]
+        if negative:
+            problems.append(f"specialist counts must be >= 0: {'; '.join(negative)}.")
+        else:
+            # the architecture's own checks, once per distinct count, naming the clients that have it
+            for count in dict.fromkeys(counts):
+                try:
+                    self.comigs_config(count)
+                except ValueError as error:
+                    if isinstance(self.num_specialists, int):
+                        problems.append(str(error))
+                    else:
+                        clients = [i for i, c in enumerate(counts) if c == count]
+                        problems.append(f"num_specialists={count} (clients {clients}): {error}")
+        if problems:
+            raise ValueError("\n".join(problems))
+
+    def client_num_specialists(self, num_clients: int) -> list[int]:
+        """One specialist count per client, in client order.
+
+        Raises:
+            `ValueError`: a per-client list without one entry per client.
+        """
+        if isinstance(self.num_specialists, int):
+            return [self.num_specialists] * num_clients
+        if len(self.num_specialists) != num_clients:
+            raise ValueError(
+                f"model.num_specialists has {len(self.num_specialists)} entries {list(self.num_specialists)} but "
+                f"there are {num_clients} clients; give one count per client or a single int."
+            )
+        return list(self.num_specialists)
+
+    def comigs_kwargs(self, num_specialists: int) -> dict[str, Any]:
+        """The `CoMiGSConfig` fields of a client with `num_specialists` specialists."""
+        return {
+            "num_generalists": self.num_generalists,
+            "num_specialists": num_specialists,
+            "lora_r": self.lora_r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "use_rslora": self.use_rslora,
+            "num_experts_per_tok": self.top_k,
+            "recompute_activation": self.recompute_activation,
+            "router_aux_loss_coef": self.router_aux_loss_coef,
+            "generalist_importance": self.generalist_importance,
+            "target_modules": list(self.target_modules) if self.target_modules is not None else None,
+            "attention_lora": self.attention_lora,
+        }
+
+    def comigs_config(self, num_specialists: int) -> CoMiGSConfig:
+        """A `CoMiGSConfig` of these settings (on a default base config): raises its `ValueError` when they are
+        inconsistent."""
+        return CoMiGSConfig(**self.comigs_kwargs(num_specialists))
+
+
+def load_base(cfg: ModelConfig, progress: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """The frozen base, its tokenizer and the name recorded in exported adapters.
+
+    The embedded default is built once and cached (a file lock keeps concurrent processes from building twice).
+
+    Args:
+        cfg ([`ModelConfig`]): the model section.
+        progress (`bool`, defaults to `True`): show the embedded base's build progress.
+
+    Returns:
+        `tuple`: the base model (on CPU, in `cfg.dtype`), its tokenizer, and `cfg.base_model` (or
+        `"comigs_hf/embedded-base"` for the embedded default).
+    """
+    path = cfg.base_model
+    if path == "embedded":
+        path = str(build_embedded_base(progress=progress))
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
+    base = AutoModelForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=getattr(torch, cfg.dtype))
+    name = cfg.base_model if cfg.base_model != "embedded" else EMBEDDED_BASE_NAME
+    return base, tokenizer, name
+
+
+def build_model(cfg: ModelConfig, base: PreTrainedModel, base_name: str, num_specialists: int) -> CoMiGSForCausalLM:
+    """The CoMiGS model around `base` as `cfg` describes it, holding `num_specialists` specialists.
+
+    One model serves every client of a process: clients with other specialist counts are swapped in with
+    `set_num_specialists`.
+    """
+    model = CoMiGSForCausalLM.from_base(base, base_model_name_or_path=base_name, **cfg.comigs_kwargs(num_specialists))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+__all__ = ["EMBEDDED_BASE_NAME", "KNOWN_DTYPES", "ModelConfig", "build_model", "load_base"]

@@ -1,0 +1,104 @@
+"""The server step of the round protocol: check every client update against the global state, then combine them.
+
+Every transport calls [`aggregate_updates`] with the updates that reached it and the global shared state the round
+started from (the reference). Each update must hold exactly the reference's tensor names, with its shapes and dtype
+and only finite values, and a positive token count; the strategy's rule from the `AGGREGATORS` registry then combines
+them with the strategy's weighting. A result that is not finite is never returned: an overflow in the average is an
+error, not a new global state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .aggregation import get_aggregator
+from .strategies import Strategy, aggregation_weights
+from .trainer import ClientUpdate
+
+# a token count above this is no honest training split (it would overflow the float weights' exact integers)
+MAX_TRAIN_TOKENS = 2**53
+
+
+class InvalidUpdate(ValueError):
+    """A client update that does not fit the round's reference; `client_id` names the client, the message why."""
+
+    def __init__(self, client_id: int | str, reason: str):
+        super().__init__(f"update of client {client_id!r}: {reason}")
+        self.client_id = client_id
+        self.reason = reason
+
+
+def check_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor]) -> None:
+    """Checks one update against the reference: tensor names, shapes, dtype, finite values, and its token count.
+
+    Args:
+        update ([`~comigs_hf.trainer.ClientUpdate`]): what a client sent.
+        reference (`Mapping[str, torch.Tensor]`): the global shared state the round started from.
+
+    Raises:
+        [`InvalidUpdate`]: naming the client and the first key (or field) at fault.
+    """
+    tokens = update.train_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 < tokens <= MAX_TRAIN_TOKENS:
+        raise InvalidUpdate(update.client_id, f"train_tokens must be an integer in [1, 2**53], got {tokens!r}.")
+    missing = sorted(set(reference) - set(update.shared))
+    unexpected = sorted(set(update.shared) - set(reference))
+    if missing or unexpected:
+        raise InvalidUpdate(update.client_id, f"wrong tensors: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+    for key, expected in reference.items():
+        tensor = update.shared[key]
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise InvalidUpdate(
+                update.client_id, f"wrong shape for {key!r}: {tuple(tensor.shape)}, expected {tuple(expected.shape)}."
+            )
+        if tensor.dtype != expected.dtype:
+            raise InvalidUpdate(update.client_id, f"{key!r} has dtype {tensor.dtype}, expected {expected.dtype}.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise InvalidUpdate(update.client_id, f"{key!r} holds NaN or Inf values.")
+
+
+def aggregate_updates(
+    strategy: Strategy, updates: Sequence[ClientUpdate], reference: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The new global shared state: the strategy's rule over the checked updates.
+
+    The updates are combined in the order given (transports pass them sorted by client id, so the float sums do not
+    depend on which process or transport carried them). Weights follow `strategy.weighting`: each update's
+    `train_tokens`, or uniform.
+
+    Args:
+        strategy ([`~comigs_hf.strategies.Strategy`]): its `aggregation` (a key of `AGGREGATORS`),
+            `aggregation_kwargs` and `weighting`.
+        updates (`Sequence[ClientUpdate]`): at least one.
+        reference (`Mapping[str, torch.Tensor]`): the global shared state the round started from; the result has its
+            names, shapes and dtypes.
+
+    Returns:
+        `dict[str, torch.Tensor]`: the new global shared state, keyed like the reference.
+
+    Raises:
+        [`InvalidUpdate`]: an update does not fit the reference (see [`check_update`]).
+        `ValueError`: no update, or a combined tensor that is not finite (an overflow).
+    """
+    if not updates:
+        raise ValueError("Cannot aggregate a round without client updates.")
+    for update in updates:
+        check_update(update, reference)
+    rule = get_aggregator(strategy.aggregation)
+    weights = aggregation_weights(strategy, [update.train_tokens for update in updates])
+    combined = rule([update.shared for update in updates], weights, **strategy.aggregation_kwargs)
+    result = {}
+    for key, expected in reference.items():
+        tensor = combined[key].to(expected.dtype)
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"The {strategy.aggregation!r} aggregate of {key!r} over {len(updates)} updates is not finite in "
+                f"{expected.dtype}: refusing to publish it."
+            )
+        result[key] = tensor
+    return result
+
+
+__all__ = ["MAX_TRAIN_TOKENS", "InvalidUpdate", "aggregate_updates", "check_update"]
