@@ -241,7 +241,6 @@ def run_hub_client_round(
         record = saved["record"]
         activate_client(model, state, saved["shared"])
     else:
-        activate_client(model, state, {})  # the layout the global generalist is read into
         shared = read_generalist(model, client.repo_id, revision=round_tag(round_index), token=client.token)
         update = run_client_round(
             model,
@@ -310,10 +309,8 @@ def evaluate_hub_client(
             "needs it."
         )
     _check_saved(saved, _run_values(client, data.name), client.state_path)
-    state = ClientState.from_checkpoint(saved["state"])
-    activate_client(model, state, {})
     shared = read_generalist(model, client.repo_id, revision=round_tag(round_index + 1), token=client.token)
-    activate_client(model, state, shared)
+    activate_client(model, ClientState.from_checkpoint(saved["state"]), shared)
     metrics = evaluate_client(model, data.test, client.training, accelerator)
     return {"round": round_index, "client_id": client.client_id, "name": data.name, **metrics}
 
