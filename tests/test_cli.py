@@ -95,31 +95,23 @@ def test_push_then_pull_loads_round_1_into_a_saved_model_and_resaves_it(local_hu
     assert_same(private, build(seed=3).role_state_dict("specialist", "router"))  # only the generalist changed
 
 
-def test_submit_and_aggregate_run_a_hub_round(local_hub, saved, capsys):
+def seed_and_submit(saved, tokens: dict[str, int]) -> None:
+    """Round 1 of a Hub federation through the CLI: a seed pushed as round-1, one submit per client."""
     assert main(["push", str(saved(seed=0, name="seed")), REPO, "--round", "1"]) == 0
-    for i, (client, tokens) in enumerate((("alice", "100"), ("bob", "300"))):
-        model_dir = saved(seed=10 + i, name=client)
-        arguments = ["--client-id", client, "--round", "1", "--num-tokens", tokens]
-        assert main(["submit", str(model_dir), REPO, *arguments]) == 0
+    for i, (client, count) in enumerate(tokens.items()):
+        arguments = ["--client-id", client, "--round", "1", "--num-tokens", str(count)]
+        assert main(["submit", str(saved(seed=10 + i, name=client)), REPO, *arguments]) == 0
+
+
+def aggregate(min_clients: int, *extra: str) -> int:
+    command = f"aggregate {REPO} --round 1 --min-clients {min_clients} --timeout 5 --poll-interval 0.05"
+    return main([*command.split(), *extra])
+
+
+def test_submit_and_aggregate_run_a_hub_round(local_hub, saved, capsys):
+    seed_and_submit(saved, {"alice": 100, "bob": 300})
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "aggregate",
-                REPO,
-                "--round",
-                "1",
-                "--min-clients",
-                "2",
-                "--timeout",
-                "5",
-                "--poll-interval",
-                "0.05",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert aggregate(2, "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert [u["client_id"] for u in report["accepted"]] == ["alice", "bob"] and report["tag"] == "round-2"
     assert HfApi().revision_exists(REPO, "round-2")
@@ -174,32 +166,11 @@ def test_run_hands_its_arguments_to_the_recipe_parser(capsys):
 
 
 def test_aggregate_uses_the_recipe_s_rule(local_hub, saved, tmp_path, capsys):
-    assert main(["push", str(saved(seed=0, name="seed")), REPO, "--round", "1"]) == 0
-    for i, client in enumerate(("alice", "bob", "carol")):
-        arguments = ["--client-id", client, "--round", "1", "--num-tokens", str(100 * (i + 1))]
-        assert main(["submit", str(saved(seed=10 + i, name=client)), REPO, *arguments]) == 0
+    seed_and_submit(saved, {"alice": 100, "bob": 200, "carol": 300})
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("aggregation: trimmed_mean\naggregation_kwargs: {trim_ratio: 0.34}\n")
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "aggregate",
-                REPO,
-                "--round",
-                "1",
-                "--min-clients",
-                "3",
-                "--timeout",
-                "5",
-                "--poll-interval",
-                "0.05",
-                "--config",
-                str(recipe),
-            ]
-        )
-        == 0
-    )
+    assert aggregate(3, "--config", str(recipe)) == 0
     assert "aggregated (trimmed_mean) into round-2" in capsys.readouterr().out
     # three clients, one cut from each end: the coordinate-wise median
     states = [generalist_of(saved(seed=10 + i, name=f"again-{i}")) for i in range(3)]
