@@ -126,22 +126,15 @@ def client_num_specialists(cfg: RecipeConfig, num_clients: int | None = None) ->
         `ValueError`: when a per-client list does not have one entry per client, or when a single count must be
         broadcast but the number of clients is unknown before loading (pass `num_clients`).
     """
+    if num_clients is not None:
+        return cfg.model.client_num_specialists(num_clients)
+    num_clients, source = cfg.data.num_clients_known(), cfg.data.describe_client_count()
+    if num_clients is not None:
+        return cfg.model.client_num_specialists(num_clients, source)
     counts = cfg.model.num_specialists
-    if num_clients is None:
-        num_clients = cfg.data.num_clients_known()
-        if num_clients is None:
-            if isinstance(counts, int):
-                raise ValueError(
-                    f"model.num_specialists={counts} applies to every client, but "
-                    f"{cfg.data.describe_client_count()}: pass num_clients."
-                )
-            return list(counts)
-        if not isinstance(counts, int) and len(counts) != num_clients:
-            raise ValueError(
-                f"model.num_specialists has {len(counts)} entries {list(counts)} but "
-                f"{cfg.data.describe_client_count()}; give one count per client or a single int."
-            )
-    return cfg.model.client_num_specialists(num_clients)
+    if isinstance(counts, int):
+        raise ValueError(f"model.num_specialists={counts} applies to every client, but {source}: pass num_clients.")
+    return list(counts)
 
 
 def check_client_layout(cfg: RecipeConfig, num_clients: int | None = None) -> list[int] | None:

@@ -88,8 +88,13 @@ class ModelConfig:
         if problems:
             raise ValueError("\n".join(problems))
 
-    def client_num_specialists(self, num_clients: int) -> list[int]:
+    def client_num_specialists(self, num_clients: int, source: str | None = None) -> list[int]:
         """One specialist count per client, in client order.
+
+        Args:
+            num_clients (`int`): the number of clients.
+            source (`str`, *optional*): where that number comes from, for the message (`"data.num_clients is 4"`);
+                defaults to `"there are <num_clients> clients"`.
 
         Raises:
             `ValueError`: a per-client list without one entry per client.
@@ -99,7 +104,7 @@ class ModelConfig:
         if len(self.num_specialists) != num_clients:
             raise ValueError(
                 f"model.num_specialists has {len(self.num_specialists)} entries {list(self.num_specialists)} but "
-                f"there are {num_clients} clients; give one count per client or a single int."
+                f"{source or f'there are {num_clients} clients'}; give one count per client or a single int."
             )
         return list(self.num_specialists)
 

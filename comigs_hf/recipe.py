@@ -63,7 +63,7 @@ def setup_federation(cfg: RecipeConfig, accelerator: Accelerator) -> Federation:
         clients = build_client_datasets(cfg.data, tokenizer, cfg.seed)
     counts = check_client_layout(cfg, num_clients=len(clients))
     # client 0's layout: the shared reference is drawn from it (see trainer.initial_shared_state)
-    model = build_model(cfg.model, base.to(accelerator.device), base_name, counts[0]).to(accelerator.device)
+    model = build_model(cfg.model, base, base_name, counts[0]).to(accelerator.device)
     federation = Federation(model, tokenizer, clients, counts, strategy, cfg.training, cfg)
     return start_federation(federation, accelerator)
 

@@ -200,10 +200,10 @@ def _optimizers(model: CoMiGSForCausalLM, state: ClientState, cfg: TrainingConfi
     experts = [p for _, p in model.named_parameters_by_role(*EXPERT_ROLES)]
     routers = [p for _, p in model.named_parameters_by_role("router")]
     expert_optimizer = torch.optim.AdamW(
-        experts, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+        experts, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
     )
     router_optimizer = torch.optim.AdamW(
-        routers, lr=cfg.router_learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+        routers, lr=cfg.router_learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
     )
     if state.expert_optimizer:
         expert_optimizer.load_state_dict(state.expert_optimizer)
