@@ -1,5 +1,6 @@
 # Every target does its own setup: a fresh clone needs only Python 3.10+ and pip.
-#   make demo    offline main job: builds/caches a small base, federates 4 clients with comigs, local and fedavg
+#   make demo    offline main job: builds/caches a small base, then the table of recipes/tables/demo.yaml
+#                (local, fedavg, pfedmoe and comigs on 4 clients)
 #   make test    the whole test suite (slow tests included), as CI runs it
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,6 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= outputs/demo
-STRATEGIES := comigs local fedavg
 
 .PHONY: install demo test test-fast test-slow bench lint style quality clean
 
@@ -22,13 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	@for strategy in $(STRATEGIES); do \
-		echo "== $$strategy =="; \
-		$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-			recipes/federated.py --config recipes/configs/demo.yaml strategy=$$strategy \
-			output_dir=$(DEMO_OUT)/$$strategy || exit 1; \
-	done
-	$(BIN)/python recipes/compare.py $(foreach s,$(STRATEGIES),$(DEMO_OUT)/$(s))
+	$(BIN)/comigs table --config recipes/tables/demo.yaml --output $(DEMO_OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -55,8 +56,11 @@ def generalist_peft_config(model: CoMiGSForCausalLM, index: int = 0) -> LoraConf
     """The `LoraConfig` under which PEFT reproduces generalist `index` on the bare base model."""
     config = model.config
     layers = [layer for _, layer in _generalist_layers(model, index)]
+    # the attention adapter may have its own rank: PEFT's per-module ranks, matched on the whole module path
+    rank_pattern = {re.escape(layer.base_path): layer.r for layer in layers if layer.r != config.lora_r}
     return LoraConfig(
         r=config.lora_r,
+        rank_pattern=rank_pattern,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         use_rslora=config.use_rslora,
@@ -107,8 +111,18 @@ def resolve_adapter_directory(
     return Path(local) / subfolder if subfolder else Path(local)
 
 
-def _scaling(config: dict) -> float:
-    r, alpha = config["r"], config.get("lora_alpha", 8)
+def _pattern_value(patterns: dict | None, path: str, default):
+    # PEFT's rule for rank_pattern / alpha_pattern keys: a regex matching the end of the module path
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default
+
+
+def _scaling(config: dict, path: str) -> float:
+    """The scaling PEFT applies at module `path` under adapter config `config` (its rank and alpha patterns too)."""
+    r = _pattern_value(config.get("rank_pattern"), path, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))
     return alpha / (r**0.5 if config.get("use_rslora", False) else r)
 
 
@@ -174,7 +188,6 @@ def read_generalist(
             f"{missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
             f"{' ...' if len(unexpected) > 4 else ''}."
         )
-    rescale = _scaling(adapter_config) / model.config.lora_scaling
     module_names = {id(module): name for name, module in model.named_modules()}
     named = {}
     for key, (adapter, layer, ab) in expected.items():
@@ -187,7 +200,7 @@ def read_generalist(
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{source}: {key!r} holds NaN or infinite values.")
         if ab == "B":
-            tensor = tensor.float() * rescale
+            tensor = tensor.float() * (_scaling(adapter_config, layer.base_path) / layer.scaling)
         named[f"{module_names[id(module)]}.weight"] = tensor.to(module.weight.dtype)
     return named
 

@@ -10,6 +10,7 @@ comigs aggregate REPO_ID --round T --min-clients K [--config YAML | --strategy S
 comigs hub-seed --repo-id R [--config YAML] [KEY=VALUE ...]   a recipe's round-1 global generalist -> Hub
 comigs hub-client --repo-id R --client-id I --round T --state-dir D [--config YAML] [KEY=VALUE ...]
 comigs run [ARGS ...]                                        the federated recipe, comigs_hf.recipe.main(ARGS)
+comigs table --config TABLE [--seeds S ...] [--output D] [--recipe R] [KEY=VALUE ...]   strategies x seeds -> tables
 ```
 
 `MODEL` is a saved CoMiGS model (a folder written by `save_pretrained`, or a Hub repo id), loaded with
@@ -328,6 +329,24 @@ def _hub_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table(args: argparse.Namespace) -> int:
+    from .tables import load_table_config, run_table, write_table
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise _UsageError("--config", f"{path} does not exist")
+    table = load_table_config(path)
+    if args.recipe is not None:
+        if not Path(args.recipe).is_file():
+            raise _UsageError("--recipe", f"{args.recipe} does not exist")
+        table.recipe = str(Path(args.recipe).resolve())
+    output = Path(args.output) if args.output else Path("outputs") / "tables" / path.stem
+    runs = run_table(table, output, seeds=args.seeds, extra_overrides=args.overrides)
+    print(write_table(runs, output, table.title))
+    print(f"tables: {output / 'table.md'}, {output / 'table.csv'}; curves: {output / 'curves.png'}")
+    return 0
+
+
 def _run(argv: list[str]) -> int:
     """`comigs run ...`: the federated recipe, with its own parser and `--help`."""
     from .recipe import main as recipe_main
@@ -445,6 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
     hub_client.set_defaults(handler=_hub_client)
 
     commands.add_parser("run", help="the federated recipe over Accelerate (comigs run --help)", add_help=False)
+
+    table = commands.add_parser(
+        "table", help="run every strategy x seed of a table config (skipping finished runs) and write its tables"
+    )
+    table.add_argument("--config", required=True, help="table config (see recipes/tables/)")
+    table.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the table's)")
+    table.add_argument("--output", help="folder of the runs and tables (default: outputs/tables/<config name>)")
+    table.add_argument("--recipe", help="another recipe for the same columns, e.g. another dataset's")
+    table.add_argument("overrides", nargs="*", help="KEY=VALUE applied to every run (e.g. rounds=5)")
+    table.set_defaults(handler=_table)
     return parser
 
 

@@ -1,6 +1,6 @@
 """Recipe configuration: YAML and `key=value` overrides in, one typed section per callee out.
 
-A recipe config is a YAML mapping with top-level run keys and three sections, each a dataclass defined next to the
+A recipe config is a YAML mapping with top-level run keys and four sections, each a dataclass defined next to the
 code it configures:
 
 ```yaml
@@ -10,6 +10,8 @@ model:                    # comigs_hf.model.ModelConfig, checked by building the
   num_specialists: [0, 1, 2, 3]   # one count per client: resource heterogeneity
 training:                 # comigs_hf.trainer.TrainingConfig
   local_steps: 10
+evaluation:               # comigs_hf.evaluation.EvaluationConfig
+  paper_batches: 100
 data:                     # comigs_hf.data.DataConfig
   num_clients: 4
 ```
@@ -38,6 +40,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .data import DataConfig
+from .evaluation import EvaluationConfig
 from .model import ModelConfig
 from .rounds import RoundsConfig
 from .strategies import Strategy, get_strategy
@@ -58,13 +61,13 @@ __all__ = [
 
 # accelerate's tracker names, plus "none" to log nothing
 KNOWN_TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "none")
-SECTIONS = ("model", "data", "training")
+SECTIONS = ("model", "data", "training", "evaluation")
 
 
 @dataclass
 class RecipeConfig(RoundsConfig):
-    """The whole recipe: the rounds section and the strategy at the top level, then the model, data and training
-    sections."""
+    """The whole recipe: the rounds section and the strategy at the top level, then the model, data, training and
+    evaluation sections."""
 
     strategy: str = field(default="comigs", metadata={"help": "Preset of comigs_hf.strategies.STRATEGIES."})
     aggregation: str | None = field(
@@ -85,6 +88,7 @@ class RecipeConfig(RoundsConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
         problems = []

@@ -25,6 +25,9 @@ KNOWN_ATTENTION_TARGETS: tuple[tuple[str, ...], ...] = (
     ("attention.query_key_value", "attention.dense"),
 )
 
+EXPERT_MIXINGS = ("router", "uniform")
+ROUTER_AUX_LOSS_VARIANTS = ("switch", "reference")
+
 
 @strict
 class CoMiGSConfig(PreTrainedConfig):
@@ -65,6 +68,18 @@ class CoMiGSConfig(PreTrainedConfig):
             Add one shared LoRA adapter on the attention projections, treated like a generalist.
         attention_target_modules (`list[str]`, *optional*):
             Attention projections for `attention_lora`, as paths inside a decoder block; detected when not given.
+        attention_lora_r (`int`, *optional*):
+            Rank of the attention adapter; defaults to `lora_r`. The CoMiGS reference uses 8 whatever the experts'
+            rank. Its scaling follows `use_rslora` with the same `lora_alpha`.
+        expert_mixing (`str`, defaults to `"router"`):
+            `"router"`: the token router mixes the top-k experts. `"uniform"`: every token gets the plain average of
+            all experts' outputs and the router is unused (the reference's no-router Local and FedAvg baselines).
+        router_aux_loss_variant (`str`, defaults to `"switch"`):
+            `"switch"`: the balancing loss uses the full softmax of the router on the MLP input. `"reference"`: as the
+            CoMiGS reference code, the router is applied again to the decoder block's output hidden state and its
+            probabilities are masked to the top-k (top-1: the chosen expert's softmax probability, others zero;
+            top-k > 1: a softmax over the chosen logits with zeros in place of the others). The two agree for two
+            experts at top-2 up to which hidden state the router sees.
         recompute_activation (`bool`, defaults to `True`):
             With top-k > 1, recompute in backward the MLP activations that keep several tensors (GPT-2's tanh-GELU)
             instead of keeping them for each of the k copies of a token: less memory for some extra element-wise work.
@@ -89,6 +104,9 @@ class CoMiGSConfig(PreTrainedConfig):
     generalist_importance: int | float = 0.5
     attention_lora: bool = False
     attention_target_modules: list[str] | None = None
+    attention_lora_r: int | None = None
+    expert_mixing: str = "router"
+    router_aux_loss_variant: str = "switch"
     recompute_activation: bool = True
     router_init_std: int | float = 0.02
     tie_word_embeddings: bool = False
@@ -116,7 +134,19 @@ class CoMiGSConfig(PreTrainedConfig):
 
     @property
     def lora_scaling(self) -> float:
-        return self.lora_alpha / (self.lora_r**0.5 if self.use_rslora else self.lora_r)
+        return self._scaling(self.lora_r)
+
+    @property
+    def attention_rank(self) -> int:
+        """Rank of the attention adapter: `attention_lora_r`, else `lora_r`."""
+        return self.attention_lora_r if self.attention_lora_r is not None else self.lora_r
+
+    @property
+    def attention_lora_scaling(self) -> float:
+        return self._scaling(self.attention_rank)
+
+    def _scaling(self, r: int) -> float:
+        return self.lora_alpha / (r**0.5 if self.use_rslora else r)
 
     def validate_experts(self) -> None:
         """Cross-field checks, run at construction so a bad config never reaches forward.
@@ -146,6 +176,15 @@ class CoMiGSConfig(PreTrainedConfig):
             )
         if self.router_aux_loss_coef < 0:
             raise ValueError(f"`router_aux_loss_coef` must be 0 or more, got {self.router_aux_loss_coef}.")
+        if self.attention_lora_r is not None and self.attention_lora_r < 1:
+            raise ValueError(f"`attention_lora_r` must be at least 1 or None (lora_r), got {self.attention_lora_r}.")
+        if self.expert_mixing not in EXPERT_MIXINGS:
+            raise ValueError(f"`expert_mixing` must be one of {EXPERT_MIXINGS}, got {self.expert_mixing!r}.")
+        if self.router_aux_loss_variant not in ROUTER_AUX_LOSS_VARIANTS:
+            raise ValueError(
+                f"`router_aux_loss_variant` must be one of {ROUTER_AUX_LOSS_VARIANTS}, got "
+                f"{self.router_aux_loss_variant!r}."
+            )
         if self.target_modules is not None and len(self.target_modules) < 2:
             raise ValueError(
                 f"`target_modules` needs at least an input and an output projection of the MLP, "

@@ -58,18 +58,24 @@ class CoMiGSRoutingState:
     def __init__(self):
         self.forced_expert: int | None = None
         self.records: list[CoMiGSRouting] = []
+        # decoder blocks' outputs of this pass, kept only while the reference balancing loss needs them
+        self.block_outputs: list[torch.Tensor] | None = None
 
 
 class CoMiGSRouter(nn.Module):
     """Token-level linear router: scores every expert, keeps the top-k, mixes with softmax weights.
 
     With `top_k > 1` the weights are a softmax over the k chosen logits. With `top_k == 1` the weight is the chosen
-    expert's softmax probability over all experts, so the LM loss still sends a gradient into the router.
+    expert's softmax probability over all experts, so the LM loss still sends a gradient into the router. With
+    `mixing="uniform"` every expert is chosen with weight 1/E and the scores are unused (a mixture without router).
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, device=None, dtype=None):
+    def __init__(
+        self, hidden_size: int, num_experts: int, top_k: int, device=None, dtype=None, mixing: str = "router"
+    ):
         super().__init__()
         self.top_k = top_k
+        self.mixing = mixing
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
 
     def forward(self, hidden_states: torch.Tensor, forced_expert: int | None = None) -> CoMiGSRouting:
@@ -78,6 +84,11 @@ class CoMiGSRouter(nn.Module):
             index = torch.full((*router_logits.shape[:-1], 1), forced_expert, device=router_logits.device)
             weight = torch.ones(index.shape, dtype=hidden_states.dtype, device=router_logits.device)
             return CoMiGSRouting(router_logits, index, weight)
+        if self.mixing == "uniform":
+            num_experts = self.weight.shape[0]
+            index = torch.arange(num_experts, device=router_logits.device).expand(*router_logits.shape[:-1], -1)
+            weight = torch.full(index.shape, 1.0 / num_experts, dtype=hidden_states.dtype, device=index.device)
+            return CoMiGSRouting(router_logits.detach(), index, weight)  # (B, T, E) copies, equal weights
         # routing decisions in float32: bf16 logits make near-ties flip and softmax lose mass
         logits32 = router_logits.float()
         top_logits, index = logits32.topk(self.top_k, dim=-1)  # (B, T, K)
@@ -258,6 +269,7 @@ class CoMiGSMoeMLP(nn.Module):
         top_k: int,
         state: CoMiGSRoutingState,
         recompute_activation: bool = True,
+        mixing: str = "router",
     ):
         super().__init__()
         self.base_mlp = base_mlp
@@ -268,17 +280,25 @@ class CoMiGSMoeMLP(nn.Module):
                 setattr(base_mlp, name, CoMiGSRecomputedActivation(child))
         # same device and dtype as the base: a bf16 base gets a bf16 router
         weight = projections[0].base_layer.weight
-        self.router = CoMiGSRouter(hidden_size, num_experts, top_k, device=weight.device, dtype=weight.dtype)
+        self.router = CoMiGSRouter(
+            hidden_size, num_experts, top_k, device=weight.device, dtype=weight.dtype, mixing=mixing
+        )
         # plain list: the projections are registered (and saved) under base_mlp already
         self._projections = projections
         self._state = state
 
-    def set_experts(self, old_names: list[str], names: list[str], init_router) -> None:
-        """Keep the experts in `names` (router order), add fresh ones, and give the router one row per expert."""
+    def set_experts(self, old_names: list[str], names: list[str], init_router, top_k: int) -> None:
+        """Keep the experts in `names` (router order), add fresh ones, give the router one row per expert, and mix
+        `top_k` of them per token."""
         for projection in self._projections:
             projection.set_adapters(names)
         old = self.router.weight
-        router = CoMiGSRouter(old.shape[1], len(names), self.router.top_k, device=old.device, dtype=old.dtype)
+        if old_names == names:
+            self.router.top_k = top_k
+            return
+        router = CoMiGSRouter(
+            old.shape[1], len(names), top_k, device=old.device, dtype=old.dtype, mixing=self.router.mixing
+        )
         init_router(router)
         with torch.no_grad():
             for index, name in enumerate(names):

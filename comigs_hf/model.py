@@ -41,7 +41,21 @@ class ModelConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
     use_rslora: bool = field(default=True, metadata={"help": "Scale by lora_alpha / sqrt(r) instead of / r."})
     top_k: int = field(default=2, metadata={"help": "Experts mixed per token (Mixtral's `num_experts_per_tok`)."})
+    cap_top_k: bool = field(
+        default=False,
+        metadata={
+            "help": "Each client mixes min(top_k, its expert count) experts, as the reference does for "
+            "heterogeneous clients; False: a top_k above a client's expert count is an error."
+        },
+    )
     router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Weight of the load-balancing loss."})
+    router_aux_loss_variant: str = field(
+        default="switch",
+        metadata={
+            "help": "switch: full softmax of the router on the MLP input; reference: top-k-masked probabilities "
+            "of the router on the block's output, as the CoMiGS reference code."
+        },
+    )
     generalist_importance: float = field(
         default=0.5,
         metadata={"help": "Share of the load the balancing loss steers to generalists; in (0, 1) with specialists."},
@@ -51,7 +65,18 @@ class ModelConfig:
         metadata={"help": "MLP projections carrying experts, in the order the MLP applies them; None: detected."},
     )
     attention_lora: bool = field(
-        default=False, metadata={"help": "Also put a generalist LoRA adapter on the attention projection."}
+        default=False,
+        metadata={"help": "One LoRA adapter on the attention projections, trained and shared as a generalist."},
+    )
+    attention_lora_r: int | None = field(
+        default=None, metadata={"help": "Rank of the attention adapter; None: lora_r (the reference uses 8)."}
+    )
+    base_dropout: float | None = field(
+        default=None,
+        metadata={
+            "help": "Dropout of the frozen base in training (every dropout module and rate of its config); "
+            "None keeps the pretrained config's (GPT-2: 0.1), the reference runs with 0."
+        },
     )
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
@@ -62,6 +87,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.base_dropout is not None and not 0.0 <= self.base_dropout < 1.0:
+            problems.append(f"base_dropout must be in [0, 1) or null (keep the base's), got {self.base_dropout}.")
         if self.dtype not in KNOWN_DTYPES:
             problems.append(f"dtype: unknown dtype {self.dtype!r}; known: {', '.join(KNOWN_DTYPES)}.")
         counts = [self.num_specialists] if isinstance(self.num_specialists, int) else list(self.num_specialists)
@@ -108,8 +135,21 @@ class ModelConfig:
             )
         return list(self.num_specialists)
 
-    def comigs_kwargs(self, num_specialists: int) -> dict[str, Any]:
-        """The `CoMiGSConfig` fields of a client with `num_specialists` specialists."""
+    def client_top_k(self, num_specialists: int) -> int:
+        """Experts mixed per token by a client with `num_specialists` specialists: `top_k`, capped at its expert
+        count when `cap_top_k`."""
+        if self.cap_top_k:
+            return min(self.top_k, self.num_generalists + num_specialists)
+        return self.top_k
+
+    def comigs_kwargs(self, num_specialists: int, expert_mixing: str = "router") -> dict[str, Any]:
+        """The `CoMiGSConfig` fields of a client with `num_specialists` specialists.
+
+        Args:
+            num_specialists (`int`): the client's specialists.
+            expert_mixing (`str`, defaults to `"router"`): `"uniform"` for the strategies without a router
+                (see [`~comigs_hf.strategies.Strategy.expert_mixing`]).
+        """
         return {
             "num_generalists": self.num_generalists,
             "num_specialists": num_specialists,
@@ -117,12 +157,15 @@ class ModelConfig:
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
             "use_rslora": self.use_rslora,
-            "num_experts_per_tok": self.top_k,
+            "num_experts_per_tok": self.client_top_k(num_specialists),
             "recompute_activation": self.recompute_activation,
             "router_aux_loss_coef": self.router_aux_loss_coef,
+            "router_aux_loss_variant": self.router_aux_loss_variant,
             "generalist_importance": self.generalist_importance,
             "target_modules": list(self.target_modules) if self.target_modules is not None else None,
             "attention_lora": self.attention_lora,
+            "attention_lora_r": self.attention_lora_r,
+            "expert_mixing": expert_mixing,
         }
 
     def comigs_config(self, num_specialists: int) -> CoMiGSConfig:
@@ -153,16 +196,36 @@ def load_base(cfg: ModelConfig, progress: bool = True) -> tuple[PreTrainedModel,
     return base, tokenizer, name
 
 
-def build_model(cfg: ModelConfig, base: PreTrainedModel, base_name: str, num_specialists: int) -> CoMiGSForCausalLM:
+def set_base_dropout(base: PreTrainedModel, rate: float) -> None:
+    """Set every dropout of `base` to `rate`: its `nn.Dropout` modules, the float dropout rates that attention
+    modules read in forward (Llama's `attention_dropout`), and the matching fields of its config, so a saved
+    model reloads the same."""
+    for module in base.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+        for key, value in list(vars(module).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(module, key, rate)
+    for key, value in base.config.to_dict().items():
+        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
+            setattr(base.config, key, rate)
+
+
+def build_model(
+    cfg: ModelConfig, base: PreTrainedModel, base_name: str, num_specialists: int, expert_mixing: str = "router"
+) -> CoMiGSForCausalLM:
     """The CoMiGS model around `base` as `cfg` describes it, holding `num_specialists` specialists.
 
     One model serves every client of a process: clients with other specialist counts are swapped in with
-    `set_num_specialists`.
+    `set_num_specialists`. `expert_mixing` is the strategy's (`"uniform"` when it has no router).
     """
-    model = CoMiGSForCausalLM.from_base(base, base_model_name_or_path=base_name, **cfg.comigs_kwargs(num_specialists))
+    if cfg.base_dropout is not None:
+        set_base_dropout(base, cfg.base_dropout)
+    kwargs = cfg.comigs_kwargs(num_specialists, expert_mixing)
+    model = CoMiGSForCausalLM.from_base(base, base_model_name_or_path=base_name, **kwargs)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
 
 
-__all__ = ["EMBEDDED_BASE_NAME", "KNOWN_DTYPES", "ModelConfig", "build_model", "load_base"]
+__all__ = ["EMBEDDED_BASE_NAME", "KNOWN_DTYPES", "ModelConfig", "build_model", "load_base", "set_base_dropout"]

@@ -46,6 +46,12 @@ def parameter_role(name: str) -> str:
     return "generalist" if role == "attention" else role
 
 
+def is_attention_adapter(name: str) -> bool:
+    """Whether a parameter or state-dict key belongs to the attention adapter (role `"generalist"`, not an expert)."""
+    match = _ROLE_PATTERN.search(name)
+    return match is not None and match.group(1) == "attention"
+
+
 @dataclass
 class CoMiGSCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     r"""
@@ -91,6 +97,40 @@ def load_balancing_loss(
             fraction = chosen.mean(dim=(0, 1)) / routing.expert_index.shape[-1]
             mean_prob = probs.mean(dim=(0, 1))
         losses.append((fraction * mean_prob / target_share.to(probs.device)).sum())
+    return torch.stack(losses).mean()
+
+
+def reference_load_balancing_loss(
+    routers: list[CoMiGSRouter],
+    block_outputs: list[torch.Tensor],
+    target_share: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The balancing loss as the CoMiGS reference code computes it, averaged over layers.
+
+    Each router scores the output hidden state of its decoder block (not the MLP input it routes), chooses its top-k
+    again, and the mean probability `P_e` uses top-k-masked probabilities: with top-1 the chosen expert's softmax
+    probability and zero elsewhere; with top-k > 1 a softmax over a vector holding the chosen logits and zeros
+    elsewhere. The loss per layer is then `sum_e f_e * P_e / t_e`, as in [`load_balancing_loss`].
+    """
+    losses = []
+    for router, hidden in zip(routers, block_outputs):
+        logits = nn.functional.linear(hidden, router.weight).float()  # (B, T, E)
+        num_experts = logits.shape[-1]
+        if router.top_k == 1:
+            top, index = logits.softmax(dim=-1).topk(1, dim=-1)  # (B, T, 1)
+            select = torch.zeros_like(logits).scatter(-1, index, top)
+        else:
+            top, index = logits.topk(router.top_k, dim=-1)  # (B, T, K)
+            select = torch.zeros_like(logits).scatter(-1, index, top).softmax(dim=-1)
+        chosen = nn.functional.one_hot(index, num_experts).float().mean(dim=-2)  # (B, T, E), 1/K per chosen expert
+        if attention_mask is not None and attention_mask.shape == logits.shape[:-1]:
+            mask = attention_mask.to(logits.dtype).unsqueeze(-1)
+            count = mask.sum().clamp_min(1)
+            fraction, mean_prob = (chosen * mask).sum(dim=(0, 1)) / count, (select * mask).sum(dim=(0, 1)) / count
+        else:
+            fraction, mean_prob = chosen.mean(dim=(0, 1)), select.mean(dim=(0, 1))
+        losses.append((fraction * mean_prob / target_share.to(logits.device)).sum())
     return torch.stack(losses).mean()
 
 
@@ -237,8 +277,13 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
             raise ValueError(f"`target_modules` {targets} must all live in the same MLP module.")
         hidden_size = self.model.get_input_embeddings().weight.shape[-1]
         experts = config.expert_names
-        blocks = sorted({n[: -len(targets[0]) - 1] for n in names if n.endswith("." + targets[0])})
+        # in execution order (h.2 before h.10): the reference balancing loss pairs routers with block outputs
+        blocks = sorted(
+            {n[: -len(targets[0]) - 1] for n in names if n.endswith("." + targets[0])},
+            key=lambda path: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")],
+        )
         for block in blocks:
+            self.model.get_submodule(block).register_forward_hook(self._record_block_output)
             mlp_path = f"{block}.{mlp_suffix}"
             mlp = self.model.get_submodule(mlp_path)
             projections = []
@@ -263,6 +308,7 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
                 config.num_experts_per_tok,
                 self._routing_state,
                 recompute_activation=config.recompute_activation,
+                mixing=config.expert_mixing,
             )
             self.model.set_submodule(mlp_path, mixture)
             self.mixtures.append(mixture)
@@ -280,13 +326,18 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
                     layer = CoMiGSLoraLinear(
                         self.model.get_submodule(path),
                         ["attention"],
-                        config.lora_r,
-                        config.lora_scaling,
+                        config.attention_rank,
+                        config.attention_lora_scaling,
                         config.lora_dropout,
                         role="shared",
                         base_path=path,
                     )
                     self.model.set_submodule(path, layer)
+
+    def _record_block_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        # only the reference balancing loss reads the decoder blocks' outputs (see `reference_load_balancing_loss`)
+        if self._routing_state.block_outputs is not None:
+            self._routing_state.block_outputs.append(output[0] if isinstance(output, tuple) else output)
 
     def lora_layers(self) -> Iterator[CoMiGSLoraLinear]:
         """Every LoRA-carrying projection (expert projections, then the optional attention adapter layers)."""
@@ -299,23 +350,29 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
             if isinstance(module, (CoMiGSRouter, CoMiGSLoraLinear)):
                 self._init_weights(module)
 
-    def set_num_specialists(self, num_specialists: int) -> None:
+    def set_num_specialists(self, num_specialists: int, num_experts_per_tok: int | None = None) -> None:
         """Resize every mixture to `num_specialists` specialists (existing experts are kept, new ones start fresh).
 
         Routers get new rows for new experts; used to swap clients with different resources through one base.
+
+        Args:
+            num_specialists (`int`): the new number of specialists.
+            num_experts_per_tok (`int`, *optional*): the new top-k; defaults to the current one.
         """
         config = self.config
-        if num_specialists == config.num_specialists:
+        top_k = num_experts_per_tok if num_experts_per_tok is not None else config.num_experts_per_tok
+        if num_specialists == config.num_specialists and top_k == config.num_experts_per_tok:
             return
-        if num_specialists < 0 or config.num_generalists + num_specialists < config.num_experts_per_tok:
+        if num_specialists < 0 or not 1 <= top_k <= config.num_generalists + num_specialists:
             raise ValueError(
-                f"Cannot hold {num_specialists} specialists: with {config.num_generalists} generalists the model "
-                f"needs at least num_experts_per_tok={config.num_experts_per_tok} experts."
+                f"Cannot hold {num_specialists} specialists at num_experts_per_tok={top_k}: with "
+                f"{config.num_generalists} generalists the model needs 0 or more specialists and between 1 and "
+                f"{config.num_generalists + max(num_specialists, 0)} experts per token."
             )
         old_names = config.expert_names
-        config.num_specialists = num_specialists
+        config.num_specialists, config.num_experts_per_tok = num_specialists, top_k
         for mixture in self.mixtures:
-            mixture.set_experts(old_names, config.expert_names, init_router=self._init_weights)
+            mixture.set_experts(old_names, config.expert_names, init_router=self._init_weights, top_k=top_k)
 
     # ---- parameter groups ----------------------------------------------------------------------------------------
     def named_parameters_by_role(self, *roles: str) -> Iterator[tuple[str, nn.Parameter]]:
@@ -414,7 +471,10 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
             `logits`, `cache`, and on request `router_logits` and `routing_stats`.
         """
         kwargs.pop("return_dict", None)  # always a ModelOutput inside; generate() passes it
+        config = self.config
         self._routing_state.records = []
+        reference_loss = config.router_aux_loss_variant == "reference" and config.expert_mixing == "router"
+        self._routing_state.block_outputs = [] if reference_loss else None
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -429,10 +489,19 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
         )
         # gradient checkpointing re-runs mixtures during backward and appends again: keep this pass's records only
         routings, self._routing_state.records = self._routing_state.records[: len(self.mixtures)], []
-        aux_loss = load_balancing_loss(routings, self.load_balancing_target(), attention_mask)
+        block_outputs, self._routing_state.block_outputs = self._routing_state.block_outputs, None
+        if config.expert_mixing == "uniform":  # nothing to balance: no router decides
+            aux_loss = outputs.logits.new_zeros((), dtype=torch.float32)
+        elif reference_loss:
+            routers = [mixture.router for mixture in self.mixtures]
+            aux_loss = reference_load_balancing_loss(
+                routers, block_outputs[: len(routers)], self.load_balancing_target(), attention_mask
+            )
+        else:
+            aux_loss = load_balancing_loss(routings, self.load_balancing_target(), attention_mask)
         loss = None
         if labels is not None:
-            loss = outputs.loss + self.config.router_aux_loss_coef * aux_loss.to(outputs.loss.device)
+            loss = outputs.loss + config.router_aux_loss_coef * aux_loss.to(outputs.loss.device)
         output_router_logits = (
             output_router_logits
             if output_router_logits is not None
@@ -468,5 +537,6 @@ __all__ = [
     "CoMiGSCausalLMOutputWithPast",
     "CoMiGSForCausalLM",
     "CoMiGSPreTrainedModel",
+    "is_attention_adapter",
     "parameter_role",
 ]

@@ -18,18 +18,28 @@ from .trainer import activate_client
 
 logger = logging.getLogger(__name__)
 
+# every test figure an evaluation reports: full split and paper protocol, in distribution and on the mixture of all
+# clients' test splits, after aggregation and (suffix `_before_aggregation`) right after the local steps
+TEST_FIGURES = [
+    f"{scope}{protocol}test_{kind}{point}"
+    for point in ("", "_before_aggregation")
+    for scope in ("", "ood_")
+    for protocol in ("", "paper_")
+    for kind in ("loss", "ppl")
+]
 CURVE_FIELDS = [
     "round",
     "client_id",
     "client",
     "train_loss",
     "router_loss",
-    "test_loss",
-    "test_ppl",
+    *TEST_FIGURES,
     "train_tokens",
     "tokens_seen",
     "bytes_sent",
     "bytes_received",
+    "params_sent",
+    "expert_params_sent",
 ]
 
 
@@ -37,6 +47,7 @@ def summarise(records: list[dict], federation: Federation, cfg: RecipeConfig) ->
     """`results.json`: per-client final metrics and totals over all rounds."""
     final = {row["client_id"]: row for row in records[-1]["clients"]}
     clients = []
+    top_k = federation.top_k or [federation.model.config.num_experts_per_tok] * len(federation.clients)
     for client_id, data in enumerate(federation.clients):
         rows = [row for record in records for row in record["clients"] if row["client_id"] == client_id]
         clients.append(
@@ -45,16 +56,25 @@ def summarise(records: list[dict], federation: Federation, cfg: RecipeConfig) ->
                 "name": data.name,
                 "num_generalists": federation.model.config.num_generalists,
                 "num_specialists": federation.num_specialists[client_id],
-                "train_tokens": data.num_train_tokens,
+                "top_k": top_k[client_id],
+                "train_tokens": final[client_id]["train_tokens"],  # the pooled split under centralized
                 "tokens_seen": sum(row["tokens_seen"] for row in rows),
+                **{key: final[client_id][key] for key in TEST_FIGURES if key in final[client_id]},
                 "test_loss": final[client_id].get("test_loss"),
                 "test_ppl": final[client_id].get("test_ppl"),
                 "bytes_sent": sum(row["bytes_sent"] for row in rows),
+                "params_sent": sum(row["params_sent"] for row in rows),
+                "expert_params_sent": sum(row["expert_params_sent"] for row in rows),
                 "bytes_received": sum(row["bytes_received"] for row in rows),
                 "routing": final[client_id].get("routing"),
             }
         )
     ppls = [c["test_ppl"] for c in clients if c["test_ppl"] is not None]
+    means = {
+        f"mean_{key}": sum(c[key] for c in clients) / len(clients)
+        for key in TEST_FIGURES
+        if key.endswith("_ppl") and key != "test_ppl" and all(key in c for c in clients)
+    }
     return {
         "strategy": cfg.strategy,
         "aggregation": federation.strategy.aggregation,
@@ -63,6 +83,7 @@ def summarise(records: list[dict], federation: Federation, cfg: RecipeConfig) ->
         "seed": cfg.seed,
         "clients": clients,
         "mean_test_ppl": sum(ppls) / len(ppls) if ppls else None,
+        **means,
         "shared_roles": sorted(federation.strategy.shared_roles),
         "config": config_to_dict(cfg),
     }
@@ -90,7 +111,7 @@ def write_outputs(federation: Federation, cfg: RecipeConfig, accelerator: Accele
     if cfg.save_models:
         for client_id, state in federation.states.items():
             activate_client(federation.model, state, federation.shared)
-            directory = output / "clients" / f"{client_id}-{_safe_name(federation.clients[client_id].name)}"
+            directory = output / "clients" / f"{client_id}-{_safe_name(state.name)}"
             federation.model.save_pretrained(directory)
             federation.tokenizer.save_pretrained(directory)
     if accelerator.is_main_process:

@@ -17,6 +17,7 @@ config. The Hub functions here build one client's model and its own data only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -31,12 +32,13 @@ from .config import (
     config_to_dict,
     load_config,
 )
-from .data import build_client_data, build_client_datasets
+from .data import build_client_data, build_client_datasets, mixed_test_blocks, pool_client_data
 from .hub import HubClient, check_hub_strategy, evaluate_hub_client, run_hub_client_round, seed_hub_rounds
 from .model import build_model, load_base
 from .modeling_comigs import CoMiGSForCausalLM
 from .outputs import write_outputs
 from .rounds import Federation, run_federated, start_federation
+from .strategies import Strategy
 from .trainer import initial_shared_state
 
 __all__ = [
@@ -63,8 +65,16 @@ def setup_federation(cfg: RecipeConfig, accelerator: Accelerator) -> Federation:
         clients = build_client_datasets(cfg.data, tokenizer, cfg.seed)
     counts = check_client_layout(cfg, num_clients=len(clients))
     # client 0's layout: the shared reference is drawn from it (see trainer.initial_shared_state)
-    model = build_model(cfg.model, base, base_name, counts[0]).to(accelerator.device)
-    federation = Federation(model, tokenizer, clients, counts, strategy, cfg.training, cfg)
+    model = build_model(cfg.model, base, base_name, counts[0], strategy.expert_mixing).to(accelerator.device)
+    top_k = [cfg.model.client_top_k(count) for count in counts]
+    mixed_test = mixed_test_blocks(clients) if cfg.evaluation.out_of_distribution else None
+    pooled, training = None, cfg.training
+    if strategy.pool_clients:  # one client for all: it takes all their batches, so it sees as many tokens per step
+        pooled = pool_client_data(clients)
+        training = dataclasses.replace(training, batch_size=training.batch_size * len(clients))
+    federation = Federation(
+        model, tokenizer, clients, counts, strategy, training, cfg, top_k, cfg.evaluation, mixed_test, pooled
+    )
     return start_federation(federation, accelerator)
 
 
@@ -135,10 +145,10 @@ def _num_specialists_of(cfg: RecipeConfig, client_id: int) -> int:
     return counts[client_id]
 
 
-def _hub_model(cfg: RecipeConfig, num_specialists: int, accelerator: Accelerator):
+def _hub_model(cfg: RecipeConfig, strategy: Strategy, num_specialists: int, accelerator: Accelerator):
     base, tokenizer, base_name = load_base(cfg.model, progress=accelerator.is_main_process)
-    model = build_model(cfg.model, base, base_name, num_specialists).to(accelerator.device)
-    return model, tokenizer
+    model = build_model(cfg.model, base, base_name, num_specialists, strategy.expert_mixing)
+    return model.to(accelerator.device), tokenizer
 
 
 def _hub_client(
@@ -153,9 +163,11 @@ def _hub_client(
     strategy = check_hub_strategy(build_strategy(cfg), cfg.model.num_generalists)
     accelerator = _one_process(accelerator)
     count = _num_specialists_of(cfg, client_id)
-    model, tokenizer = _hub_model(cfg, count, accelerator)
+    model, tokenizer = _hub_model(cfg, strategy, count, accelerator)
     data = build_client_data(cfg.data, tokenizer, cfg.seed, client_id)
-    client = HubClient(repo_id, client_id, count, state_dir, strategy, cfg.training, cfg.rounds, cfg.seed, token)
+    client = HubClient(
+        repo_id, client_id, count, state_dir, strategy, cfg.training, cfg.rounds, cfg.seed, token, cfg.evaluation
+    )
     return model, data, client, accelerator
 
 
@@ -188,7 +200,7 @@ def seed_hub(
     strategy = check_hub_strategy(build_strategy(cfg), cfg.model.num_generalists)
     accelerator = _one_process(accelerator)
     first = _num_specialists_of(cfg, 0)
-    model, _ = _hub_model(cfg, first, accelerator)
+    model, _ = _hub_model(cfg, strategy, first, accelerator)
     shared = initial_shared_state(model, strategy, first, cfg.seed)
     return seed_hub_rounds(model, shared, repo_id, strategy=strategy, token=token, private=private)
 
@@ -223,3 +235,7 @@ def evaluate_hub_round(
     `comigs_hf.hub.evaluate_hub_client`)."""
     model, data, client, accelerator = _hub_client(cfg, client_id, repo_id, state_dir, token, accelerator)
     return evaluate_hub_client(model, data, client, round_index, accelerator)
+
+
+if __name__ == "__main__":  # `accelerate launch --module comigs_hf.recipe ...`, as `comigs table` launches runs
+    main()

@@ -9,7 +9,9 @@ for its turn. Each round:
 2. `_exchange`, the only collective carrying tensors, gives every rank every client's update, in client order;
 3. every rank runs the server step, `server.aggregate_updates` (checks, then the strategy's rule and weighting), so
    all hold the same new global state and P does not change the numbers;
-4. clients are evaluated every `eval_every` rounds and after the last; the round is checkpointed atomically.
+4. clients are evaluated every `eval_every` rounds and after the last, right after their local steps (before the
+   server aggregates, the reference code's point) and with the new global state; the round is checkpointed
+   atomically.
 
 Reading this file alone tells what crosses a process boundary: `_exchange` carries the updates, `gather_object` in
 `evaluate_clients` carries metrics (floats).
@@ -30,15 +32,15 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import ClientData
+from .evaluation import EvaluationConfig, evaluate_client, evaluation_seed
 from .modeling_comigs import CoMiGSForCausalLM
 from .server import aggregate_updates
-from .strategies import Strategy, payload_bytes
+from .strategies import Strategy, payload_bytes, payload_parameters
 from .trainer import (
     ClientState,
     ClientUpdate,
     TrainingConfig,
     activate_client,
-    evaluate_client,
     initial_client_state,
     initial_shared_state,
     run_client_round,
@@ -76,6 +78,10 @@ class Federation:
     strategy: Strategy
     training: TrainingConfig
     plan: RoundsConfig
+    top_k: list[int] | None = None  # experts each client mixes per token; None: the model's for every client
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    mixed_test: torch.Tensor | None = None  # the uniform mixture of all clients' test splits (out of distribution)
+    pooled: ClientData | None = None  # under a pooling strategy, the one client that trains (see `training_data`)
     states: dict[int, ClientState] = field(default_factory=dict)
     shared: dict[str, torch.Tensor] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)  # one per finished round, see `run_round`
@@ -86,6 +92,16 @@ def local_client_ids(num_clients: int, accelerator: Accelerator) -> list[int]:
     return list(range(accelerator.process_index, num_clients, accelerator.num_processes))
 
 
+def training_data(federation: Federation) -> list[ClientData]:
+    """The clients that train, in order: every client, or the one pooled client of the centralised baseline (which
+    then serves every client's evaluation)."""
+    return [federation.pooled] if federation.pooled is not None else federation.clients
+
+
+def _trainer_of(federation: Federation, client_id: int) -> int:
+    return 0 if federation.pooled is not None else client_id
+
+
 def start_federation(federation: Federation, accelerator: Accelerator) -> Federation:
     """Fill in the global shared state and this rank's client states: from the last checkpoint when `plan.resume`
     finds one, else fresh (seeded per client, whatever process holds it; shared tensors start equal everywhere)."""
@@ -94,10 +110,14 @@ def start_federation(federation: Federation, accelerator: Accelerator) -> Federa
         load_checkpoint(federation, accelerator)
         return federation
     model, counts = federation.model, federation.num_specialists
-    federation.shared = initial_shared_state(model, federation.strategy, counts[0], plan.seed)
-    for client_id in local_client_ids(len(federation.clients), accelerator):
-        name = federation.clients[client_id].name
-        federation.states[client_id] = initial_client_state(model, client_id, name, counts[client_id], plan.seed)
+    top_k = federation.top_k or [None] * len(counts)
+    federation.shared = initial_shared_state(model, federation.strategy, counts[0], plan.seed, top_k[0])
+    trainers = training_data(federation)
+    for client_id in local_client_ids(len(trainers), accelerator):
+        name = trainers[client_id].name
+        federation.states[client_id] = initial_client_state(
+            model, client_id, name, counts[client_id], plan.seed, top_k[client_id]
+        )
     return federation
 
 
@@ -112,8 +132,10 @@ def run_round(federation: Federation, round_index: int, accelerator: Accelerator
     """Train every local client, exchange their updates, aggregate, and evaluate when due; returns the round's
     record (one row per client)."""
     plan, strategy = federation.plan, federation.strategy
-    updates = []
-    local_ids = local_client_ids(len(federation.clients), accelerator)
+    due = round_index % plan.eval_every == 0 or round_index == plan.rounds
+    updates, before = [], {}
+    trainers = training_data(federation)
+    local_ids = local_client_ids(len(trainers), accelerator)
     for client_id in tqdm(
         local_ids, desc=f"round {round_index} clients", leave=False, disable=not accelerator.is_local_main_process
     ):
@@ -121,7 +143,7 @@ def run_round(federation: Federation, round_index: int, accelerator: Accelerator
             run_client_round(
                 federation.model,
                 federation.states[client_id],
-                federation.clients[client_id],
+                trainers[client_id],
                 federation.shared,
                 strategy,
                 federation.training,
@@ -131,35 +153,73 @@ def run_round(federation: Federation, round_index: int, accelerator: Accelerator
                 accelerator=accelerator,
             )
         )
+        wanted = federation.evaluation.before_aggregation or not strategy.shared_roles
+        if due and wanted and federation.pooled is None:
+            before[client_id] = _evaluate_held(federation, client_id, round_index, accelerator)
     everyone = _exchange(accelerator, updates)
     if strategy.shared_roles:
         federation.shared = aggregate_updates(strategy, everyone, federation.shared)
     received = payload_bytes(federation.shared) if strategy.shared_roles else 0
-    rows = [
-        {
-            "client_id": update.client_id,
-            "train_tokens": update.train_tokens,
-            **update.metrics,
-            "bytes_sent": payload_bytes(update.shared),
-            "bytes_received": received,
-        }
-        for update in everyone
-    ]
-    if round_index % plan.eval_every == 0 or round_index == plan.rounds:
-        for row, metrics in zip(rows, evaluate_clients(federation, accelerator)):
+    rows = [_round_row(update, received) for update in everyone]
+    if federation.pooled is not None:  # one model trained for everyone: each client's row carries its figures
+        rows = [{**rows[0], "client_id": client_id} for client_id in range(len(federation.clients))]
+    if due:
+        for row, metrics in zip(rows, evaluate_clients(federation, round_index, accelerator, before)):
             row.update({k: v for k, v in metrics.items() if k != "client_id"})
     return {"round": round_index, "clients": rows}
 
 
-def evaluate_clients(federation: Federation, accelerator: Accelerator) -> list[dict]:
-    """Every client's test metrics with its current private state and the global shared state."""
+def _round_row(update: ClientUpdate, bytes_received: int) -> dict:
+    """A client's row of the round's record: its training metrics and what it sent (bytes, parameters)."""
+    parameters = payload_parameters(update.shared)
+    return {
+        "client_id": update.client_id,
+        "train_tokens": update.train_tokens,
+        **update.metrics,
+        "bytes_sent": payload_bytes(update.shared),
+        "bytes_received": bytes_received,
+        "params_sent": parameters["total"],
+        "expert_params_sent": parameters["experts"],
+    }
+
+
+def _evaluate_held(federation: Federation, client_id: int, round_index: int, accelerator: Accelerator) -> dict:
+    """The test metrics of the client the model holds (see `comigs_hf.evaluation.evaluate_client`)."""
+    return evaluate_client(
+        federation.model,
+        federation.clients[client_id].test,
+        federation.evaluation,
+        accelerator,
+        seed=evaluation_seed(federation.plan.seed, round_index, client_id),
+        mixed_test=federation.mixed_test,
+    )
+
+
+def evaluate_clients(
+    federation: Federation, round_index: int, accelerator: Accelerator, before: dict[int, dict] | None = None
+) -> list[dict]:
+    """Every client's test metrics with its current private state and the global shared state, beside `before`
+    (this rank's clients' metrics after their local steps, keys suffixed `_before_aggregation`).
+
+    A strategy that shares nothing has nothing to aggregate: its figures after aggregation are those before."""
+    before, shares = before or {}, bool(federation.strategy.shared_roles)
     rows = []
-    for client_id in local_client_ids(len(federation.clients), accelerator):
-        activate_client(federation.model, federation.states[client_id], federation.shared)
-        test = federation.clients[client_id].test
-        rows.append(
-            {"client_id": client_id, **evaluate_client(federation.model, test, federation.training, accelerator)}
-        )
+    # each client is evaluated where the state that serves it lives (under pooling: the one trainer's rank)
+    for client_id in range(len(federation.clients)):
+        trainer = _trainer_of(federation, client_id)
+        if trainer not in federation.states:
+            continue
+        if not shares and client_id in before:
+            after = before[client_id]
+        else:
+            activate_client(federation.model, federation.states[trainer], federation.shared)
+            after = _evaluate_held(federation, client_id, round_index, accelerator)
+        row = {"client_id": client_id, **after}
+        if federation.evaluation.before_aggregation:
+            # without sharing, the state after aggregation is the one right after the local steps
+            trained = before.get(client_id, after if not shares else {})
+            row.update({f"{k}_before_aggregation": v for k, v in trained.items() if k.endswith(("_loss", "_ppl"))})
+        rows.append(row)
     rows = gather_object(rows) if accelerator.num_processes > 1 else rows  # metrics only: floats, no tensors
     return sorted(rows, key=lambda row: row["client_id"])
 
@@ -204,7 +264,7 @@ def load_checkpoint(federation: Federation, accelerator: Accelerator) -> None:
     directory = latest_checkpoint(federation.plan.output_dir)
     saved = json.loads((directory / "state.json").read_text())
     federation.shared = load_file(directory / "global.safetensors")
-    for client_id in local_client_ids(len(federation.clients), accelerator):
+    for client_id in local_client_ids(len(training_data(federation)), accelerator):
         # weights_only: tensors, numbers and plain containers, never arbitrary objects
         data = torch.load(directory / f"client-{client_id}.pt", weights_only=True)
         federation.states[client_id] = ClientState.from_checkpoint(data)

@@ -1,8 +1,10 @@
-"""Collaboration strategies as data: which expert roles leave a client, and how the server combines them.
+"""Collaboration strategies as data: which expert roles leave a client, how the router trains, and how the server
+combines what it receives.
 
-A strategy is a frozen record, not a subclass (compare Flower's one-class-per-algorithm): the baselines differ only in
-which roles are shared, so `local`, `fedavg` and `comigs` are three presets of one dataclass and a new baseline is a
-YAML change. `partition_state_dict` is the only function that decides what may leave a client.
+A strategy is a frozen record, not a subclass (compare Flower's one-class-per-algorithm): the paper's baselines differ
+only in which roles are shared and in how (or whether) the router is trained, so every one of them is a preset of one
+dataclass (see `STRATEGIES`) and a new baseline is a YAML change. `partition_state_dict` is the only function that
+decides what may leave a client.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from . import modeling_comigs
 from .aggregation import AGGREGATORS
-from .modeling_comigs import parameter_role
+from .modeling_comigs import is_attention_adapter, parameter_role
 
 __all__ = [
     "ROLES",
@@ -25,11 +27,16 @@ __all__ = [
     "get_strategy",
     "partition_state_dict",
     "payload_bytes",
+    "payload_parameters",
 ]
 
 # roles that can be shared; "base" (the frozen backbone) is never sent, whatever the strategy
 ROLES = frozenset(modeling_comigs.ROLES)
 WEIGHTINGS = ("train_tokens", "uniform")
+# how the router learns: alternating with the experts on the validation split (CoMiGS's bi-level problem) or on the
+# train split (CoMiGS-tr), jointly with the experts in one optimiser (pFedMoE, Local-MoE), or not at all (no router:
+# the experts' outputs are averaged)
+ROUTER_TRAININGS = ("validation", "train", "joint", "none")
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,16 @@ class Strategy:
             `"uniform"` weights every client equally.
         aggregation_kwargs (`dict[str, Any]`, *optional*):
             Extra keyword arguments of the aggregation rule, e.g. `{"trim_ratio": 0.2}` for `"trimmed_mean"`.
+        router_training (`str`, *optional*, defaults to `"validation"`):
+            `"validation"`: expert steps on the train split alternate with router phases on the validation split
+            (the bi-level problem of CoMiGS); `"train"`: the same alternation with router phases on the train split;
+            `"joint"`: experts and router take every step together in one optimiser on the train split; `"none"`: no
+            router, every token gets the plain average of all experts' outputs.
+        pool_clients (`bool`, *optional*, defaults to `False`):
+            Centralised training, the upper bound without privacy: one model trains on the union of all clients'
+            train and validation splits, with all their batches in one (`num_clients` x `batch_size` sequences per
+            step, the reference's 256 for 4 x 64), and is evaluated on every client's test split. Nothing is
+            communicated.
 
     Attributes:
         requires_equal_experts (`bool`):
@@ -61,7 +78,14 @@ class Strategy:
     weighting: str = "train_tokens"
     # excluded from the hash so the frozen record stays hashable while holding a dict
     aggregation_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+    router_training: str = "validation"
+    pool_clients: bool = False
     requires_equal_experts: bool = field(init=False)
+
+    @property
+    def expert_mixing(self) -> str:
+        """The model's `expert_mixing`: `"uniform"` without a router, else `"router"`."""
+        return "uniform" if self.router_training == "none" else "router"
 
     def __post_init__(self) -> None:
         # frozen dataclass: normalise through object.__setattr__
@@ -81,6 +105,13 @@ class Strategy:
             raise ValueError(
                 f"Strategy {self.name!r}: unknown weighting {self.weighting!r}; known: {', '.join(WEIGHTINGS)}."
             )
+        if self.router_training not in ROUTER_TRAININGS:
+            raise ValueError(
+                f"Strategy {self.name!r}: unknown router_training {self.router_training!r}; "
+                f"known: {', '.join(ROUTER_TRAININGS)}."
+            )
+        if self.router_training == "none" and "router" in self.shared_roles:
+            raise ValueError(f"Strategy {self.name!r} shares the router but has none (router_training='none').")
         try:
             # the rule checks its own arguments (trim_ratio, ...): run it once on a one-client dummy so a bad value
             # fails here, before any training, not at the end of the first round
@@ -90,16 +121,42 @@ class Strategy:
                 f"Strategy {self.name!r}: aggregation {self.aggregation!r} rejects aggregation_kwargs "
                 f"{self.aggregation_kwargs}: {error}"
             ) from None
-        object.__setattr__(self, "requires_equal_experts", bool(self.shared_roles & {"specialist", "router"}))
+        if self.pool_clients and self.shared_roles:
+            raise ValueError(f"Strategy {self.name!r} pools the clients into one, so it has nobody to share with.")
+        # one pooled model serves every client: they must agree on its layout
+        equal = bool(self.shared_roles & {"specialist", "router"}) or self.pool_clients
+        object.__setattr__(self, "requires_equal_experts", equal)
 
 
+_EXPERTS = frozenset({"generalist", "specialist"})
+_GENERALIST = frozenset({"generalist"})
+_NOTHING = frozenset()
+
+# The paper's methods and baselines, in the reference code's forms. The expert layout is the model section's (1G1S:
+# num_generalists=1, num_specialists=1; 2G: num_generalists=2, num_specialists=0; 1GXS: num_specialists=X), the
+# attention adapter, when the model has one, is shared with the generalists.
 STRATEGIES: dict[str, Strategy] = {
-    # every client trains alone: the lower bound of collaboration
-    "local": Strategy(name="local", shared_roles=frozenset()),
-    # every expert and the router averaged, as if the mixture were one FedAvg model
-    "fedavg": Strategy(name="fedavg", shared_roles=ROLES),
-    # CoMiGS: generalists averaged, specialists and router stay on the client
-    "comigs": Strategy(name="comigs", shared_roles=frozenset({"generalist"})),
+    # CoMiGS: generalists averaged, specialists and router private, router on the validation split
+    "comigs": Strategy(name="comigs", shared_roles=_GENERALIST),
+    # ablation CoMiGS-tr: the router alternates on the train split
+    "comigs_tr": Strategy(name="comigs_tr", shared_roles=_GENERALIST, router_training="train"),
+    # 2S: nothing shared, the bi-level router kept (every expert is in effect a specialist)
+    "comigs_2s": Strategy(name="comigs_2s", shared_roles=_NOTHING),
+    # every client alone, its experts averaged without a router: the reference's Local
+    "local": Strategy(name="local", shared_roles=_NOTHING, router_training="none"),
+    # every expert averaged across clients, no router: the reference's FedAvg
+    "fedavg": Strategy(name="fedavg", shared_roles=_EXPERTS, router_training="none"),
+    # pFedMoE: the generalist averaged, router trained with the experts on the train split, one optimiser
+    "pfedmoe": Strategy(name="pfedmoe", shared_roles=_GENERALIST, router_training="joint"),
+    # Local-MoE and FedAvg-MoE: a private router trained jointly with the experts, or alternating on the train split
+    "local_moe": Strategy(name="local_moe", shared_roles=_NOTHING, router_training="joint"),
+    "local_moe_train": Strategy(name="local_moe_train", shared_roles=_NOTHING, router_training="train"),
+    "fedavg_moe": Strategy(name="fedavg_moe", shared_roles=_EXPERTS, router_training="joint"),
+    "fedavg_moe_train": Strategy(name="fedavg_moe_train", shared_roles=_EXPERTS, router_training="train"),
+    # the upper bound: one mixture without router trained on every client's data, evaluated on each client's test
+    "centralized": Strategy(name="centralized", shared_roles=_NOTHING, router_training="none", pool_clients=True),
+    # the whole mixture averaged, routers included (not a reference baseline: it never averages routers)
+    "fedavg_all": Strategy(name="fedavg_all", shared_roles=ROLES),
 }
 
 
@@ -177,6 +234,22 @@ def payload_bytes(state: Mapping[str, torch.Tensor]) -> int:
     """Returns the number of bytes the tensors of `state` occupy (`numel * element_size` summed), for communication
     accounting."""
     return sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+
+
+def payload_parameters(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Returns the number of parameters in `state` by kind, for communication accounting.
+
+    Returns:
+        `dict[str, int]`: `experts` (the experts' LoRA factors), `attention` (the attention adapter), `router`, and
+        `total`, their sum.
+    """
+    counts = {"experts": 0, "attention": 0, "router": 0}
+    for name, tensor in state.items():
+        role = parameter_role(name)
+        kind = "router" if role == "router" else "attention" if is_attention_adapter(name) else "experts"
+        if role != "base":
+            counts[kind] += tensor.numel()
+    return {**counts, "total": sum(counts.values())}
 
 
 def aggregation_weights(strategy: Strategy, train_tokens: Iterable[int]) -> list[float]:

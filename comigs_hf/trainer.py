@@ -4,7 +4,9 @@ CoMiGS solves a bi-level problem: the experts minimise the training loss, the ro
 validation split. Locally this is an alternation: expert steps on train batches with the router frozen, and every
 `router_update_every` expert steps, `router_steps` router steps on validation batches with the experts frozen. The two
 groups have separate AdamW optimisers; the experts' learning rate follows a cosine from `learning_rate` to
-`learning_rate * min_lr_ratio` over all expert steps of the run, the router's is constant.
+`learning_rate * min_lr_ratio` over all expert steps of the run, the router's is constant. The strategy's
+`router_training` picks the variant: the same alternation on the train split, the router trained jointly with the
+experts in one optimiser (both on the cosine), or no router at all.
 
 Every transport (Accelerate, the Hub, Flower) runs a client's round through [`run_client_round`] and sends the server
 the [`ClientUpdate`] it returns; nothing here talks to other processes.
@@ -19,7 +21,6 @@ import torch
 from accelerate import Accelerator
 
 from .data import ClientData
-from .metrics import load_perplexity
 from .modeling_comigs import EXPERT_ROLES, ROLES, CoMiGSForCausalLM
 from .strategies import Strategy, partition_state_dict
 
@@ -44,11 +45,14 @@ class TrainingConfig:
     micro_batch_size: int = field(
         default=8, metadata={"help": "Sequences per forward; batch_size / micro_batch_size accumulation steps."}
     )
-    router_on_train: bool = field(
-        default=False, metadata={"help": "Ablation: train the router on the train split instead of validation."}
+    reference_gradient_leak: bool = field(
+        default=False,
+        metadata={
+            "help": "Reproduce the reference code's zero_grad: alternating steps leave the other group's gradients "
+            "to be summed into its next step (kept per client across rounds)."
+        },
     )
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm; None: no clipping."})
-    eval_batches: int | None = field(default=None, metadata={"help": "Test batches per evaluation; None: all."})
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
@@ -84,8 +88,6 @@ class TrainingConfig:
             )
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             problems.append(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}.")
-        if self.eval_batches is not None and self.eval_batches < 1:
-            problems.append(f"eval_batches must be >= 1 or null (whole test split), got {self.eval_batches}.")
         if problems:
             raise ValueError("\n".join(problems))
 
@@ -105,6 +107,9 @@ class ClientState:
         expert_steps (`int`): expert steps done so far (drives the cosine schedule and the router phases).
         router_steps (`int`): router steps done so far.
         generator (`torch.Tensor`): state of the client's batch-sampling generator.
+        top_k (`int`, *optional*): experts it mixes per token; `None` keeps the model's.
+        leaked_gradients (`dict[str, torch.Tensor]`): with `reference_gradient_leak`, the gradients its last round
+            left behind, summed into its next steps as the reference code does.
     """
 
     client_id: int
@@ -116,6 +121,8 @@ class ClientState:
     expert_steps: int = 0
     router_steps: int = 0
     generator: torch.Tensor | None = None
+    top_k: int | None = None
+    leaked_gradients: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_checkpoint(self) -> dict:
         return dict(vars(self))
@@ -159,35 +166,38 @@ def cosine_learning_rate(step: int, total_steps: int, peak: float, min_ratio: fl
 
 
 # ---- initial state -------------------------------------------------------------------------------------------------
-def fresh_parameters(model: CoMiGSForCausalLM, num_specialists: int, seed: int) -> dict[str, torch.Tensor]:
-    """Freshly initialised expert and router tensors for a client with `num_specialists` specialists."""
-    model.set_num_specialists(num_specialists)  # draws from the global RNG when it adds experts: seed after it
+def fresh_parameters(
+    model: CoMiGSForCausalLM, num_specialists: int, seed: int, top_k: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Freshly initialised expert and router tensors for a client with `num_specialists` specialists (mixing `top_k`
+    experts per token; `None` keeps the model's)."""
+    model.set_num_specialists(num_specialists, top_k)  # draws from the global RNG when it adds experts: seed after
     torch.manual_seed(seed)
     model.reset_experts()
     return {k: v.cpu() for k, v in model.role_state_dict(*ROLES).items()}
 
 
 def initial_shared_state(
-    model: CoMiGSForCausalLM, strategy: Strategy, num_specialists: int, seed: int
+    model: CoMiGSForCausalLM, strategy: Strategy, num_specialists: int, seed: int, top_k: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """The global shared tensors before round 1, drawn once with client 0's expert count (`num_specialists`), the same
-    for every transport."""
-    reference = fresh_parameters(model, num_specialists, derived_seed(seed, 0, -1))
+    """The global shared tensors before round 1, drawn once with client 0's expert count (`num_specialists`) and
+    top-k, the same for every transport."""
+    reference = fresh_parameters(model, num_specialists, derived_seed(seed, 0, -1), top_k)
     return partition_state_dict(reference, strategy)[0]
 
 
 def initial_client_state(
-    model: CoMiGSForCausalLM, client_id: int, name: str, num_specialists: int, seed: int
+    model: CoMiGSForCausalLM, client_id: int, name: str, num_specialists: int, seed: int, top_k: int | None = None
 ) -> ClientState:
     """Client `client_id`'s state before round 1: seeded by its id, whatever process or transport holds it."""
-    parameters = fresh_parameters(model, num_specialists, derived_seed(seed, 0, client_id))
+    parameters = fresh_parameters(model, num_specialists, derived_seed(seed, 0, client_id), top_k)
     generator = torch.Generator().manual_seed(derived_seed(seed, -1, client_id))
-    return ClientState(client_id, name, num_specialists, parameters, generator=generator.get_state())
+    return ClientState(client_id, name, num_specialists, parameters, generator=generator.get_state(), top_k=top_k)
 
 
 def activate_client(model: CoMiGSForCausalLM, state: ClientState, shared: dict[str, torch.Tensor]) -> None:
-    """Swap a client into the model: its expert count, its private tensors, then the global shared ones."""
-    model.set_num_specialists(state.num_specialists)
+    """Swap a client into the model: its expert count and top-k, its private tensors, then the global shared ones."""
+    model.set_num_specialists(state.num_specialists, state.top_k)
     model.load_role_state_dict({**state.parameters, **shared})
 
 
@@ -196,18 +206,19 @@ def _sample(blocks: torch.Tensor, count: int, generator: torch.Generator) -> tor
     return blocks[torch.randint(0, blocks.shape[0], (count,), generator=generator)]
 
 
-def _optimizers(model: CoMiGSForCausalLM, state: ClientState, cfg: TrainingConfig):
+def _optimizers(model: CoMiGSForCausalLM, state: ClientState, cfg: TrainingConfig, joint: bool):
+    """The expert and router AdamW optimisers; `joint` makes one optimiser of both (the router a second group)."""
     experts = [p for _, p in model.named_parameters_by_role(*EXPERT_ROLES)]
     routers = [p for _, p in model.named_parameters_by_role("router")]
-    expert_optimizer = torch.optim.AdamW(
-        experts, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
-    )
-    router_optimizer = torch.optim.AdamW(
-        routers, lr=cfg.router_learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
-    )
+    betas, decay = cfg.adam_betas, cfg.weight_decay
+    groups = [{"params": experts, "lr": cfg.learning_rate}]
+    if joint:
+        groups.append({"params": routers, "lr": cfg.router_learning_rate})
+    expert_optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, weight_decay=decay)
+    router_optimizer = torch.optim.AdamW(routers, lr=cfg.router_learning_rate, betas=betas, weight_decay=decay)
     if state.expert_optimizer:
         expert_optimizer.load_state_dict(state.expert_optimizer)
-    if state.router_optimizer:
+    if state.router_optimizer and not joint:
         router_optimizer.load_state_dict(state.router_optimizer)
     return experts, routers, expert_optimizer, router_optimizer
 
@@ -225,6 +236,7 @@ def _accumulated_step(model, optimizer, params, blocks, cfg, accelerator, genera
     if cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()
+    # only this optimiser's gradients: under the reference's leak the other group's keep accumulating
     optimizer.zero_grad(set_to_none=True)
     return total
 
@@ -241,10 +253,18 @@ def train_client_round(
     cfg: TrainingConfig,
     total_expert_steps: int,
     accelerator: Accelerator,
+    router_training: str = "validation",
 ) -> dict[str, float | None]:
-    """The alternating expert/router steps of one round; the model must hold the client (see [`activate_client`]).
+    """The local steps of one round; the model must hold the client (see [`activate_client`]).
 
-    Updates `state`'s optimisers, counters and generator, not its parameters.
+    With `router_training` `"validation"` or `"train"`, expert steps (router frozen) alternate with router phases on
+    that split (experts frozen); `"joint"` steps experts and router together on the train split in one optimiser;
+    `"none"` steps the experts only. With `cfg.reference_gradient_leak` nothing is frozen during the alternation and
+    each optimiser clears only its own gradients, as in the reference code: the router's first step of a phase also
+    sums the train-split gradients of the expert steps since the last phase, and the first expert step after a phase
+    the phase's validation gradients. Those left over at the end of the round stay with the client.
+
+    Updates `state`'s optimisers, counters, generator and leaked gradients, not its parameters.
 
     Returns:
         `dict`: `train_loss` (mean over the expert steps) and `router_loss` (mean over the router steps, `None`
@@ -253,33 +273,46 @@ def train_client_round(
     generator = torch.Generator()
     if state.generator is not None:
         generator.set_state(state.generator)
-    experts, routers, expert_optimizer, router_optimizer = _optimizers(model, state, cfg)
-    router_blocks = data.train if cfg.router_on_train else data.validation
+    joint = router_training == "joint"
+    alternating = router_training in ("validation", "train") and cfg.router_steps > 0
+    leak = cfg.reference_gradient_leak and alternating
+    experts, routers, expert_optimizer, router_optimizer = _optimizers(model, state, cfg, joint)
+    router_blocks = data.validation if router_training == "validation" else data.train
+    names = {param: name for name, param in model.named_parameters()}
+    leaked = state.leaked_gradients if leak else {}
+    for param in experts + routers:  # the model is shared by a process's clients: start from this client's own
+        param.grad = leaked[names[param]].to(param.device) if names[param] in leaked else None
+    expert_params = experts + routers if joint else experts
     model.train()
     expert_losses, router_losses = [], []
     for _ in range(cfg.local_steps):
-        # expert step: router frozen
+        # expert step: the router frozen unless it trains jointly (or leaks)
         _set_trainable(experts, True)
-        _set_trainable(routers, False)
-        lr = cosine_learning_rate(state.expert_steps, total_expert_steps, cfg.learning_rate, cfg.min_lr_ratio)
-        for group in expert_optimizer.param_groups:
-            group["lr"] = lr
+        _set_trainable(routers, joint or leak)
+        factor = cosine_learning_rate(state.expert_steps, total_expert_steps, 1.0, cfg.min_lr_ratio)
+        for group, peak in zip(expert_optimizer.param_groups, (cfg.learning_rate, cfg.router_learning_rate)):
+            group["lr"] = peak * factor
         expert_losses.append(
-            _accumulated_step(model, expert_optimizer, experts, data.train, cfg, accelerator, generator)
+            _accumulated_step(model, expert_optimizer, expert_params, data.train, cfg, accelerator, generator)
         )
         state.expert_steps += 1
-        if cfg.router_steps and state.expert_steps % cfg.router_update_every == 0:
-            # router phase on held-out data: experts frozen
-            _set_trainable(experts, False)
+        if alternating and state.expert_steps % cfg.router_update_every == 0:
+            # router phase: experts frozen (unless they leak)
+            _set_trainable(experts, leak)
             _set_trainable(routers, True)
             for _ in range(cfg.router_steps):
                 router_losses.append(
                     _accumulated_step(model, router_optimizer, routers, router_blocks, cfg, accelerator, generator)
                 )
                 state.router_steps += 1
+    state.leaked_gradients = (
+        {names[p]: p.grad.detach().cpu().clone() for p in experts + routers if p.grad is not None} if leak else {}
+    )
+    for param in experts + routers:
+        param.grad = None
     _set_trainable(experts + routers, True)
     state.expert_optimizer = expert_optimizer.state_dict()
-    state.router_optimizer = router_optimizer.state_dict()
+    state.router_optimizer = {} if joint else router_optimizer.state_dict()
     state.generator = generator.get_state()
     return {
         "train_loss": sum(expert_losses) / len(expert_losses),
@@ -323,7 +356,8 @@ def run_client_round(
     """
     activate_client(model, state, shared)
     torch.manual_seed(derived_seed(seed, round_index, state.client_id))
-    metrics = train_client_round(model, state, data, cfg, total_rounds * cfg.local_steps, accelerator)
+    total_steps = total_rounds * cfg.local_steps
+    metrics = train_client_round(model, state, data, cfg, total_steps, accelerator, strategy.router_training)
     trained = {k: v.cpu() for k, v in model.role_state_dict(*ROLES).items()}
     shared_after, private = partition_state_dict(trained, strategy)
     state.parameters = {**state.parameters, **private}
@@ -336,48 +370,6 @@ def run_client_round(
     )
 
 
-# ---- evaluation ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_client(
-    model: CoMiGSForCausalLM, blocks: torch.Tensor, cfg: TrainingConfig, accelerator: Accelerator
-) -> dict:
-    """Test loss and perplexity (through the shipped `evaluate` metric) and routing shares of the held client.
-
-    Returns:
-        `dict` with `test_loss`, `test_ppl`, `test_tokens`, and `routing`: per layer, the share of token copies and
-        of mixing weight that goes to the generalists (the rest goes to specialists).
-    """
-    perplexity = load_perplexity(keep_in_memory=True, process_id=0, num_process=1)
-    model.eval()
-    if cfg.eval_batches is not None:
-        blocks = blocks[: cfg.eval_batches * cfg.micro_batch_size]
-    num_generalists = model.config.num_generalists
-    token_share, weight_share = None, None
-    for micro in blocks.split(cfg.micro_batch_size):
-        micro = micro.to(accelerator.device)
-        with accelerator.autocast():
-            out = model(micro, output_routing_stats=True)
-        logits = out.logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), micro[:, 1:].flatten(), reduction="sum")
-        perplexity.add_batch(nll_sum=[nll.item()], num_tokens=[micro[:, 1:].numel()])
-        tokens = torch.stack([s["tokens"][:num_generalists].sum() / s["tokens"].sum() for s in out.routing_stats])
-        weights = torch.stack([s["weight"][:num_generalists].sum() / s["weight"].sum() for s in out.routing_stats])
-        token_share = tokens if token_share is None else token_share + tokens
-        weight_share = weights if weight_share is None else weight_share + weights
-    result = perplexity.compute()
-    num_batches = math.ceil(blocks.shape[0] / cfg.micro_batch_size)
-    model.train()
-    return {
-        "test_loss": result["mean_loss"],
-        "test_ppl": result["perplexity"],
-        "test_tokens": int(result["num_tokens"]),
-        "routing": {
-            "generalist_token_share": (token_share / num_batches).tolist(),
-            "generalist_weight_share": (weight_share / num_batches).tolist(),
-        },
-    }
-
-
 __all__ = [
     "ClientState",
     "ClientUpdate",
@@ -385,7 +377,6 @@ __all__ = [
     "activate_client",
     "cosine_learning_rate",
     "derived_seed",
-    "evaluate_client",
     "fresh_parameters",
     "initial_client_state",
     "initial_shared_state",

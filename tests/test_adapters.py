@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from comigs_hf import CoMiGSForCausalLM
-from comigs_hf.adapters import export_generalist, load_generalist
+from comigs_hf.adapters import export_generalist, load_generalist, read_generalist
 
 
 def build(make_base, **kwargs):
@@ -22,9 +22,11 @@ def build(make_base, **kwargs):
     return model.eval()
 
 
-@pytest.mark.parametrize("attention_lora", [False, True])
-def test_exported_generalist_in_stock_peft_matches_route_all_to(make_base, input_ids, tmp_path, attention_lora):
-    model = build(make_base, attention_lora=attention_lora)
+@pytest.mark.parametrize(
+    "attention", [{}, {"attention_lora": True}, {"attention_lora": True, "attention_lora_r": 6}], ids=str
+)
+def test_exported_generalist_in_stock_peft_matches_route_all_to(make_base, input_ids, tmp_path, attention):
+    model = build(make_base, **attention)
     export_generalist(model, tmp_path, index=1)
     peft_model = PeftModel.from_pretrained(make_base(), tmp_path).eval()
     with model.route_all_to(1):
@@ -128,3 +130,14 @@ def test_missing_directory_and_non_lora_adapters_are_refused(tmp_path):
 def test_export_of_a_missing_generalist_is_refused(tmp_path):
     with pytest.raises(ValueError, match="index 2"):
         export_generalist(build(lambda: tiny_gpt2()), tmp_path, index=2)
+
+
+def test_an_attention_adapter_of_its_own_rank_round_trips_through_the_peft_format(tmp_path):
+    model = build(lambda: tiny_gpt2(), attention_lora=True, attention_lora_r=6)
+    export_generalist(model, tmp_path)
+    assert set(json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"].values()) == {6}
+    fresh = build(lambda: tiny_gpt2(), attention_lora=True, attention_lora_r=6)
+    read = read_generalist(fresh, tmp_path)
+    expected = {k: v for k, v in model.role_state_dict("generalist").items() if "generalist_1" not in k}
+    assert read.keys() == expected.keys()
+    assert all(torch.allclose(read[k], expected[k], atol=1e-7) for k in read)

@@ -122,10 +122,10 @@ def test_exponent_without_a_dot_is_read_as_a_float(tmp_path):
 
 
 def test_null_override_gives_none():
-    cfg = load_config(None, ["training.max_grad_norm=null", "model.revision=", "training.eval_batches=4"])
+    cfg = load_config(None, ["training.max_grad_norm=null", "model.revision=", "evaluation.batches=4"])
     assert cfg.training.max_grad_norm is None
     assert cfg.model.revision is None
-    assert cfg.training.eval_batches == 4
+    assert cfg.evaluation.batches == 4
 
 
 def test_data_section_accepts_its_union_types():
@@ -232,7 +232,10 @@ def test_override_below_a_plain_value_is_rejected():
 @pytest.mark.parametrize(
     ("overrides", "fragments"),
     [
-        (["strategy=fedprox"], ["strategy: Unknown strategy 'fedprox'", "known: comigs, fedavg, local"]),
+        (
+            ["strategy=fedprox"],
+            ["strategy: Unknown strategy 'fedprox'", "known: centralized, comigs, comigs_2s, comigs_tr, "],
+        ),
         (["model.num_generalists=0"], ["model: `num_generalists` must be at least 1, got 0"]),
         (
             ["model.num_specialists=[1, 1, 1]"],
@@ -255,7 +258,7 @@ def test_override_below_a_plain_value_is_rejected():
         (["model.top_k=0"], ["model: `num_experts_per_tok` (top-k, 0) must be between 1"]),
         (
             ["strategy=fedavg", "model.num_specialists=[1, 1, 2, 2]", "model.top_k=1"],
-            ["strategy 'fedavg' averages generalist, router, specialist", "model.num_specialists=[1, 1, 2, 2]"],
+            ["strategy 'fedavg' averages generalist, specialist", "model.num_specialists=[1, 1, 2, 2]"],
         ),
         (
             ["training.batch_size=10", "training.micro_batch_size=4"],
@@ -276,7 +279,8 @@ def test_override_below_a_plain_value_is_rejected():
         (["training.adam_betas=[0.9, 1.0]"], ["training: adam_betas[1] must be in [0, 1), got 1.0"]),
         (["training.min_lr_ratio=2"], ["training: min_lr_ratio must be in [0, 1]"]),
         (["training.max_grad_norm=0"], ["training: max_grad_norm must be > 0 or null"]),
-        (["training.eval_batches=0"], ["training: eval_batches must be >= 1 or null"]),
+        (["evaluation.batches=0"], ["evaluation: batches must be >= 1 or null"]),
+        (["evaluation.paper_batches=-1"], ["evaluation: paper_batches must be >= 0"]),
         (["model.lora_r=0"], ["model: `lora_r` must be at least 1"]),
         (["model.lora_alpha=0"], ["model: `lora_alpha` must be above 0"]),
         (["model.lora_dropout=1"], ["model: `lora_dropout` must be in [0, 1)"]),
@@ -337,7 +341,7 @@ def test_a_section_built_in_code_is_checked_at_construction():
 
 def test_validate_config_rejects_sections_that_disagree_built_in_code():
     cfg = RecipeConfig(strategy="fedavg", model=ModelConfig(num_specialists=[1, 1, 2, 2], top_k=1))
-    with pytest.raises(ValueError, match="strategy 'fedavg' averages generalist, router, specialist"):
+    with pytest.raises(ValueError, match="strategy 'fedavg' averages generalist, specialist"):
         validate_config(cfg)
 
 

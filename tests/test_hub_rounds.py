@@ -146,7 +146,8 @@ def test_the_hub_client_command_reports_a_refused_recipe_as_a_usage_error(world,
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("strategy=fedavg", "shares generalist, router, specialist: specialists and routers never leave a client"),
+        ("strategy=fedavg", "shares generalist, specialist: specialists and routers never leave a client"),
+        ("strategy=fedavg_all", "shares generalist, router, specialist: specialists and routers never leave a"),
         ("strategy=local", "shares nothing"),
         ("model.num_generalists=2", "model.num_generalists is 2"),
     ],

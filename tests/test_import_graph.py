@@ -1,9 +1,9 @@
 """The package's imports follow the layers of the style guide: read from the source (ast), not from a running process.
 
 ```
-4 face        config, recipe, cli, outputs
+4 face        config, recipe, cli, outputs, tables
 3 transports  rounds (Accelerate), hub/ (Hub)          never each other
-2 protocol    trainer (client step), server (server step)
+2 protocol    trainer (client step), evaluation, server (server step)
 1 pieces      strategies, aggregation, data/, embedded/, metrics/, adapters, model
 0 model       configuration_comigs, layer_comigs, modeling_comigs: travel with saved models
 ```
@@ -30,6 +30,7 @@ LAYERS = {
     "adapters": 1,
     "model": 1,
     "trainer": 2,
+    "evaluation": 2,
     "server": 2,
     "rounds": 3,
     "hub": 3,
@@ -37,6 +38,7 @@ LAYERS = {
     "recipe": 4,
     "cli": 4,
     "outputs": 4,
+    "tables": 4,
 }
 TRANSPORTS = {"rounds", "hub"}
 REMOTE_CODE = {"configuration_comigs", "layer_comigs", "modeling_comigs"}

@@ -360,3 +360,96 @@ def test_top1_keeps_the_activation_as_it_is():
 def test_activation_recomputation_can_be_switched_off():
     model = build(lambda seed: tiny_gpt2(seed), top_k=2, recompute_activation=False)
     assert not isinstance(model.mixtures[0].base_mlp.act, CoMiGSRecomputedActivation)
+
+
+# ---- the reference profile: uniform mixing, the attention adapter's rank, the reference balancing loss -----------
+
+
+def test_uniform_mixing_averages_every_experts_output_and_has_nothing_to_balance(make_base, input_ids):
+    model = build(make_base, num_specialists=2, top_k=1, expert_mixing="uniform")
+    mixture = model.mixtures[0]
+    hidden = torch.randn(2, 5, model.get_input_embeddings().weight.shape[-1])
+    outputs = []
+    for expert in model.config.expert_names:
+        with model.route_all_to(expert):
+            outputs.append(mixture(hidden))
+    torch.testing.assert_close(mixture(hidden), torch.stack(outputs).mean(dim=0), rtol=1e-5, atol=1e-6)
+    model.train()
+    out = model(input_ids, labels=input_ids)
+    out.loss.backward()
+    assert out.aux_loss.item() == 0.0
+    assert all(p.grad is None for _, p in model.named_parameters_by_role("router"))
+
+
+def test_attention_adapter_has_its_own_rank_and_scaling(make_base):
+    model = build(make_base, lora_r=4, lora_alpha=8, attention_lora=True, attention_lora_r=6)
+    attention = [layer for layer in model.lora_layers() if layer.role == "shared"]
+    experts = [layer for layer in model.lora_layers() if layer.role != "shared"]
+    assert attention and all(layer.r == 6 and layer.scaling == pytest.approx(8 / 6**0.5) for layer in attention)
+    assert all(layer.r == 4 and layer.scaling == pytest.approx(8 / 4**0.5) for layer in experts)
+    assert all(layer.lora_A["attention"].weight.shape[0] == 6 for layer in attention)
+
+
+def reference_balancing_loss(logits: torch.Tensor, top_k: int, importance: float) -> torch.Tensor:
+    """The reference code's per-token balancing loss of one layer, written from its definition: (N, E) logits."""
+    num_experts = logits.shape[-1]
+    if top_k == 1:
+        logits = logits.softmax(dim=-1)
+    weights, index = logits.topk(top_k, dim=-1)
+    masked = torch.zeros_like(logits).scatter(1, index, weights)
+    select = masked.softmax(dim=-1) if top_k > 1 else masked
+    mask = torch.nn.functional.one_hot(index, num_experts).float()
+    mask = mask[:, 0] if top_k == 1 else mask.mean(dim=1)
+    density, proxy = mask.mean(dim=0), select.mean(dim=0)
+    factors = torch.ones(num_experts)
+    factors[1:] *= (num_experts - 1) / (1 - importance)
+    factors[0] /= importance
+    factors /= num_experts
+    return (proxy * density * factors).mean() * num_experts**2
+
+
+@pytest.mark.parametrize(("num_specialists", "top_k"), [(2, 1), (2, 2), (1, 2)])
+def test_reference_balancing_loss_scores_the_block_outputs_as_the_reference_does(
+    make_base, input_ids, num_specialists, top_k
+):
+    model = build(make_base, num_specialists=num_specialists, top_k=top_k, router_aux_loss_variant="reference")
+    blocks = model.model.transformer.h if hasattr(model.model, "transformer") else model.model.model.layers
+    outputs = []
+    handles = [
+        b.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o)) for b in blocks
+    ]
+    aux = model(input_ids).aux_loss
+    for handle in handles:
+        handle.remove()
+    expected = [
+        reference_balancing_loss(F_linear(hidden, mixture.router.weight).flatten(0, 1), top_k, 0.5)
+        for hidden, mixture in zip(outputs, model.mixtures)
+    ]
+    torch.testing.assert_close(aux, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
+    if top_k < model.config.num_experts:  # with every expert chosen the loss is 1 whatever the router does
+        # the switch variant scores the MLP inputs instead: another figure on the same pass
+        model.config.router_aux_loss_variant = "switch"
+        assert not torch.allclose(model(input_ids).aux_loss, aux)
+
+
+def F_linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(hidden, weight).float()
+
+
+def test_reference_balancing_loss_sends_gradients_into_the_experts_through_the_block_output(make_base, input_ids):
+    model = build(make_base, router_aux_loss_variant="reference")
+    model.train()
+    model(input_ids).aux_loss.backward()
+    expert_grads = [p.grad for _, p in model.named_parameters_by_role("specialist")]
+    assert any(g is not None and g.abs().sum() > 0 for g in expert_grads)
+
+
+def test_set_num_specialists_can_change_the_top_k_with_the_expert_count(make_base, input_ids):
+    model = build(make_base, num_specialists=2, top_k=2)
+    model.set_num_specialists(0, num_experts_per_tok=1)
+    assert (model.config.num_specialists, model.config.num_experts_per_tok) == (0, 1)
+    assert all(mixture.router.top_k == 1 for mixture in model.mixtures)
+    assert model(input_ids).logits.shape == (2, input_ids.shape[1], VOCAB)
+    model.set_num_specialists(0, num_experts_per_tok=1)  # the same layout again is a no-op
+    model.set_num_specialists(1, num_experts_per_tok=2)
+    assert all(mixture.router.top_k == 2 and mixture.router.weight.shape[0] == 2 for mixture in model.mixtures)

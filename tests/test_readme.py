@@ -8,6 +8,7 @@ import pytest
 
 from comigs_hf.config import RecipeConfig
 from comigs_hf.data import DataConfig
+from comigs_hf.evaluation import EvaluationConfig
 from comigs_hf.model import ModelConfig
 from comigs_hf.trainer import TrainingConfig
 
@@ -17,10 +18,16 @@ README = (ROOT / "README.md").read_text()
 
 @pytest.mark.parametrize(
     "section, prefix",
-    [(RecipeConfig, ""), (ModelConfig, "model."), (TrainingConfig, "training."), (DataConfig, "data.")],
+    [
+        (RecipeConfig, ""),
+        (ModelConfig, "model."),
+        (TrainingConfig, "training."),
+        (EvaluationConfig, "evaluation."),
+        (DataConfig, "data."),
+    ],
 )
 def test_configuration_reference_documents_every_key(section, prefix):
-    nested = {"model", "data", "training"} if not prefix else set()
+    nested = {"model", "data", "training", "evaluation"} if not prefix else set()
     missing = [
         f.name for f in dataclasses.fields(section) if f.name not in nested and f"`{prefix}{f.name}`" not in README
     ]

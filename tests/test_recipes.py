@@ -38,11 +38,11 @@ WORDS_PER_DOC = 40
 # file -> strategy, generalists, specialists per client, top_k, roles that leave a client
 PAPER = {
     "agnews_gpt2_comigs.yaml": ("comigs", 1, [1, 1, 1, 1], 2, {"generalist"}),
-    "agnews_gpt2_fedavg.yaml": ("fedavg", 1, [0, 0, 0, 0], 1, ALL_ROLES),
-    "agnews_gpt2_local.yaml": ("local", 1, [0, 0, 0, 0], 1, set()),
+    "agnews_gpt2_fedavg_single.yaml": ("fedavg", 1, [0, 0, 0, 0], 1, {"generalist", "specialist"}),
+    "agnews_gpt2_local_single.yaml": ("local", 1, [0, 0, 0, 0], 1, set()),
     "agnews_gpt2_2g.yaml": ("comigs", 2, [0, 0, 0, 0], 2, {"generalist"}),
-    "agnews_gpt2_2s.yaml": ("local", 1, [1, 1, 1, 1], 2, set()),
-    "agnews_gpt2_hetero.yaml": ("comigs", 1, [0, 1, 2, 3], 1, {"generalist"}),
+    "agnews_gpt2_2s.yaml": ("comigs_2s", 1, [1, 1, 1, 1], 2, set()),
+    "agnews_gpt2_hetero.yaml": ("comigs", 1, [1, 1, 3, 3], 2, {"generalist"}),
     "wikipedia_multilingual_gpt2.yaml": ("comigs", 1, [1, 1, 1, 1], 2, {"generalist"}),
     "slimpajama_llama3.2-1b.yaml": ("comigs", 1, [1, 1, 1, 1], 2, {"generalist"}),
 }
@@ -124,6 +124,24 @@ def test_paper_recipes_keep_the_reference_optimisation(name):
     # a single expert always gets weight 1: its baselines skip the router phases instead of spending steps on them
     assert (training.router_update_every, training.router_steps) == (30, 0 if single_expert else 10)
     assert (cfg.model.router_aux_loss_coef, cfg.model.generalist_importance) == (0.01, 0.5)
+
+
+SINGLE_ADAPTER = {"agnews_gpt2_fedavg_single.yaml", "agnews_gpt2_local_single.yaml"}
+
+
+@pytest.mark.parametrize("name", sorted(set(PAPER) - SINGLE_ADAPTER))
+def test_paper_recipes_hold_the_reference_profile(name):
+    model, training = paper_config(name).model, paper_config(name).training
+    assert (model.attention_lora, model.attention_lora_r, model.base_dropout) == (True, 8, 0.0)
+    assert (model.cap_top_k, model.router_aux_loss_variant) == (True, "reference")
+    assert training.max_grad_norm is None
+    assert training.reference_gradient_leak is False  # a documented opt-in, not part of the profile
+
+
+@pytest.mark.parametrize("name", sorted(SINGLE_ADAPTER))
+def test_single_adapter_baselines_keep_their_earlier_form(name):
+    model, training = paper_config(name).model, paper_config(name).training
+    assert (model.attention_lora, model.base_dropout, training.max_grad_norm) == (False, None, 1.0)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))

@@ -245,3 +245,20 @@ def test_results_record_the_split_size_and_the_tokens_seen(world, tmp_path):
     assert [c["train_tokens"] for c in results["clients"]] == [32, 64, 96, 128]
     per_round = cfg.training.local_steps * cfg.training.batch_size * cfg.data.block_size
     assert [c["tokens_seen"] for c in results["clients"]] == [2 * per_round] * 4
+
+
+def test_capped_top_k_gives_each_heterogeneous_client_min_of_top_k_and_its_experts(world, tmp_path):
+    cfg = config(
+        world, tmp_path / "out", rounds=1, save_models=False,
+        **{"model.num_specialists": "[0,1,2,3]", "model.top_k": 2, "model.cap_top_k": "true"},
+    )  # fmt: skip
+    results = run(cfg, Accelerator(cpu=True))
+    assert [(c["num_specialists"], c["top_k"]) for c in results["clients"]] == [(0, 1), (1, 2), (2, 2), (3, 2)]
+    assert all(c["test_loss"] > 0 for c in results["clients"])
+    # what a client sends is its expert payload plus, here, nothing else: comigs shares the generalist only
+    assert all(c["expert_params_sent"] == c["params_sent"] > 0 for c in results["clients"])
+
+
+def test_without_the_cap_a_top_k_above_a_clients_experts_is_refused_naming_it(world, tmp_path):
+    with pytest.raises(ValueError, match=r"num_specialists=0 \(clients \[0\]\)"):
+        config(world, tmp_path / "out", **{"model.num_specialists": "[0,1,2,3]", "model.top_k": 2})

@@ -49,8 +49,15 @@ def test_comigs_shares_only_generalists():
     assert list(private) == [SPECIALIST_A, SPECIALIST_B, ROUTER]
 
 
-def test_fedavg_shares_every_expert_and_the_router():
+def test_fedavg_shares_every_expert_but_has_no_router_to_share():
     shared, private = partition_state_dict(fake_state(), get_strategy("fedavg"), role_of=role_of)
+    assert list(shared) == [GENERALIST_A, GENERALIST_B, ATTENTION_A, SPECIALIST_A, SPECIALIST_B]
+    assert list(private) == [ROUTER]
+    assert get_strategy("fedavg").expert_mixing == "uniform"
+
+
+def test_fedavg_all_shares_every_expert_and_the_router():
+    shared, private = partition_state_dict(fake_state(), get_strategy("fedavg_all"), role_of=role_of)
     assert list(shared) == [GENERALIST_A, GENERALIST_B, ATTENTION_A, SPECIALIST_A, SPECIALIST_B, ROUTER]
     assert private == {}
 
@@ -99,10 +106,30 @@ def test_equal_experts_are_required_exactly_when_specialists_or_router_are_share
     assert Strategy("custom", shared_roles).requires_equal_experts is requires_equal_experts
 
 
+# preset -> (roles that leave a client, how the router trains): the reference code's methods and baselines
+PRESETS = {
+    "comigs": ({"generalist"}, "validation"),
+    "comigs_tr": ({"generalist"}, "train"),
+    "comigs_2s": (set(), "validation"),
+    "local": (set(), "none"),
+    "fedavg": ({"generalist", "specialist"}, "none"),
+    "pfedmoe": ({"generalist"}, "joint"),
+    "local_moe": (set(), "joint"),
+    "local_moe_train": (set(), "train"),
+    "fedavg_moe": ({"generalist", "specialist"}, "joint"),
+    "fedavg_moe_train": ({"generalist", "specialist"}, "train"),
+    "fedavg_all": ({"generalist", "specialist", "router"}, "validation"),
+    "centralized": (set(), "none"),
+}
+
+
 def test_presets_are_as_documented():
-    assert STRATEGIES["local"].shared_roles == frozenset()
-    assert STRATEGIES["fedavg"].shared_roles == {"generalist", "specialist", "router"}
-    assert STRATEGIES["comigs"].shared_roles == {"generalist"}
+    assert set(STRATEGIES) == set(PRESETS)
+    for name, (roles, router_training) in PRESETS.items():
+        assert (STRATEGIES[name].shared_roles, STRATEGIES[name].router_training) == (roles, router_training), name
+        assert STRATEGIES[name].expert_mixing == ("uniform" if router_training == "none" else "router")
+    assert not any("router" in s.shared_roles for s in STRATEGIES.values() if s.name != "fedavg_all")
+    assert [name for name, s in STRATEGIES.items() if s.pool_clients] == ["centralized"]
     assert all(strategy.aggregation == "weighted_mean" for strategy in STRATEGIES.values())
     assert all(strategy.weighting == "train_tokens" for strategy in STRATEGIES.values())
 
@@ -129,7 +156,10 @@ def test_strategy_rejects_unknown_values(kwargs, message):
 
 
 def test_unknown_strategy_lists_the_known_ones():
-    with pytest.raises(ValueError, match="Unknown strategy 'fedprox'; known: comigs, fedavg, local"):
+    with pytest.raises(
+        ValueError,
+        match="Unknown strategy 'fedprox'; known: centralized, comigs, comigs_2s, comigs_tr, fedavg, fedavg_all, ",
+    ):
         get_strategy("fedprox")
 
 

@@ -201,6 +201,32 @@ def build_client_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, se
     return build_client_datasets(config, tokenizer, seed, client_ids=[client_id])[0]
 
 
+def mixed_test_blocks(clients: Sequence[ClientData]) -> torch.LongTensor:
+    """The out-of-distribution test set: a uniform mixture of every client's test split.
+
+    Each client contributes as many blocks as the smallest test split holds (its first ones), interleaved client by
+    client, so no client weighs more than another and a prefix of the result is still a uniform mixture.
+
+    Returns:
+        `torch.LongTensor` of shape `(num_clients * min_test_blocks, block_size)`.
+    """
+    if not clients:
+        raise ValueError("mixed_test_blocks needs at least one client.")
+    count = min(client.test.shape[0] for client in clients)
+    return torch.stack([client.test[:count] for client in clients], dim=1).flatten(0, 1)  # (count * N, L)
+
+
+def pool_client_data(clients: Sequence[ClientData]) -> ClientData:
+    """The centralised baseline's one client: every client's train and validation blocks, and the uniform mixture of
+    their test splits ([`mixed_test_blocks`])."""
+    return ClientData(
+        name="pooled",
+        train=torch.cat([client.train for client in clients]),
+        validation=torch.cat([client.validation for client in clients]),
+        test=mixed_test_blocks(clients),
+    )
+
+
 __all__ = [
     "AG_NEWS_LABELS",
     "FILE_FORMATS",
@@ -211,6 +237,8 @@ __all__ = [
     "ag_news_config",
     "build_client_data",
     "build_client_datasets",
+    "mixed_test_blocks",
+    "pool_client_data",
     "load_records",
     "pack_blocks",
     "partition_by_column",

@@ -27,7 +27,7 @@ round already trained and uploads the saved update again, without training twice
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,13 @@ from accelerate import Accelerator
 
 from ..adapters import read_generalist
 from ..data import ClientData
+from ..evaluation import EvaluationConfig, evaluate_client, evaluation_seed
 from ..modeling_comigs import CoMiGSForCausalLM
 from ..strategies import Strategy, payload_bytes
 from ..trainer import (
     ClientState,
     TrainingConfig,
     activate_client,
-    evaluate_client,
     initial_client_state,
     run_client_round,
 )
@@ -68,6 +68,8 @@ class HubClient:
         rounds (`int`): rounds in the run (sets the learning-rate schedule).
         seed (`int`): the run's seed.
         token (`str` or `bool`, *optional*): Hub token; defaults to `HF_TOKEN` or the stored login.
+        evaluation ([`~comigs_hf.evaluation.EvaluationConfig`], *optional*): what an evaluation measures (in
+            distribution only: a Hub client holds no other client's test data).
     """
 
     repo_id: str
@@ -79,6 +81,7 @@ class HubClient:
     rounds: int
     seed: int
     token: str | bool | None = None
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     @property
     def state_path(self) -> Path:
@@ -293,8 +296,8 @@ def evaluate_hub_client(
         round_index (`int`): the round just aggregated; the client's saved state must be from that round.
 
     Returns:
-        `dict`: `round`, `client_id`, `name` and [`~comigs_hf.trainer.evaluate_client`]'s `test_loss`, `test_ppl`,
-        `test_tokens` and `routing`.
+        `dict`: `round`, `client_id`, `name` and [`~comigs_hf.evaluation.evaluate_client`]'s in-distribution
+        figures (`test_loss`, `test_ppl`, `test_tokens`, `routing`, and the paper protocol's `paper_test_*`).
 
     Raises:
         `ValueError`: no saved state for that round, or a state from another federation.
@@ -311,7 +314,8 @@ def evaluate_hub_client(
     _check_saved(saved, _run_values(client, data.name), client.state_path)
     shared = read_generalist(model, client.repo_id, revision=round_tag(round_index + 1), token=client.token)
     activate_client(model, ClientState.from_checkpoint(saved["state"]), shared)
-    metrics = evaluate_client(model, data.test, client.training, accelerator)
+    seed = evaluation_seed(client.seed, round_index, client.client_id)
+    metrics = evaluate_client(model, data.test, client.evaluation, accelerator, seed=seed)
     return {"round": round_index, "client_id": client.client_id, "name": data.name, **metrics}
 
 
