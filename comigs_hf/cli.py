@@ -469,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
         "table", help="run every strategy x seed of a table config (skipping finished runs) and write its tables"
     )
     table.add_argument("--config", required=True, help="table config (see recipes/tables/)")
-    table.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the table's)")
+    table.add_argument(
+        "--seeds", type=int, nargs="+", help="seeds to run (default: the table's); put KEY=VALUE overrides before it"
+    )
     table.add_argument("--output", help="folder of the runs and tables (default: outputs/tables/<config name>)")
     table.add_argument("--recipe", help="another recipe for the same columns, e.g. another dataset's")
     table.add_argument("overrides", nargs="*", help="KEY=VALUE applied to every run (e.g. rounds=5)")

@@ -164,9 +164,13 @@ def check_client_layout(cfg: RecipeConfig, num_clients: int | None = None) -> li
         raise
     strategy = build_strategy(cfg)
     if strategy.requires_equal_experts and len(set(counts)) > 1:
-        shared = ", ".join(sorted(strategy.shared_roles))
+        why = (
+            "trains one model for every client"
+            if strategy.pool_clients
+            else f"averages {', '.join(sorted(strategy.shared_roles))}"
+        )
         raise ValueError(
-            f"strategy {strategy.name!r} averages {shared}, so every client needs the same number of experts, but "
+            f"strategy {strategy.name!r} {why}, so every client needs the same number of experts, but "
             f"model.num_specialists={cfg.model.num_specialists} gives {counts}."
         )
     return counts
@@ -214,12 +218,21 @@ def _schema_at(path: Sequence[str]) -> tuple[type | None, int]:
     return cls, depth
 
 
+# keys that moved, and where to: an old config gets the new place, not a guess
+MOVED_KEYS = {
+    "training.eval_batches": "evaluation.batches",
+    "training.router_on_train": "strategy=comigs_tr (or local_moe_train, fedavg_moe_train): router_training 'train'",
+}
+
+
 def _unknown_key_message(path: Sequence[str]) -> str:
     cls, depth = _schema_at(path)
     prefix = "".join(f"{part}." for part in path[:depth])
     key = path[depth]
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
     message = f"Unknown config key {prefix + key!r}."
+    if prefix + key in MOVED_KEYS:
+        return message + f" It moved: use {MOVED_KEYS[prefix + key]}."
     close = difflib.get_close_matches(key, valid, n=1)
     if close:
         message += f" Did you mean {prefix + close[0]!r}?"

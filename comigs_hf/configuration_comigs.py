@@ -81,8 +81,9 @@ class CoMiGSConfig(PreTrainedConfig):
             top-k > 1: a softmax over the chosen logits with zeros in place of the others). The two agree for two
             experts at top-2 up to which hidden state the router sees.
         recompute_activation (`bool`, defaults to `True`):
-            With top-k > 1, recompute in backward the MLP activations that keep several tensors (GPT-2's tanh-GELU)
-            instead of keeping them for each of the k copies of a token: less memory for some extra element-wise work.
+            When a token has several copies (top-k > 1 or uniform mixing), recompute in backward the MLP activations
+            that keep several tensors (GPT-2's tanh-GELU) instead of keeping them for each copy: less memory for some
+            extra element-wise work.
         router_init_std (`float`, defaults to 0.02):
             Standard deviation of the routers' initial weights.
     """

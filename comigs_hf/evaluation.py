@@ -12,17 +12,20 @@ Two protocols, reported side by side because they answer different questions:
   client and round see the same windows, and every transport sees the same ones.
 
 The out-of-distribution test is the paper's second scenario: the same client evaluated on a uniform mixture of every
-client's test split (see [`~comigs_hf.data.mixed_test_blocks`]).
+client's test split (see [`~comigs_hf.data.mixed_test_splits`]).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 
+from .data import interleave_blocks
 from .metrics import load_perplexity
 from .modeling_comigs import CoMiGSForCausalLM
 from .trainer import derived_seed
@@ -114,31 +117,64 @@ def evaluate_full_split(
     }
 
 
+def check_paper_protocol(test_splits: Sequence[torch.Tensor], names: Sequence[str], cfg: EvaluationConfig) -> None:
+    """Refuse, before any training, a test split too short for one paper-protocol window (a block and one token).
+
+    Raises:
+        `ValueError`: naming the client, its test blocks and what to change.
+    """
+    if not cfg.paper_batches:
+        return
+    for name, blocks in zip(names, test_splits):
+        if blocks.numel() < blocks.shape[1] + 1:
+            raise ValueError(
+                f"Client {name!r} has {blocks.shape[0]} test block(s) of {blocks.shape[1]} tokens: the paper "
+                "protocol's windows need a block and one more token. Raise data.test_fraction, lower "
+                "data.block_size, or set evaluation.paper_batches=0."
+            )
+
+
 @torch.no_grad()
 def evaluate_random_windows(
-    model: CoMiGSForCausalLM, blocks: torch.Tensor, cfg: EvaluationConfig, accelerator: Accelerator, seed: int
+    model: CoMiGSForCausalLM,
+    blocks: torch.Tensor | Sequence[torch.Tensor],
+    cfg: EvaluationConfig,
+    accelerator: Accelerator,
+    seed: int,
 ) -> dict:
     """The reference code's test figure: random windows of the test token stream, `e^(mean batch loss)`.
 
     Each of `cfg.paper_batches` batches holds `cfg.paper_batch_size` windows starting at uniformly drawn positions
-    of `blocks.flatten()`: `blocks.shape[1]` input tokens, each scored on the token after it (the reference's
-    `x = data[i:i+L]`, `y = data[i+1:i+1+L]`). The batch loss is the mean over its tokens; the figure is the
-    exponential of the mean batch loss, as the reference computes it.
+    of the stream `blocks.flatten()`: `L = blocks.shape[1]` input tokens, each scored on the token after it (the
+    reference's `x = data[i:i+L]`, `y = data[i+1:i+1+L]`). The batch loss is the mean over its tokens; the figure
+    is the exponential of the mean batch loss, as the reference computes it. Given several splits (the
+    out-of-distribution mixture), each window first draws its split uniformly, so no window crosses from one
+    client's text into another's.
 
     Returns:
         `dict` with `paper_test_loss` (the mean batch loss) and `paper_test_ppl`.
     """
-    stream, length = blocks.flatten(), blocks.shape[1] + 1  # L inputs and the token after the last
+    splits = [blocks] if isinstance(blocks, torch.Tensor) else list(blocks)
+    if len({split.shape for split in splits}) != 1:
+        raise ValueError(f"The paper protocol's splits must have one shape, got {[tuple(s.shape) for s in splits]}.")
+    streams, length = torch.stack([split.flatten() for split in splits]), splits[0].shape[1]  # (S, N), L
+    if streams.shape[1] < length + 1:
+        raise ValueError(f"A test split of {streams.shape[1]} tokens is shorter than one window ({length} + 1).")
     generator = torch.Generator().manual_seed(seed)
-    offsets = torch.arange(length)
+    offsets = torch.arange(length + 1)  # L inputs and the token after the last
     batch_losses = []
     for _ in range(cfg.paper_batches):
-        starts = torch.randint(0, stream.numel() - length + 1, (cfg.paper_batch_size,), generator=generator)
-        windows = stream[starts[:, None] + offsets]  # (paper_batch_size, length)
+        size = (cfg.paper_batch_size,)
+        which = torch.randint(0, len(splits), size, generator=generator) if len(splits) > 1 else torch.zeros(size)
+        starts = torch.randint(0, streams.shape[1] - length, size, generator=generator)  # the reference's draw
+        windows = streams[which.long()[:, None], starts[:, None] + offsets]  # (paper_batch_size, L + 1)
         total = 0.0
         for micro in windows.split(cfg.batch_size):
-            total += _token_nll(model, micro.to(accelerator.device), accelerator)[0].item()
-        batch_losses.append(total / (windows.shape[0] * (length - 1)))
+            micro = micro.to(accelerator.device)
+            with accelerator.autocast():
+                logits = model(micro[:, :-1]).logits.float()  # (B, L, V)
+            total += F.cross_entropy(logits.flatten(0, 1), micro[:, 1:].flatten(), reduction="sum").item()
+        batch_losses.append(total / (windows.shape[0] * length))
     mean_loss = sum(batch_losses) / len(batch_losses)
     return {"paper_test_loss": mean_loss, "paper_test_ppl": math.exp(mean_loss)}
 
@@ -150,7 +186,7 @@ def evaluate_client(
     accelerator: Accelerator,
     *,
     seed: int,
-    mixed_test: torch.Tensor | None = None,
+    mixed_test: Sequence[torch.Tensor] | None = None,
 ) -> dict:
     """Every test figure of the client `model` holds, under both protocols, in and (given `mixed_test`) out of
     distribution.
@@ -161,7 +197,9 @@ def evaluate_client(
         cfg ([`EvaluationConfig`]): what to measure.
         accelerator (`Accelerator`): device and autocast.
         seed (`int`): seed of the paper protocol's windows.
-        mixed_test (`torch.LongTensor`, *optional*): the uniform mixture of all clients' test splits.
+        mixed_test (`Sequence[torch.LongTensor]`, *optional*): every client's part of the out-of-distribution
+            mixture, as many blocks each (see [`~comigs_hf.data.mixed_test_splits`]): interleaved for the full
+            split, drawn from one split per window for the paper protocol.
 
     Returns:
         `dict`: [`evaluate_full_split`]'s keys and, with `cfg.paper_batches`, `paper_test_loss` and
@@ -173,7 +211,7 @@ def evaluate_client(
         if cfg.paper_batches:
             metrics.update(evaluate_random_windows(model, test, cfg, accelerator, seed))
         if mixed_test is not None and cfg.out_of_distribution:
-            ood = evaluate_full_split(model, mixed_test, cfg, accelerator)
+            ood = evaluate_full_split(model, interleave_blocks(mixed_test), cfg, accelerator)
             ood.pop("routing")
             if cfg.paper_batches:
                 ood.update(evaluate_random_windows(model, mixed_test, cfg, accelerator, seed))
@@ -185,6 +223,7 @@ def evaluate_client(
 
 __all__ = [
     "EvaluationConfig",
+    "check_paper_protocol",
     "evaluate_client",
     "evaluate_full_split",
     "evaluate_random_windows",

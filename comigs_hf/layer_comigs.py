@@ -231,7 +231,8 @@ class CoMiGSRecomputedActivation(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        # x is (..., K, I): with one copy per token (top-1) there is nothing to save by recomputing
+        if torch.is_grad_enabled() and x.requires_grad and x.shape[-2] > 1:
             return checkpoint(self.activation, x, use_reentrant=False)
         return self.activation(x)
 
@@ -273,8 +274,8 @@ class CoMiGSMoeMLP(nn.Module):
     ):
         super().__init__()
         self.base_mlp = base_mlp
-        # with top-1 there is one copy per token and nothing to save by recomputing
-        for name, child in list(base_mlp.named_children()) if recompute_activation and top_k > 1 else []:
+        # wrapped whatever the top-k: clients swapped in later may mix more experts (it recomputes only then)
+        for name, child in list(base_mlp.named_children()) if recompute_activation else []:
             is_activation = not isinstance(child, (CoMiGSLoraLinear, nn.Dropout)) and not any(child.parameters())
             if is_activation and keeps_several_tensors(child):
                 setattr(base_mlp, name, CoMiGSRecomputedActivation(child))

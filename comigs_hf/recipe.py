@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 from typing import Any
@@ -32,7 +33,8 @@ from .config import (
     config_to_dict,
     load_config,
 )
-from .data import build_client_data, build_client_datasets, mixed_test_blocks, pool_client_data
+from .data import build_client_data, build_client_datasets, mixed_test_splits, pool_client_data
+from .evaluation import check_paper_protocol
 from .hub import HubClient, check_hub_strategy, evaluate_hub_client, run_hub_client_round, seed_hub_rounds
 from .model import build_model, load_base
 from .modeling_comigs import CoMiGSForCausalLM
@@ -40,6 +42,8 @@ from .outputs import write_outputs
 from .rounds import Federation, run_federated, start_federation
 from .strategies import Strategy
 from .trainer import initial_shared_state
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "evaluate_hub_round",
@@ -67,9 +71,16 @@ def setup_federation(cfg: RecipeConfig, accelerator: Accelerator) -> Federation:
     # client 0's layout: the shared reference is drawn from it (see trainer.initial_shared_state)
     model = build_model(cfg.model, base, base_name, counts[0], strategy.expert_mixing).to(accelerator.device)
     top_k = [cfg.model.client_top_k(count) for count in counts]
-    mixed_test = mixed_test_blocks(clients) if cfg.evaluation.out_of_distribution else None
+    check_paper_protocol([client.test for client in clients], [client.name for client in clients], cfg.evaluation)
+    mixed_test = mixed_test_splits(clients) if cfg.evaluation.out_of_distribution else None
     pooled, training = None, cfg.training
     if strategy.pool_clients:  # one client for all: it takes all their batches, so it sees as many tokens per step
+        if accelerator.num_processes > 1 and accelerator.is_main_process:
+            logger.warning(
+                "strategy %r trains one model on rank 0; the other %d processes wait for it.",
+                strategy.name,
+                accelerator.num_processes - 1,
+            )
         pooled = pool_client_data(clients)
         training = dataclasses.replace(training, batch_size=training.batch_size * len(clients))
     federation = Federation(
@@ -165,6 +176,7 @@ def _hub_client(
     count = _num_specialists_of(cfg, client_id)
     model, tokenizer = _hub_model(cfg, strategy, count, accelerator)
     data = build_client_data(cfg.data, tokenizer, cfg.seed, client_id)
+    check_paper_protocol([data.test], [data.name], cfg.evaluation)
     client = HubClient(
         repo_id, client_id, count, state_dir, strategy, cfg.training, cfg.rounds, cfg.seed, token, cfg.evaluation
     )

@@ -80,7 +80,7 @@ class Federation:
     plan: RoundsConfig
     top_k: list[int] | None = None  # experts each client mixes per token; None: the model's for every client
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    mixed_test: torch.Tensor | None = None  # the uniform mixture of all clients' test splits (out of distribution)
+    mixed_test: list[torch.Tensor] | None = None  # each client's part of the out-of-distribution mixture
     pooled: ClientData | None = None  # under a pooling strategy, the one client that trains (see `training_data`)
     states: dict[int, ClientState] = field(default_factory=dict)
     shared: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -112,10 +112,19 @@ def load_table_config(path: str | os.PathLike) -> TableConfig:
     missing = sorted({"title", "recipe", "columns"} - set(raw))
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing}.")
+    for key in ("overrides", "seeds"):
+        value = raw.get(key, [])
+        kind = str if key == "overrides" else int
+        if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{path}: {key} must be a list of {kind.__name__}s, got {value!r}.")
+    if not isinstance(raw["columns"], list):
+        raise ValueError(f"{path}: columns must be a list of {{name, overrides}} mappings.")
     columns = []
-    for index, column in enumerate(raw["columns"] or []):
+    for index, column in enumerate(raw["columns"]):
         if not isinstance(column, dict) or set(column) - {"name", "overrides"} or "name" not in column:
             raise ValueError(f"{path}: columns[{index}] must be a mapping with `name` and optional `overrides`.")
+        if not isinstance(column.get("overrides") or [], list):
+            raise ValueError(f"{path}: columns[{index}].overrides must be a list of KEY=VALUE strings.")
         columns.append(TableColumn(str(column["name"]), [str(o) for o in column.get("overrides") or []]))
     recipe = Path(raw["recipe"])
     recipe = recipe if recipe.is_absolute() else (path.parent / recipe).resolve()
@@ -163,6 +172,8 @@ def run_table(
     """
     output, launch = Path(output), launch or _launch
     seeds = list(seeds) if seeds else list(table.seeds)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}.")
     runs = []
     for column in table.columns:
         for seed in seeds:

@@ -388,3 +388,17 @@ def test_config_round_trips_through_a_plain_dict_and_yaml(tmp_path):
 @pytest.mark.parametrize("path", SHIPPED_YAML, ids=[path.name for path in SHIPPED_YAML])
 def test_every_shipped_yaml_loads(path):
     assert isinstance(load_config(path), RecipeConfig)
+
+
+@pytest.mark.parametrize(
+    ("override", "moved_to"),
+    [("training.eval_batches=4", "evaluation.batches"), ("training.router_on_train=true", "strategy=comigs_tr")],
+)
+def test_a_key_that_moved_names_its_new_place(override, moved_to):
+    with pytest.raises(ValueError, match=f"It moved: use {moved_to}"):
+        load_config(None, [override])
+
+
+def test_the_centralised_baseline_needs_one_layout_and_says_why():
+    with pytest.raises(ValueError, match="'centralized' trains one model for every client, so every client needs"):
+        load_config(None, ["strategy=centralized", "model.num_specialists=[1, 1, 2, 2]"])

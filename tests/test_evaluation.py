@@ -13,8 +13,14 @@ from federated_setup import tiny_overrides
 
 from comigs_hf import CoMiGSForCausalLM
 from comigs_hf.config import load_config
-from comigs_hf.data import ClientData, mixed_test_blocks, pool_client_data
-from comigs_hf.evaluation import EvaluationConfig, evaluate_client, evaluate_full_split, evaluate_random_windows
+from comigs_hf.data import ClientData, interleave_blocks, mixed_test_blocks, mixed_test_splits, pool_client_data
+from comigs_hf.evaluation import (
+    EvaluationConfig,
+    check_paper_protocol,
+    evaluate_client,
+    evaluate_full_split,
+    evaluate_random_windows,
+)
 from comigs_hf.recipe import run
 
 ACCELERATOR = Accelerator(cpu=True)
@@ -67,6 +73,7 @@ def test_the_mixed_test_split_takes_as_many_blocks_from_every_client_interleaved
     clients = [
         ClientData(f"c{i}", torch.zeros(1, 2), torch.zeros(1, 2), torch.full((n, 2), i)) for i, n in enumerate(sizes)
     ]
+    assert [split.shape[0] for split in mixed_test_splits(clients)] == [2, 2, 2]
     mixed = mixed_test_blocks(clients)
     assert mixed[:, 0].tolist() == [0, 1, 2, 0, 1, 2]
     pooled = pool_client_data(clients)
@@ -74,13 +81,24 @@ def test_the_mixed_test_split_takes_as_many_blocks_from_every_client_interleaved
     assert torch.equal(pooled.test, mixed)
 
 
-def test_out_of_distribution_figures_are_those_of_the_mixture():
-    held, cfg = model(), EvaluationConfig(batch_size=3, paper_batches=2, paper_batch_size=2)
-    mixed = torch.randint(1, VOCAB, (4, 12), generator=torch.Generator().manual_seed(9))
-    metrics = evaluate_client(held, BLOCKS, cfg, ACCELERATOR, seed=1, mixed_test=mixed)
-    alone = evaluate_client(held, mixed, cfg, ACCELERATOR, seed=1)
-    assert metrics["ood_test_ppl"] == alone["test_ppl"] and metrics["ood_paper_test_ppl"] == alone["paper_test_ppl"]
+def test_out_of_distribution_figures_are_those_of_the_mixture_and_no_window_crosses_clients():
+    held, cfg = model(), EvaluationConfig(batch_size=3, paper_batches=3, paper_batch_size=4)
+    splits = [torch.full((2, 12), 5), torch.full((2, 12), 7)]  # two clients whose text cannot be confused
+    windows = []
+    held.register_forward_pre_hook(lambda module, args: windows.append(args[0]))
+    metrics = evaluate_client(held, BLOCKS, cfg, ACCELERATOR, seed=1, mixed_test=splits)
+    alone = evaluate_full_split(held, interleave_blocks(splits), cfg, ACCELERATOR)
+    assert metrics["ood_test_ppl"] == alone["test_ppl"]
+    paper_windows = [w for w in windows if w.shape[1] == 12 and set(w.unique().tolist()) <= {5, 7}]
+    assert paper_windows and all(len(set(row.tolist())) == 1 for w in paper_windows for row in w)
+    assert {row[0].item() for w in paper_windows for row in w} == {5, 7}  # both clients drawn
     assert "ood_routing" not in metrics and "routing" in metrics
+
+
+def test_a_test_split_too_short_for_one_window_is_refused_naming_the_client():
+    with pytest.raises(ValueError, match=r"Client 'tiny' has 1 test block\(s\) of 12 tokens"):
+        check_paper_protocol([BLOCKS[:1]], ["tiny"], EvaluationConfig())
+    check_paper_protocol([BLOCKS[:1]], ["tiny"], EvaluationConfig(paper_batches=0))  # no windows, no need
 
 
 # ---- what the rounds report ---------------------------------------------------------------------------------------

@@ -352,9 +352,14 @@ def test_only_activations_that_keep_several_tensors_are_recomputed(activation, w
     assert keeps_several_tensors(ACT2FN[activation]) is wrapped
 
 
-def test_top1_keeps_the_activation_as_it_is():
-    model = build(lambda seed: tiny_gpt2(seed), top_k=1)
-    assert not isinstance(model.mixtures[0].base_mlp.act, CoMiGSRecomputedActivation)
+def test_recomputation_follows_the_top_k_of_the_client_swapped_in(input_ids):
+    recomputed = build(lambda seed: tiny_gpt2(seed), top_k=1).train()
+    kept = build(lambda seed: tiny_gpt2(seed), top_k=1, recompute_activation=False).train()
+    # top-1: one copy per token, nothing to recompute
+    assert _saved_bytes(recomputed, input_ids) == _saved_bytes(kept, input_ids)
+    for model in (recomputed, kept):
+        model.set_num_specialists(2, num_experts_per_tok=2)
+    assert _saved_bytes(recomputed, input_ids) < _saved_bytes(kept, input_ids)
 
 
 def test_activation_recomputation_can_be_switched_off():

@@ -96,6 +96,11 @@ def test_a_folder_of_another_run_is_refused_before_anything_runs(world, tmp_path
     assert len(calls) == 2  # only the first call launched anything
 
 
+def test_repeated_seeds_are_refused(world, tmp_path):
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        run_table(load_table_config(tiny_table(world, tmp_path)), tmp_path / "out", seeds=[0, 0], launch=print)
+
+
 def test_a_bad_column_is_refused_naming_it_before_anything_runs(world, tmp_path):
     table = load_table_config(tiny_table(world, tmp_path))
     table.columns[1].overrides.append("strategy=fedprox")
@@ -113,6 +118,9 @@ def test_a_bad_column_is_refused_naming_it_before_anything_runs(world, tmp_path)
         ({"columns": [{"name": "../up"}]}, "may not hold a path"),
         ({"seeds": []}, "seeds: give one or more distinct seeds"),
         ({"recipe": "missing.yaml"}, "recipe 'missing.yaml' does not exist"),
+        ({"overrides": "rounds=5"}, "overrides must be a list of strs"),
+        ({"seeds": 0}, "seeds must be a list of ints"),
+        ({"columns": {"name": "a"}}, "columns must be a list"),
     ],
 )
 def test_bad_table_configs_are_refused_naming_the_key(world, tmp_path, edit, message):

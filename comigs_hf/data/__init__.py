@@ -201,19 +201,23 @@ def build_client_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, se
     return build_client_datasets(config, tokenizer, seed, client_ids=[client_id])[0]
 
 
-def mixed_test_blocks(clients: Sequence[ClientData]) -> torch.LongTensor:
-    """The out-of-distribution test set: a uniform mixture of every client's test split.
-
-    Each client contributes as many blocks as the smallest test split holds (its first ones), interleaved client by
-    client, so no client weighs more than another and a prefix of the result is still a uniform mixture.
-
-    Returns:
-        `torch.LongTensor` of shape `(num_clients * min_test_blocks, block_size)`.
-    """
+def mixed_test_splits(clients: Sequence[ClientData]) -> list[torch.LongTensor]:
+    """Every client's part of the out-of-distribution test set, a uniform mixture of all clients' test splits: each
+    client's first blocks, as many as the smallest test split holds, so no client weighs more than another."""
     if not clients:
-        raise ValueError("mixed_test_blocks needs at least one client.")
+        raise ValueError("The out-of-distribution test set needs at least one client.")
     count = min(client.test.shape[0] for client in clients)
-    return torch.stack([client.test[:count] for client in clients], dim=1).flatten(0, 1)  # (count * N, L)
+    return [client.test[:count] for client in clients]
+
+
+def interleave_blocks(splits: Sequence[torch.LongTensor]) -> torch.LongTensor:
+    """Equal-size splits `(num_blocks, block_size)` interleaved block by block, so any prefix stays a uniform mix."""
+    return torch.stack(list(splits), dim=1).flatten(0, 1)  # (num_blocks * num_splits, block_size)
+
+
+def mixed_test_blocks(clients: Sequence[ClientData]) -> torch.LongTensor:
+    """The out-of-distribution test set as one tensor: [`mixed_test_splits`] interleaved client by client."""
+    return interleave_blocks(mixed_test_splits(clients))
 
 
 def pool_client_data(clients: Sequence[ClientData]) -> ClientData:
@@ -237,7 +241,9 @@ __all__ = [
     "ag_news_config",
     "build_client_data",
     "build_client_datasets",
+    "interleave_blocks",
     "mixed_test_blocks",
+    "mixed_test_splits",
     "pool_client_data",
     "load_records",
     "pack_blocks",
