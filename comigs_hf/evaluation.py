@@ -72,13 +72,19 @@ def evaluation_seed(seed: int, round_index: int, client_id: int) -> int:
     return derived_seed(seed, round_index, -2 - client_id)
 
 
-def _token_nll(model: CoMiGSForCausalLM, tokens: torch.Tensor, accelerator: Accelerator):
-    """Summed next-token loss of `tokens` `(batch_size, length)` and the model output (routing statistics on)."""
+def _token_nll(
+    model: CoMiGSForCausalLM,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    accelerator: Accelerator,
+    routing_stats: bool = False,
+):
+    """Summed loss of `targets` `(batch_size, n)`, scored by the first n positions of `model(inputs)`, and the
+    model output."""
     with accelerator.autocast():
-        out = model(tokens, output_routing_stats=True)
-    logits = out.logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
-    return nll, out
+        out = model(inputs, output_routing_stats=routing_stats)
+    logits = out.logits[:, : targets.shape[1]].float()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"), out
 
 
 @torch.no_grad()
@@ -98,7 +104,7 @@ def evaluate_full_split(
     token_share, weight_share = None, None
     for micro in blocks.split(cfg.batch_size):
         micro = micro.to(accelerator.device)
-        nll, out = _token_nll(model, micro, accelerator)
+        nll, out = _token_nll(model, micro, micro[:, 1:], accelerator, routing_stats=True)
         perplexity.add_batch(nll_sum=[nll.item()], num_tokens=[micro[:, 1:].numel()])
         tokens = torch.stack([s["tokens"][:num_generalists].sum() / s["tokens"].sum() for s in out.routing_stats])
         weights = torch.stack([s["weight"][:num_generalists].sum() / s["weight"].sum() for s in out.routing_stats])
@@ -171,9 +177,7 @@ def evaluate_random_windows(
         total = 0.0
         for micro in windows.split(cfg.batch_size):
             micro = micro.to(accelerator.device)
-            with accelerator.autocast():
-                logits = model(micro[:, :-1]).logits.float()  # (B, L, V)
-            total += F.cross_entropy(logits.flatten(0, 1), micro[:, 1:].flatten(), reduction="sum").item()
+            total += _token_nll(model, micro[:, :-1], micro[:, 1:], accelerator)[0].item()  # L inputs, L targets
         batch_losses.append(total / (windows.shape[0] * length))
     mean_loss = sum(batch_losses) / len(batch_losses)
     return {"paper_test_loss": mean_loss, "paper_test_ppl": math.exp(mean_loss)}

@@ -88,16 +88,27 @@ def load_balancing_loss(
     losses = []
     for routing in routings:
         probs = routing.router_logits.float().softmax(dim=-1)  # (B, T, E)
-        chosen = nn.functional.one_hot(routing.expert_index, probs.shape[-1]).float().sum(dim=-2)  # (B, T, E)
-        if attention_mask is not None and attention_mask.shape == probs.shape[:-1]:
-            mask = attention_mask.to(probs.dtype).unsqueeze(-1)
-            fraction = (chosen * mask).sum(dim=(0, 1)) / (mask.sum() * routing.expert_index.shape[-1]).clamp_min(1)
-            mean_prob = (probs * mask).sum(dim=(0, 1)) / mask.sum().clamp_min(1)
-        else:
-            fraction = chosen.mean(dim=(0, 1)) / routing.expert_index.shape[-1]
-            mean_prob = probs.mean(dim=(0, 1))
-        losses.append((fraction * mean_prob / target_share.to(probs.device)).sum())
+        losses.append(_balancing_term(routing.expert_index, probs, target_share, attention_mask))
     return torch.stack(losses).mean()
+
+
+def _balancing_term(
+    expert_index: torch.LongTensor,
+    probs: torch.Tensor,
+    target_share: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """One layer's `sum_e f_e * P_e / t_e`: `f_e` from the chosen experts `(B, T, K)`, `P_e` the mean of `probs`
+    `(B, T, E)`, padding (attention mask 0) left out."""
+    chosen = nn.functional.one_hot(expert_index, probs.shape[-1]).float().sum(dim=-2)  # (B, T, E)
+    if attention_mask is not None and attention_mask.shape == probs.shape[:-1]:
+        mask = attention_mask.to(probs.dtype).unsqueeze(-1)
+        fraction = (chosen * mask).sum(dim=(0, 1)) / (mask.sum() * expert_index.shape[-1]).clamp_min(1)
+        mean_prob = (probs * mask).sum(dim=(0, 1)) / mask.sum().clamp_min(1)
+    else:
+        fraction = chosen.mean(dim=(0, 1)) / expert_index.shape[-1]
+        mean_prob = probs.mean(dim=(0, 1))
+    return (fraction * mean_prob / target_share.to(probs.device)).sum()
 
 
 def reference_load_balancing_loss(
@@ -116,21 +127,13 @@ def reference_load_balancing_loss(
     losses = []
     for router, hidden in zip(routers, block_outputs):
         logits = nn.functional.linear(hidden, router.weight).float()  # (B, T, E)
-        num_experts = logits.shape[-1]
         if router.top_k == 1:
             top, index = logits.softmax(dim=-1).topk(1, dim=-1)  # (B, T, 1)
             select = torch.zeros_like(logits).scatter(-1, index, top)
         else:
             top, index = logits.topk(router.top_k, dim=-1)  # (B, T, K)
             select = torch.zeros_like(logits).scatter(-1, index, top).softmax(dim=-1)
-        chosen = nn.functional.one_hot(index, num_experts).float().mean(dim=-2)  # (B, T, E), 1/K per chosen expert
-        if attention_mask is not None and attention_mask.shape == logits.shape[:-1]:
-            mask = attention_mask.to(logits.dtype).unsqueeze(-1)
-            count = mask.sum().clamp_min(1)
-            fraction, mean_prob = (chosen * mask).sum(dim=(0, 1)) / count, (select * mask).sum(dim=(0, 1)) / count
-        else:
-            fraction, mean_prob = chosen.mean(dim=(0, 1)), select.mean(dim=(0, 1))
-        losses.append((fraction * mean_prob / target_share.to(logits.device)).sum())
+        losses.append(_balancing_term(index, select, target_share, attention_mask))
     return torch.stack(losses).mean()
 
 

@@ -59,9 +59,9 @@ def summarise(records: list[dict], federation: Federation, cfg: RecipeConfig) ->
                 "top_k": top_k[client_id],
                 "train_tokens": final[client_id]["train_tokens"],  # the pooled split under centralized
                 "tokens_seen": sum(row["tokens_seen"] for row in rows),
+                "test_loss": None,  # null when the last round was not evaluated
+                "test_ppl": None,
                 **{key: final[client_id][key] for key in TEST_FIGURES if key in final[client_id]},
-                "test_loss": final[client_id].get("test_loss"),
-                "test_ppl": final[client_id].get("test_ppl"),
                 "bytes_sent": sum(row["bytes_sent"] for row in rows),
                 "params_sent": sum(row["params_sent"] for row in rows),
                 "expert_params_sent": sum(row["expert_params_sent"] for row in rows),
