@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .configuration_comigs import CoMiGSConfig
-from .embedded import build_embedded_base
+from .embedded import EmbeddedBaseSettings, build_embedded_base
 from .modeling_comigs import CoMiGSForCausalLM
 
 KNOWN_DTYPES = ("float32", "bfloat16", "float16")
@@ -31,6 +31,13 @@ class ModelConfig:
         metadata={"help": "Hub id or local path of the frozen base causal LM, or 'embedded' for the offline default."},
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) to pin."})
+    embedded_base_steps: int = field(
+        default=EmbeddedBaseSettings.max_steps,
+        metadata={
+            "help": "Pretraining steps of the embedded base (base_model: embedded): the base's strength; each count "
+            "is built once and cached apart."
+        },
+    )
     num_generalists: int = field(default=1, metadata={"help": "Generalist experts per layer, shared by all clients."})
     num_specialists: int | list[int] = field(
         default=1,
@@ -87,6 +94,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.embedded_base_steps < 1:
+            problems.append(f"embedded_base_steps must be >= 1, got {self.embedded_base_steps}.")
+        elif self.base_model != "embedded" and self.embedded_base_steps != EmbeddedBaseSettings.max_steps:
+            problems.append(
+                f"embedded_base_steps={self.embedded_base_steps} applies to base_model: embedded only, and "
+                f"base_model is {self.base_model!r}."
+            )
         if self.base_dropout is not None and not 0.0 <= self.base_dropout < 1.0:
             problems.append(f"base_dropout must be in [0, 1) or null (keep the base's), got {self.base_dropout}.")
         if self.dtype not in KNOWN_DTYPES:
@@ -189,7 +203,7 @@ def load_base(cfg: ModelConfig, progress: bool = True) -> tuple[PreTrainedModel,
     """
     path = cfg.base_model
     if path == "embedded":
-        path = str(build_embedded_base(progress=progress))
+        path = str(build_embedded_base(max_steps=cfg.embedded_base_steps, progress=progress))
     tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
     base = AutoModelForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=getattr(torch, cfg.dtype))
     name = cfg.base_model if cfg.base_model != "embedded" else EMBEDDED_BASE_NAME

@@ -1,11 +1,13 @@
-"""The recipe's model section: the base's dropout, per-client top-k, and the expert mixing a strategy asks for."""
+"""The recipe's model section: the embedded base's strength, the base's dropout, per-client top-k, and the expert
+mixing a strategy asks for."""
 
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from comigs_hf.model import ModelConfig, build_model
+import comigs_hf.model
+from comigs_hf.model import ModelConfig, build_model, load_base
 
 
 def dropout_gpt2() -> GPT2LMHeadModel:
@@ -31,6 +33,26 @@ def test_base_dropout_reaches_the_rates_llama_attention_reads_in_forward():
     build_model(ModelConfig(base_dropout=0.0, top_k=1, num_specialists=0), base, "tiny", 0)
     assert all(layer.self_attn.attention_dropout == 0.0 for layer in base.model.layers)
     assert base.config.attention_dropout == 0.0
+
+
+def test_embedded_base_steps_choose_the_embedded_base_that_is_built(monkeypatch):
+    built = []
+
+    def record(**settings):
+        built.append(settings)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(comigs_hf.model, "build_embedded_base", record)
+    with pytest.raises(RuntimeError, match="recorded"):
+        load_base(ModelConfig(embedded_base_steps=300), progress=False)
+    assert built == [{"max_steps": 300, "progress": False}]
+
+
+def test_embedded_base_steps_on_another_base_are_refused():
+    with pytest.raises(ValueError, match=r"embedded_base_steps=300 applies to base_model: embedded only"):
+        ModelConfig(base_model="gpt2", embedded_base_steps=300)
+    with pytest.raises(ValueError, match="embedded_base_steps must be >= 1"):
+        ModelConfig(embedded_base_steps=0)
 
 
 def test_base_dropout_out_of_range_is_refused():
