@@ -340,6 +340,12 @@ def _table(args: argparse.Namespace) -> int:
         if not Path(args.recipe).is_file():
             raise _UsageError("--recipe", f"{args.recipe} does not exist")
         table.recipe = str(Path(args.recipe).resolve())
+    if args.columns:
+        known = [column.name for column in table.columns]
+        unknown = [name for name in args.columns if name not in known]
+        if unknown:
+            raise _UsageError("--columns", f"{unknown} are not columns of {path.name} (its columns: {known})")
+        table.columns = [column for column in table.columns if column.name in args.columns]
     output = Path(args.output) if args.output else Path("outputs") / "tables" / path.stem
     runs = run_table(table, output, seeds=args.seeds, extra_overrides=args.overrides)
     print(write_table(runs, output, table.title))
@@ -474,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     table.add_argument("--output", help="folder of the runs and tables (default: outputs/tables/<config name>)")
     table.add_argument("--recipe", help="another recipe for the same columns, e.g. another dataset's")
+    table.add_argument("--columns", nargs="+", help="run and tabulate only these columns (default: all)")
     table.add_argument("overrides", nargs="*", help="KEY=VALUE applied to every run (e.g. rounds=5)")
     table.set_defaults(handler=_table)
     return parser

@@ -101,6 +101,20 @@ def test_repeated_seeds_are_refused(world, tmp_path):
         run_table(load_table_config(tiny_table(world, tmp_path)), tmp_path / "out", seeds=[0, 0], launch=print)
 
 
+def test_columns_runs_and_tabulates_only_the_named_columns(world, tmp_path, monkeypatch, capsys):
+    launched = []
+    monkeypatch.setattr("comigs_hf.tables._launch", lambda table, overrides: launched.append(overrides))
+    monkeypatch.setattr("comigs_hf.tables.write_table", lambda runs, output, title: str([r[:2] for r in runs]))
+    config, out = str(tiny_table(world, tmp_path)), str(tmp_path / "out")
+    assert comigs(["table", "--config", config, "--output", out, "--seeds", "1", "--columns", "comigs"]) == 0
+    assert "[('comigs', 1)]" in capsys.readouterr().out and len(launched) == 1
+    with pytest.raises(SystemExit):
+        comigs(["table", "--config", config, "--output", out, "--columns", "fedprox"])
+    assert (
+        "['fedprox'] are not columns of tiny_table.yaml (its columns: ['local', 'comigs'])" in capsys.readouterr().err
+    )
+
+
 def test_a_bad_column_is_refused_naming_it_before_anything_runs(world, tmp_path):
     table = load_table_config(tiny_table(world, tmp_path))
     table.columns[1].overrides.append("strategy=fedprox")
