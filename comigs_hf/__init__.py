@@ -7,7 +7,13 @@ models load without `trust_remote_code`.
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_comigs import CoMiGSConfig
-from .modeling_comigs import CoMiGSCausalLMOutputWithPast, CoMiGSForCausalLM, CoMiGSPreTrainedModel, parameter_role
+from .modeling_comigs import (
+    BASE_RESOLVERS,
+    CoMiGSCausalLMOutputWithPast,
+    CoMiGSForCausalLM,
+    CoMiGSPreTrainedModel,
+    parameter_role,
+)
 
 __version__ = "0.1.0"
 
@@ -16,6 +22,20 @@ AutoModelForCausalLM.register(CoMiGSConfig, CoMiGSForCausalLM, exist_ok=True)
 # save_pretrained / push_to_hub then also write `auto_map` and the *_comigs.py files (remote code)
 CoMiGSConfig.register_for_auto_class()
 CoMiGSForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+def _resolve_packaged_base(name: str) -> str | None:
+    # checkpoints of the bases this package builds (the embedded base, SmolLM2) name them "comigs_hf/...": built
+    # locally, never downloaded
+    if not name.startswith("comigs_hf/"):
+        return None
+    from .embedded import resolve_packaged_base  # only when a checkpoint names one: `import comigs_hf` stays light
+
+    return resolve_packaged_base(name)
+
+
+if not any(getattr(resolver, "__name__", "") == "_resolve_packaged_base" for resolver in BASE_RESOLVERS):
+    BASE_RESOLVERS.append(_resolve_packaged_base)
 
 __all__ = [
     "CoMiGSCausalLMOutputWithPast",

@@ -10,6 +10,7 @@ and value is checked before anything is written into the model.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -21,12 +22,15 @@ from huggingface_hub import snapshot_download
 from peft import LoraConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .modeling_comigs import CoMiGSForCausalLM
+from .modeling_comigs import CoMiGSForCausalLM, parameter_role
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
+# the modules CoMiGS wraps around the base's own: without them a base key is the plain model's key
+_WRAPPER_SEGMENTS = re.compile(r"\.(?:base_mlp|base_layer)(?=\.)")
 
 
 def _generalist_layers(model: CoMiGSForCausalLM, index: int) -> list[tuple[str, object]]:
@@ -92,6 +96,35 @@ def export_generalist(model: CoMiGSForCausalLM, save_directory: str | os.PathLik
         for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
             os.replace(os.path.join(tmp, name), directory / name)
     return directory
+
+
+@torch.no_grad()
+def merged_generalist_model(model: CoMiGSForCausalLM, index: int = 0) -> PreTrainedModel:
+    """A plain transformers model of the base's architecture with generalist `index` (and the attention adapter)
+    merged into its weights.
+
+    It computes what `model.route_all_to(index)` computes, with no CoMiGS code: any library or engine that serves
+    the base architecture serves it. The specialists and routers are not in it (serve those with the CoMiGS model
+    itself). Merging runs in float32 and stores the base's dtype.
+    """
+    state = {
+        _WRAPPER_SEGMENTS.sub("", key.removeprefix("model.")): value
+        for key, value in model.state_dict().items()
+        if parameter_role(key) == "base"
+    }
+    for adapter, layer in _generalist_layers(model, index):
+        delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float() * layer.scaling  # (O, I)
+        key = f"{layer.base_path}.weight"
+        weight = state[key]
+        if not weight.is_floating_point():
+            raise ValueError(
+                f"{layer.base_path} is quantised ({weight.dtype}): merge into a float copy of the base instead."
+            )
+        state[key] = (weight.float() + (delta.T if layer.fan_in_fan_out else delta)).to(weight.dtype)
+    dtype = model.get_input_embeddings().weight.dtype
+    plain = AutoModelForCausalLM.from_config(copy.deepcopy(model.config.text_config), dtype=dtype)
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()
 
 
 def resolve_adapter_directory(
@@ -233,6 +266,7 @@ __all__ = [
     "generalist_peft_config",
     "generalist_state_dict",
     "load_generalist",
+    "merged_generalist_model",
     "read_generalist",
     "resolve_adapter_directory",
 ]

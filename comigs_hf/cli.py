@@ -35,6 +35,8 @@ from typing import Any, NoReturn
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
+from . import __version__
+
 
 class _UsageError(Exception):
     """Bad input: reported as `<prog>: error: argument <name>: <message>`, exit status 2."""
@@ -130,7 +132,7 @@ def _check_index(model: Any, index: int) -> None:
         )
 
 
-def _save_in_place(model: Any, directory: Path) -> None:
+def _save_in_place(model: Any, directory: Path, **save_kwargs: Any) -> None:
     """`save_pretrained` into `directory` through a sibling temp folder and renames.
 
     The loaded weights may still be memory-mapped from the files being replaced: writing over them in place could
@@ -138,7 +140,7 @@ def _save_in_place(model: Any, directory: Path) -> None:
     """
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}-") as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **save_kwargs)
         for item in Path(tmp).iterdir():
             os.replace(item, directory / item.name)
 
@@ -147,13 +149,32 @@ def _save_in_place(model: Any, directory: Path) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .adapters import export_generalist
+    from .adapters import export_generalist, merged_generalist_model
 
     model = _load_model(args.model)
     _check_index(model, args.index)
-    export_generalist(model, args.output_dir, index=args.index)
-    print(f"Wrote generalist_{args.index} as a PEFT LoRA adapter to {args.output_dir}")
+    if not args.merge_generalist:
+        export_generalist(model, args.output_dir, index=args.index)
+        print(f"Wrote generalist_{args.index} as a PEFT LoRA adapter to {args.output_dir}")
+        return 0
+    if Path(args.model).is_dir() and Path(args.output_dir).resolve() == Path(args.model).resolve():
+        raise _UsageError("output_dir", "is the client's own folder: the merged model would overwrite the client")
+    _save_in_place(merged_generalist_model(model, args.index), Path(args.output_dir))
+    tokenizer = _load_tokenizer(args.model)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.output_dir)
+    print(f"Wrote the base with generalist_{args.index} merged, a plain transformers model, to {args.output_dir}")
     return 0
+
+
+def _load_tokenizer(source: str) -> Any:
+    """The tokenizer saved beside a model, or `None` when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -173,6 +194,8 @@ def _push(args: argparse.Namespace) -> int:
         commit_message=args.commit_message,
         path_in_repo=args.path_in_repo,
         base_model_revision=args.base_model_revision,
+        license=args.license,
+        datasets=args.dataset,
     )
     tag = f" (tag round-{args.round})" if args.round is not None else ""
     print(f"Pushed generalist_{args.index} to {args.repo_id} at commit {sha}{tag}")
@@ -193,7 +216,8 @@ def _pull(args: argparse.Namespace) -> int:
         argument = "--round" if args.round is not None else "--revision"
         raise _UsageError(argument, f"{revision!r} does not exist in {args.repo_id}") from None
     output = Path(args.output or args.model)
-    _save_in_place(model, output)
+    # a full checkpoint stays full, an adapter-only one adapter-only
+    _save_in_place(model, output, include_base=model.config.weights_include_base is not False)
     print(f"Loaded {args.repo_id}@{revision or 'main'} into generalist_{args.index}; saved to {output}")
     return 0
 
@@ -371,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="Hub commands authenticate with HF_TOKEN or `hf auth login`.",
     )
+    parser.add_argument("--version", action="version", version=f"comigs_hf {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     model_help = "saved CoMiGS model: a save_pretrained folder or a Hub repo id"
     index_help = "which generalist (default: 0)"
@@ -379,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("model", help=model_help)
     export.add_argument("output_dir", help="folder for adapter_config.json and adapter_model.safetensors")
     export.add_argument("--index", type=_non_negative_int, default=0, help=index_help)
+    export.add_argument(
+        "--merge-generalist",
+        action="store_true",
+        help="write a plain transformers model of the base with the generalist merged in (servable anywhere)",
+    )
     export.set_defaults(handler=_export)
 
     push = commands.add_parser("push", help="push a generalist to the Hub as a PEFT adapter with a model card")
@@ -393,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--path-in-repo", help="folder in the repo instead of its root")
     push.add_argument("--commit-message")
     push.add_argument("--base-model-revision", help="commit of the base model, for the card")
+    push.add_argument("--license", help="the card's license (a Hub licence id such as apache-2.0, or other)")
+    push.add_argument("--dataset", action="append", help="Hub id of a dataset trained on, for the card (repeatable)")
     push.set_defaults(handler=_push)
 
     pull = commands.add_parser("pull", help="load a generalist round from the Hub into a saved model and re-save it")

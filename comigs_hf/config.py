@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate.utils import LoggerType
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -53,15 +54,17 @@ __all__ = [
     "build_strategy",
     "check_client_layout",
     "client_num_specialists",
+    "config_reference",
     "config_from_dict",
     "config_to_dict",
     "load_config",
     "validate_config",
 ]
 
-# accelerate's tracker names, plus "none" to log nothing
-KNOWN_TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "none")
+# Accelerate's tracker names (its `LoggerType`, "all" included), plus "none" to log nothing
+KNOWN_TRACKERS = (*(t.value for t in LoggerType), "none")
 SECTIONS = ("model", "data", "training", "evaluation")
+REFERENCE_ORDER = ("model", "training", "evaluation", "data")  # the README's order
 
 
 @dataclass
@@ -83,7 +86,18 @@ class RecipeConfig(RoundsConfig):
         default_factory=lambda: ["tensorboard"],
         metadata={"help": f"Accelerate trackers: {', '.join(KNOWN_TRACKERS)}."},
     )
-    save_models: bool = field(default=True, metadata={"help": "Save every client's adapters at the end."})
+    save_models: bool = field(
+        default=True,
+        metadata={
+            "help": "Save every client's experts, attention adapter and routers at the end (config naming the base)."
+        },
+    )
+    save_base: bool = field(
+        default=False,
+        metadata={
+            "help": "Also save the frozen base's weights in every client folder (full checkpoints, offline use)."
+        },
+    )
     plots: bool = field(default=True, metadata={"help": "Write loss and routing plots at the end."})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -105,6 +119,24 @@ class RecipeConfig(RoundsConfig):
             problems.append(f"trackers: unknown tracker(s) {unknown}; known: {', '.join(KNOWN_TRACKERS)}.")
         if problems:
             raise ValueError("\n".join(problems))
+
+
+def config_reference() -> list[tuple[str, str, str]]:
+    """Every recipe key as `(key, default, meaning)`, section by section (top level, then `model.`, `training.`,
+    `evaluation.`, `data.`), from the dataclass fields' metadata: the rows of the README's configuration reference
+    and of `comigs run --help`."""
+    sections = [(RecipeConfig, "")] + [(_hints(RecipeConfig)[name], f"{name}.") for name in REFERENCE_ORDER]
+    rows = []
+    for section, prefix in sections:
+        for item in dataclasses.fields(section):
+            if not prefix and item.name in SECTIONS:
+                continue
+            if item.default is not dataclasses.MISSING:
+                default = item.default
+            else:
+                default = item.default_factory()
+            rows.append((f"{prefix}{item.name}", str(default), item.metadata.get("help", "")))
+    return rows
 
 
 def build_strategy(cfg: RecipeConfig) -> Strategy:

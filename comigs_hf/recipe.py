@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
+import textwrap
 from typing import Any
 
-import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.tracking import get_available_trackers
 
 from .config import (
     RecipeConfig,
     build_strategy,
     check_client_layout,
+    config_reference,
     config_to_dict,
     load_config,
 )
@@ -41,14 +43,15 @@ from .modeling_comigs import CoMiGSForCausalLM
 from .outputs import write_outputs
 from .rounds import Federation, run_federated, start_federation
 from .strategies import Strategy
-from .trainer import initial_shared_state
+from .trainer import check_accelerator, initial_shared_state
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 __all__ = [
     "evaluate_hub_round",
     "format_results",
     "main",
+    "missing_trackers",
     "run",
     "run_hub_round",
     "seed_hub",
@@ -56,26 +59,30 @@ __all__ = [
 ]
 
 
-def default_accelerator() -> Accelerator:
-    return Accelerator(cpu=not torch.cuda.is_available())
+def default_accelerator(**kwargs: Any) -> Accelerator:
+    """An `Accelerator` of the user's accelerate config (device, processes, mixed precision) and environment;
+    `kwargs` (trackers, project folder) choose no device or precision."""
+    return Accelerator(**kwargs)
 
 
 # ---- Accelerate ----------------------------------------------------------------------------------------------------
 def setup_federation(cfg: RecipeConfig, accelerator: Accelerator) -> Federation:
     """Build the model, load and split every client's data, and initialise (or resume) this rank's client states."""
     strategy = build_strategy(cfg)
+    check_accelerator(accelerator, cfg.training)  # before any download or build
     with accelerator.main_process_first():
         base, tokenizer, base_name = load_base(cfg.model, progress=accelerator.is_main_process)
         clients = build_client_datasets(cfg.data, tokenizer, cfg.seed)
     counts = check_client_layout(cfg, num_clients=len(clients))
     # client 0's layout: the shared reference is drawn from it (see trainer.initial_shared_state)
     model = build_model(cfg.model, base, base_name, counts[0], strategy.expert_mixing).to(accelerator.device)
+    check_accelerator(accelerator, cfg.training, model)
     top_k = [cfg.model.client_top_k(count) for count in counts]
     check_paper_protocol([client.test for client in clients], [client.name for client in clients], cfg.evaluation)
     mixed_test = mixed_test_splits(clients) if cfg.evaluation.out_of_distribution else None
     pooled, training = None, cfg.training
     if strategy.pool_clients:  # one client for all: it takes all their batches, so it sees as many tokens per step
-        if accelerator.num_processes > 1 and accelerator.is_main_process:
+        if accelerator.num_processes > 1:
             logger.warning(
                 "strategy %r trains one model on rank 0; the other %d processes wait for it.",
                 strategy.name,
@@ -112,8 +119,26 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
+def missing_trackers(names: list[str]) -> list[str]:
+    """The trackers among `names` that are not installed (`"all"` and `"none"` name no one tracker)."""
+    available = {t.value for t in get_available_trackers()}
+    return [name for name in names if name not in ("all", "none") and name not in available]
+
+
+def _keys_help() -> str:
+    lines = ["config keys (KEY=VALUE overrides; the README's configuration reference):"]
+    for key, default, meaning in config_reference():
+        lines += [
+            f"  {key} (default: {default})",
+            *textwrap.wrap(meaning, 100, initial_indent="      ", subsequent_indent="      "),
+        ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, epilog=_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="YAML recipe (see recipes/configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value, dotted for sections: training.local_steps=5")
     args = parser.parse_args(argv)
@@ -124,7 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from error
 
     trackers = [t for t in cfg.trackers if t != "none"]
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=cfg.output_dir)
+    accelerator = default_accelerator(log_with=trackers or None, project_dir=cfg.output_dir)
+    for name in missing_trackers(trackers):  # Accelerate drops them without a word
+        logger.warning("tracker %r is not installed, so this run does not log to it (pip install %s).", name, name)
     accelerator.init_trackers(f"comigs-{cfg.strategy}", config=_flat(config_to_dict(cfg)))
     results = run(cfg, accelerator)
     if accelerator.is_main_process:
@@ -173,8 +200,10 @@ def _hub_client(
     """One client's model, its own data (no other client's source is opened) and its [`HubClient`]."""
     strategy = check_hub_strategy(build_strategy(cfg), cfg.model.num_generalists)
     accelerator = _one_process(accelerator)
+    check_accelerator(accelerator, cfg.training)
     count = _num_specialists_of(cfg, client_id)
     model, tokenizer = _hub_model(cfg, strategy, count, accelerator)
+    check_accelerator(accelerator, cfg.training, model)
     data = build_client_data(cfg.data, tokenizer, cfg.seed, client_id)
     check_paper_protocol([data.test], [data.name], cfg.evaluation)
     client = HubClient(

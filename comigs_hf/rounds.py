@@ -35,15 +35,18 @@ from .data import ClientData
 from .evaluation import EvaluationConfig, evaluate_client, evaluation_seed
 from .modeling_comigs import CoMiGSForCausalLM
 from .server import aggregate_updates
-from .strategies import Strategy, payload_bytes, payload_parameters
+from .strategies import Strategy, partition_state_dict, payload_bytes, payload_parameters
 from .trainer import (
     ClientState,
     ClientUpdate,
     TrainingConfig,
     activate_client,
+    client_folder_name,
+    fresh_parameters,
     initial_client_state,
     initial_shared_state,
     run_client_round,
+    saved_client_parameters,
 )
 
 
@@ -56,6 +59,13 @@ class RoundsConfig:
     seed: int = field(default=0, metadata={"help": "Seed of data partitioning, initialisation and sampling."})
     output_dir: str = field(default="outputs/run", metadata={"help": "Where results, logs and checkpoints go."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "A run's clients/ folder: each client starts from its saved experts and routers, the shared "
+            "tensors from client 0's (a resumed checkpoint wins)."
+        },
+    )
 
     def __post_init__(self) -> None:
         problems = [
@@ -111,13 +121,20 @@ def start_federation(federation: Federation, accelerator: Accelerator) -> Federa
         return federation
     model, counts = federation.model, federation.num_specialists
     top_k = federation.top_k or [None] * len(counts)
-    federation.shared = initial_shared_state(model, federation.strategy, counts[0], plan.seed, top_k[0])
     trainers = training_data(federation)
+    if plan.init_from is None:
+        federation.shared = initial_shared_state(model, federation.strategy, counts[0], plan.seed, top_k[0])
+    else:  # every rank reads client 0's folder, so the shared tensors start equal everywhere
+        saved = Path(plan.init_from) / client_folder_name(0, trainers[0].name)
+        reference = saved_client_parameters(saved, fresh_parameters(model, counts[0], plan.seed, top_k[0]), model)
+        federation.shared = partition_state_dict(reference, federation.strategy)[0]
     for client_id in local_client_ids(len(trainers), accelerator):
         name = trainers[client_id].name
-        federation.states[client_id] = initial_client_state(
-            model, client_id, name, counts[client_id], plan.seed, top_k[client_id]
-        )
+        state = initial_client_state(model, client_id, name, counts[client_id], plan.seed, top_k[client_id])
+        if plan.init_from is not None:
+            folder = Path(plan.init_from) / client_folder_name(client_id, name)
+            state.parameters = saved_client_parameters(folder, state.parameters, model)
+        federation.states[client_id] = state
     return federation
 
 

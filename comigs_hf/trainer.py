@@ -14,14 +14,18 @@ the [`ClientUpdate`] it returns; nothing here talks to other processes.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from .data import ClientData
-from .modeling_comigs import EXPERT_ROLES, ROLES, CoMiGSForCausalLM
+from .modeling_comigs import EXPERT_ROLES, ROLES, CoMiGSForCausalLM, read_adapter_tensors
 from .strategies import Strategy, partition_state_dict
 
 
@@ -195,6 +199,52 @@ def initial_client_state(
     return ClientState(client_id, name, num_specialists, parameters, generator=generator.get_state(), top_k=top_k)
 
 
+def client_folder_name(client_id: int, name: str) -> str:
+    """The folder a run saves client `client_id` in (under `clients/`) and `init_from` reads it from."""
+    return f"{client_id}-{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_') or 'client'}"
+
+
+# what a saved client must share with the run that starts from it, beyond its tensors' names and shapes
+_SAVED_CLIENT_FIELDS = ("base_model_name_or_path", "num_generalists", "lora_alpha", "use_rslora", "attention_lora_r")
+
+
+def saved_client_parameters(
+    directory: str | Path, fresh: dict[str, torch.Tensor], model: CoMiGSForCausalLM
+) -> dict[str, torch.Tensor]:
+    """A saved client's experts, attention adapter and routers (a `save_pretrained` folder, adapter-only or a
+    single-file full checkpoint), in the layout, dtype and device of `fresh` (a client's [`fresh_parameters`] on
+    `model`, whose config the saved one must match: base, generalists, scaling).
+
+    Raises:
+        `ValueError`: naming the folder: no saved client there, another base, number of experts or LoRA scaling, or
+        tensors whose names, shapes, dtypes or values do not fit.
+    """
+    directory = Path(directory)
+    weights, config = directory / "model.safetensors", directory / "config.json"
+    if not (weights.is_file() and config.is_file()):
+        raise ValueError(
+            f"{directory} holds no saved client (config.json and a single-file model.safetensors; a sharded full "
+            "checkpoint is not read here)."
+        )
+    saved = json.loads(config.read_text())
+    wanted = len({match.group(1) for key in fresh if (match := re.search(r"\.specialist_(\d+)\.", key))})
+    if saved.get("num_specialists") != wanted:
+        raise ValueError(
+            f"{directory} holds a client with {saved.get('num_specialists')} specialists, this run gives it {wanted}."
+        )
+    for name in _SAVED_CLIENT_FIELDS:
+        if saved.get(name) != getattr(model.config, name):
+            raise ValueError(
+                f"{directory} holds a client with {name}={saved.get(name)!r}, this run's is "
+                f"{getattr(model.config, name)!r}."
+            )
+    state = read_adapter_tensors(str(weights), str(directory), {k: tuple(v.shape) for k, v in fresh.items()}, True)
+    for key, value in state.items():
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{str(directory)!r}: {key!r} holds NaN or infinite values.")
+    return {key: state[key].to(dtype=value.dtype, device=value.device) for key, value in fresh.items()}
+
+
 def activate_client(model: CoMiGSForCausalLM, state: ClientState, shared: dict[str, torch.Tensor]) -> None:
     """Swap a client into the model: its expert count and top-k, its private tensors, then the global shared ones."""
     model.set_num_specialists(state.num_specialists, state.top_k)
@@ -223,8 +273,55 @@ def _optimizers(model: CoMiGSForCausalLM, state: ClientState, cfg: TrainingConfi
     return experts, routers, expert_optimizer, router_optimizer
 
 
+# One model serves every client of a process, each with its own optimisers, so the model is never `prepare`d: the
+# processes split the clients (data parallel over clients), which sharding engines would not know about.
+SUPPORTED_DISTRIBUTED_TYPES = frozenset(
+    t for t in DistributedType if t == DistributedType.NO or t.value.startswith("MULTI_")
+)
+SUPPORTED_MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
+
+def check_accelerator(accelerator: Accelerator, cfg: TrainingConfig, model: CoMiGSForCausalLM | None = None) -> None:
+    """Refuse, by name, the Accelerate setups the client rounds cannot run correctly.
+
+    Raises:
+        `ValueError`: a sharding or compiler backend (FSDP, DeepSpeed, Megatron-LM, XLA, ...), fp8, the reference's
+        gradient leak under a fp16 loss scale (its leaked gradients would be unscaled with another step's scale), or
+        a fp16 loss scale over adapters held in float16 (which the scaler cannot unscale).
+    """
+    problems = []
+    half = model is not None and any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad)
+    if accelerator.scaler is not None and half:
+        problems.append(
+            "fp16 mixed precision needs float32 adapters, but this model's are float16 (model.dtype float16 with "
+            "model.upcast_adapters false): set upcast_adapters true or use bf16."
+        )
+    if accelerator.distributed_type not in SUPPORTED_DISTRIBUTED_TYPES:
+        supported = ", ".join(sorted(t.value for t in SUPPORTED_DISTRIBUTED_TYPES))
+        problems.append(
+            f"Accelerate's distributed type {accelerator.distributed_type.value} is not supported: every process "
+            f"holds one frozen base and trains its share of the clients in turn (supported: {supported})."
+        )
+    if accelerator.mixed_precision not in SUPPORTED_MIXED_PRECISIONS:
+        problems.append(
+            f"mixed precision {accelerator.mixed_precision!r} is not supported; use one of "
+            f"{', '.join(SUPPORTED_MIXED_PRECISIONS)}."
+        )
+    if accelerator.scaler is not None and cfg.reference_gradient_leak:
+        problems.append(
+            "training.reference_gradient_leak cannot run under fp16 loss scaling: the leaked gradients would be "
+            "unscaled with a later step's scale. Use bf16 or full precision."
+        )
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
 def _accumulated_step(model, optimizer, params, blocks, cfg, accelerator, generator) -> float:
-    """One optimiser step over `batch_size` sequences as micro-batches; returns the mean loss."""
+    """One optimiser step over `batch_size` sequences as micro-batches; returns the mean loss.
+
+    Under fp16 `accelerator.backward` scales the loss: the gradients are unscaled before clipping, and a step whose
+    gradients overflowed is skipped (the scaler lowers its scale), as a prepared optimiser would do.
+    """
     batch = _sample(blocks, cfg.batch_size, generator).to(accelerator.device)
     micro_batches = batch.split(cfg.micro_batch_size)
     total = 0.0
@@ -233,9 +330,16 @@ def _accumulated_step(model, optimizer, params, blocks, cfg, accelerator, genera
             loss = model(micro, labels=micro).loss / len(micro_batches)
         accelerator.backward(loss)
         total += loss.item()
+    scaler = accelerator.scaler
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     # only this optimiser's gradients: under the reference's leak the other group's keep accumulating
     optimizer.zero_grad(set_to_none=True)
     return total
@@ -375,11 +479,14 @@ __all__ = [
     "ClientUpdate",
     "TrainingConfig",
     "activate_client",
+    "check_accelerator",
+    "client_folder_name",
     "cosine_learning_rate",
     "derived_seed",
     "fresh_parameters",
     "initial_client_state",
     "initial_shared_state",
     "run_client_round",
+    "saved_client_parameters",
     "train_client_round",
 ]

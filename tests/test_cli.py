@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from conftest import perturb_experts, tiny_gpt2
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from safetensors.torch import load_file
 
 from comigs_hf import CoMiGSForCausalLM
@@ -41,10 +41,11 @@ def build(seed: int = 0) -> CoMiGSForCausalLM:
 
 @pytest.fixture
 def saved(tmp_path):
-    """Save a tiny CoMiGS model (experts seeded with `seed`) and return its folder."""
+    """Save a tiny CoMiGS model (experts seeded with `seed`) and return its folder: a full checkpoint, since its base
+    ("tiny-base") cannot be loaded by name."""
 
     def save(seed: int = 0, name: str = "model"):
-        build(seed).save_pretrained(tmp_path / name)
+        build(seed).save_pretrained(tmp_path / name, include_base=True)
         return tmp_path / name
 
     return save
@@ -84,7 +85,10 @@ def test_inspect_prints_experts_roles_and_their_parameter_counts(saved, capsys):
 
 def test_push_then_pull_loads_round_1_into_a_saved_model_and_resaves_it(local_hub, saved, capsys):
     first, second, target = saved(seed=1, name="first"), saved(seed=2, name="second"), saved(seed=3, name="target")
-    assert main(["push", str(first), REPO, "--round", "1", "--num-clients", "3", "--num-tokens", "42"]) == 0
+    card = ["--license", "apache-2.0", "--dataset", "fancyzhx/ag_news"]
+    assert main(["push", str(first), REPO, "--round", "1", "--num-clients", "3", "--num-tokens", "42", *card]) == 0
+    data = ModelCard.load(hf_hub_download(REPO, "README.md", revision="round-1")).data.to_dict()
+    assert (data["license"], data["datasets"]) == ("apache-2.0", ["fancyzhx/ag_news"])
     assert main(["push", str(second), REPO, "--round", "2"]) == 0
     assert "tag round-2" in capsys.readouterr().out
     assert sorted(t.name for t in HfApi().list_repo_refs(REPO).tags) == ["round-1", "round-2"]

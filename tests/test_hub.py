@@ -206,24 +206,40 @@ def test_client_model_push_is_refused_without_confirmation(hub):
     assert not HfApi().repo_exists(REPO)
 
 
-def test_client_model_push_with_confirmation_warns_and_uploads_model_and_card(hub, caplog, input_ids):
+@pytest.mark.parametrize("include_base", [None, True])
+def test_client_model_push_with_confirmation_warns_and_uploads_model_and_card(hub, caplog, input_ids, include_base):
     model = build(seed=1)
     with caplog.at_level(logging.WARNING, logger="comigs_hf.hub"):
         push_client_model_to_hub(
-            model, REPO, confirm_private_data_publication=True, round=4, num_clients=3, num_tokens=99
+            model,
+            REPO,
+            confirm_private_data_publication=True,
+            round=4,
+            num_clients=3,
+            num_tokens=99,
+            include_base=include_base,
+            license="apache-2.0",
+            datasets=["fancyzhx/ag_news", "/private/data.csv"],  # a local path names nothing: left out
         )
     assert any("private specialists" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     files = set(HfApi().list_repo_files(REPO))
     assert {"config.json", "model.safetensors", "README.md", "modeling_comigs.py"} <= files
     data = ModelCard.load(REPO).data.to_dict()
-    assert data["library_name"] == "transformers" and "base_model:finetune:tiny-base" in data["tags"]
+    relation = "finetune" if include_base else "adapter"
+    assert data["library_name"] == "transformers" and f"base_model:{relation}:tiny-base" in data["tags"]
     assert data["comigs"]["num_specialists"] == 1 and data["comigs"]["round"] == 4
+    assert (data["license"], data["datasets"]) == ("apache-2.0", ["fancyzhx/ag_news"])
+    weights = load_file(hf_hub_download(REPO, "model.safetensors"))
+    assert ("model.transformer.wte.weight" in weights) is bool(
+        include_base
+    )  # by default the base is named, not uploaded
 
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(REPO).eval()
+    # "tiny-base" is no real repo: the adapter-only upload takes its base from base_model=
+    reloaded = AutoModelForCausalLM.from_pretrained(REPO, **({} if include_base else {"base_model": tiny_gpt2()}))
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids).logits, model(input_ids).logits)
+        torch.testing.assert_close(reloaded.eval()(input_ids).logits, model(input_ids).logits)
 
 
 # ---- Hub-mediated rounds -------------------------------------------------------------------------------------

@@ -107,9 +107,26 @@ def test_no_module_imports_from_a_layer_above_it_nor_one_transport_from_another(
     assert not (unit(source) in TRANSPORTS and unit(target) in TRANSPORTS), f"{source}:{line} imports {target}"
 
 
+def module_level_lines(module: str) -> set[int]:
+    """Lines of the imports that run when `module` is imported (not inside a function)."""
+    tree = ast.parse(MODULES[module].read_text())
+    nested = {
+        node.lineno
+        for function in ast.walk(tree)
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(function)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+    }
+    return {node.lineno for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))} - nested
+
+
 def test_the_package_root_imports_only_the_model_layer():
-    targets = {unit(target) for source, target, _ in internal_edges() if unit(source) is None}
-    assert targets <= REMOTE_CODE
+    # `import comigs_hf` registers the model and nothing else; a function of the root (the embedded base's resolver,
+    # run when a checkpoint names that base) may import a piece of layer 1 when it is called
+    root = [(unit(target), line) for source, target, line in internal_edges() if unit(source) is None]
+    at_import = module_level_lines("comigs_hf")
+    assert {target for target, line in root if line in at_import} <= REMOTE_CODE
+    assert all(LAYERS[target] <= 1 for target, line in root if line not in at_import)
 
 
 def test_the_module_graph_has_no_cycle():

@@ -1,6 +1,7 @@
 """The CoMiGS architecture on tiny GPT-2 and Llama bases."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -154,7 +155,9 @@ def test_save_and_auto_load_round_trip_config_and_logits(make_base, input_ids, t
     model.save_pretrained(tmp_path)
     loaded_config = AutoConfig.from_pretrained(tmp_path).to_dict()
     assert loaded_config.pop("_name_or_path") == str(tmp_path)
-    assert loaded_config == {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    assert loaded_config.pop("weights_include_base") is True  # a base built in memory has no name to load it by
+    ignored = ("_name_or_path", "weights_include_base")
+    assert loaded_config == {k: v for k, v in model.config.to_dict().items() if k not in ignored}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(loaded, CoMiGSForCausalLM)
     assert loaded.state_dict().keys() == model.state_dict().keys()
@@ -171,9 +174,16 @@ def test_greedy_generation_is_identical_with_and_without_kv_cache(make_base, inp
     assert torch.equal(cached, uncached)
 
 
-def test_saved_model_loads_as_remote_code_where_comigs_hf_cannot_be_imported(tmp_path, input_ids):
-    model = build(lambda seed: tiny_gpt2(seed))
+@pytest.mark.parametrize("checkpoint", ["full", "adapter-only"])
+def test_saved_model_loads_as_remote_code_where_comigs_hf_cannot_be_imported(tmp_path, input_ids, checkpoint):
+    if checkpoint == "full":  # a base built in memory has no name: its checkpoint holds it
+        model = build(lambda seed: tiny_gpt2(seed))
+    else:
+        tiny_gpt2().save_pretrained(tmp_path / "base")
+        model = build(lambda seed: str(tmp_path / "base"))
     model.save_pretrained(tmp_path / "model")
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert saved["weights_include_base"] is (checkpoint == "full")
     shipped = sorted(f for f in os.listdir(tmp_path / "model") if f.endswith(".py"))
     assert shipped == ["configuration_comigs.py", "layer_comigs.py", "modeling_comigs.py"]
     torch.save({"ids": input_ids, "logits": model(input_ids).logits.detach()}, tmp_path / "expected.pt")
@@ -208,12 +218,25 @@ def test_bfloat16_forward_and_backward(make_base, input_ids):
     assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
 
 
-def test_a_bfloat16_base_gets_bfloat16_experts_and_routers(make_base, input_ids):
-    model = CoMiGSForCausalLM.from_base(make_base().to(torch.bfloat16), num_specialists=2, top_k=2)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+@pytest.mark.parametrize("upcast_adapters", [True, False])
+def test_a_half_precision_base_keeps_float32_adapters_and_routers_unless_told(make_base, input_ids, upcast_adapters):
+    model = CoMiGSForCausalLM.from_base(
+        make_base().to(torch.bfloat16),
+        num_specialists=2,
+        top_k=2,
+        attention_lora=True,
+        upcast_adapters=upcast_adapters,
+    )
+    adapter_dtype = torch.float32 if upcast_adapters else torch.bfloat16
+    dtypes = {parameter_role(n) == "base": p.dtype for n, p in model.named_parameters()}
+    assert dtypes == {True: torch.bfloat16, False: adapter_dtype}
     model.set_num_specialists(3)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert torch.isfinite(model(input_ids, labels=input_ids).loss)
+    assert {p.dtype for n, p in model.named_parameters() if parameter_role(n) != "base"} == {adapter_dtype}
+    perturb_experts(model)
+    out = model.train()(input_ids, labels=input_ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad.dtype == adapter_dtype for p in model.parameters() if p.requires_grad)
 
 
 def assert_same_gradients(left, right, input_ids, rtol, atol):
@@ -229,7 +252,7 @@ def assert_same_gradients(left, right, input_ids, rtol, atol):
 def test_gradient_checkpointing_gives_the_same_gradients(make_base, input_ids):
     plain = build(make_base).train()
     checkpointed = copy.deepcopy(plain)
-    checkpointed.gradient_checkpointing_enable()
+    checkpointed.activation_checkpointing_enable()
     assert_same_gradients(plain, checkpointed, input_ids, rtol=1e-4, atol=1e-6)
 
 

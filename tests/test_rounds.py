@@ -13,6 +13,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from federated_setup import tiny_overrides
+from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from comigs_hf import parameter_role
@@ -20,7 +21,7 @@ from comigs_hf import rounds as rounds_module
 from comigs_hf.config import load_config
 from comigs_hf.recipe import run, setup_federation
 from comigs_hf.strategies import get_strategy
-from comigs_hf.trainer import ClientUpdate, activate_client, train_client_round
+from comigs_hf.trainer import ClientUpdate, activate_client, client_folder_name, train_client_round
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "federated.py"
@@ -262,3 +263,22 @@ def test_capped_top_k_gives_each_heterogeneous_client_min_of_top_k_and_its_exper
 def test_without_the_cap_a_top_k_above_a_clients_experts_is_refused_naming_it(world, tmp_path):
     with pytest.raises(ValueError, match=r"num_specialists=0 \(clients \[0\]\)"):
         config(world, tmp_path / "out", **{"model.num_specialists": "[0,1,2,3]", "model.top_k": 2})
+
+
+def test_a_run_starts_from_the_clients_a_previous_run_saved(world, tmp_path):
+    run(config(world, tmp_path / "first", rounds=1), Accelerator(cpu=True))
+    clients = tmp_path / "first" / "clients"
+    federation = setup_federation(config(world, tmp_path / "second", init_from=str(clients)), Accelerator(cpu=True))
+    assert len(federation.states) == len(federation.clients) > 1
+    for client_id, state in federation.states.items():
+        saved = load_file(clients / client_folder_name(client_id, state.name) / "model.safetensors")
+        assert state.parameters.keys() <= saved.keys()
+        assert all(torch.equal(value, saved[key]) for key, value in state.parameters.items()), client_id
+    first = load_file(clients / client_folder_name(0, federation.states[0].name) / "model.safetensors")
+    assert federation.shared and all(torch.equal(value, first[key]) for key, value in federation.shared.items())
+
+
+def test_init_from_a_folder_without_a_client_names_what_is_missing(world, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty/0-.* holds no saved client"):
+        setup_federation(config(world, tmp_path / "run", init_from=str(tmp_path / "empty")), Accelerator(cpu=True))

@@ -3,9 +3,12 @@ code's gradient leak against a hand-built two-step example; the paper's payload 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from conftest import tiny_gpt2
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -14,6 +17,8 @@ from comigs_hf.data import ClientData
 from comigs_hf.strategies import STRATEGIES, get_strategy, partition_state_dict, payload_parameters
 from comigs_hf.trainer import (
     TrainingConfig,
+    _accumulated_step,
+    check_accelerator,
     initial_client_state,
     initial_shared_state,
     run_client_round,
@@ -202,3 +207,60 @@ def test_payload_of_1g1s_with_attention_is_61_5_percent_of_the_two_expert_fedavg
     assert fedavg == {"experts": 1_474_560, "attention": 442_368, "router": 0, "total": 1_916_928}
     assert round(100 * comigs["total"] / fedavg["total"], 1) == 61.5
     assert gpt2_124m_upload("local")["total"] == 0
+
+
+class LossScalingAccelerator:
+    """What `accelerator.backward` does under fp16 on a GPU (scale the loss, keep the scaler), runnable on CPU."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, init_scale: float):
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+
+def one_expert_step(accelerator, cfg: TrainingConfig = CFG) -> dict[str, torch.Tensor]:
+    model = client_model("comigs")
+    experts = [p for _, p in model.named_parameters_by_role("generalist", "specialist")]
+    optimizer = torch.optim.SGD(experts, lr=1e-2)  # not Adam: its step hardly depends on the gradients' scale
+    _accumulated_step(model, optimizer, experts, DATA.train, cfg, accelerator, torch.Generator().manual_seed(0))
+    return {n: p.detach().clone() for n, p in model.named_parameters_by_role("generalist", "specialist")}
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
+def test_fp16_loss_scaling_steps_on_the_unscaled_gradients(max_grad_norm):
+    cfg = TrainingConfig(batch_size=4, micro_batch_size=2, max_grad_norm=max_grad_norm)
+    plain = one_expert_step(ACCELERATOR, cfg)
+    scaled = one_expert_step(LossScalingAccelerator(init_scale=2.0**16), cfg)
+    assert any(not torch.equal(v, client_model("comigs").state_dict()[k]) for k, v in plain.items())
+    for name in plain:
+        torch.testing.assert_close(scaled[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_fp16_loss_scaling_skips_a_step_whose_gradients_overflow():
+    accelerator = LossScalingAccelerator(init_scale=1e38)  # the scaled loss is inf
+    after = one_expert_step(accelerator)
+    fresh = client_model("comigs").state_dict()
+    assert all(torch.equal(value, fresh[name]) for name, value in after.items())
+    assert accelerator.scaler.get_scale() < 1e38
+
+
+def test_sharding_backends_fp8_and_the_leak_under_loss_scaling_are_refused_by_name():
+    class Setup:
+        def __init__(self, distributed_type=DistributedType.NO, mixed_precision="no", scaler=None):
+            self.distributed_type, self.mixed_precision, self.scaler = distributed_type, mixed_precision, scaler
+
+    check_accelerator(Setup(DistributedType.MULTI_GPU, "bf16"), CFG)
+    with pytest.raises(ValueError, match="distributed type FSDP is not supported") as error:
+        check_accelerator(Setup(DistributedType.FSDP, "fp8"), CFG)
+    assert "mixed precision 'fp8' is not supported" in str(error.value)
+    with pytest.raises(ValueError, match="DEEPSPEED"):
+        check_accelerator(Setup(DistributedType.DEEPSPEED), CFG)
+    leak = TrainingConfig(reference_gradient_leak=True)
+    with pytest.raises(ValueError, match="reference_gradient_leak cannot run under fp16 loss scaling"):
+        check_accelerator(Setup(mixed_precision="fp16", scaler=torch.amp.GradScaler("cpu")), leak)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -26,6 +27,11 @@ from .corpus import build_pretraining_corpus
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 CACHE_NAME = "embedded-base-v1"
+# what saved models and exported adapters name the embedded base by (not a Hub repo: the package builds it)
+EMBEDDED_BASE_NAME = "comigs_hf/embedded-base"
+_EMBEDDED_NAME_PATTERN = re.compile(r"comigs_hf/embedded-base(?:-(\d{1,6})-steps)?")
+# the most pretraining steps a checkpoint's name may ask this machine to run (about 10 hours on 2 CPU cores)
+MAX_EMBEDDED_BASE_STEPS = 100_000
 BUILD_INFO_NAME = "build_info.json"
 
 
@@ -85,6 +91,30 @@ class EmbeddedBaseSettings:
     learning_rate: float = 3e-3
     pretraining_chars_per_domain: int | None = 750_000
     seed: int = 0
+
+
+def embedded_base_name(max_steps: int = EmbeddedBaseSettings.max_steps) -> str:
+    """The name saved models give the embedded base pretrained for `max_steps` steps (the default's: plain
+    `comigs_hf/embedded-base`), so a checkpoint names the base it was trained on."""
+    return (
+        EMBEDDED_BASE_NAME
+        if max_steps == EmbeddedBaseSettings.max_steps
+        else f"{EMBEDDED_BASE_NAME}-{max_steps}-steps"
+    )
+
+
+def resolve_embedded_base(name: str) -> str | None:
+    """The local directory of the embedded base `name` names (built and cached on first use), or `None` when `name`
+    is not an embedded base's name."""
+    match = _EMBEDDED_NAME_PATTERN.fullmatch(name)
+    if match is None:
+        return None
+    steps = int(match.group(1)) if match.group(1) else EmbeddedBaseSettings.max_steps
+    if not 1 <= steps <= MAX_EMBEDDED_BASE_STEPS:
+        raise ValueError(
+            f"{name!r} asks for {steps} pretraining steps; the embedded base takes 1 to {MAX_EMBEDDED_BASE_STEPS}."
+        )
+    return str(build_embedded_base(max_steps=steps))
 
 
 def _pack_pretraining_blocks(tokenizer: PreTrainedTokenizerFast, texts: list[str], block_size: int) -> torch.Tensor:

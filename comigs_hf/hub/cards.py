@@ -62,8 +62,9 @@ def _render(card_data: ModelCardData, template: str, **template_kwargs: Any) -> 
 
 
 def hub_base_model(name: str | None) -> str | None:
-    """`name` if it reads as a Hub repo id (not a local path), else `None`: only Hub ids go into `base_model`."""
-    if not name or os.path.isabs(name) or os.path.exists(name) or name.startswith((".", "~")):
+    """`name` if it reads as a Hub repo id (not a local path, nor a base this package builds such as
+    `comigs_hf/embedded-base`), else `None`: only Hub ids go into `base_model`."""
+    if not name or os.path.isabs(name) or os.path.exists(name) or name.startswith((".", "~", "comigs_hf/")):
         return None
     try:
         validate_repo_id(name)
@@ -91,6 +92,14 @@ def _eval_rows(
     return rows, None, results
 
 
+def _dataset_ids(datasets: Sequence[str] | None) -> list[str] | None:
+    """The card's `datasets`: Hub dataset ids only (a local file or folder names nothing others can find)."""
+    if isinstance(datasets, str):
+        raise ValueError(f"`datasets` must be a list of Hub dataset ids, got the string {datasets!r}.")
+    ids = [name for name in datasets or () if hub_base_model(name)]
+    return ids or None
+
+
 def _comigs_metadata(**fields: Any) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if value is not None}
 
@@ -110,6 +119,8 @@ def render_generalist_card(
     target_modules: Sequence[str] | None = None,
     base_model_revision: str | None = None,
     subfolder: str | None = None,
+    license: str | None = None,
+    datasets: Sequence[str] | None = None,
 ) -> ModelCard:
     """Render the model card of a generalist adapter from `model_cards/generalist_card.md`.
 
@@ -132,6 +143,8 @@ def render_generalist_card(
             The adapter's LoRA settings, shown in the card.
         base_model_revision (`str`, *optional*): the base model's commit.
         subfolder (`str`, *optional*): the adapter's folder inside the repo, for the snippets.
+        license (`str`, *optional*): the card's `license` (a Hub licence id such as `apache-2.0`, or `other`).
+        datasets (`Sequence[str]`, *optional*): the Hub ids of the datasets trained on, for the card's `datasets`.
 
     Returns:
         `ModelCard`: the rendered card (`card.save(path)` or commit `str(card)` as `README.md`).
@@ -140,6 +153,8 @@ def render_generalist_card(
     rows, figures, results = _eval_rows(eval_results)
     card_data = ModelCardData(
         base_model=hub_id,
+        license=license,
+        datasets=_dataset_ids(datasets),
         library_name="peft",
         pipeline_tag="text-generation",
         tags=[*CARD_TAGS, *([f"base_model:adapter:{hub_id}"] if hub_id else [])],
@@ -184,17 +199,21 @@ def render_client_model_card(
     strategy: str = "comigs",
     eval_results: EvalResults | None = None,
     base_model_revision: str | None = None,
+    license: str | None = None,
+    datasets: Sequence[str] | None = None,
+    weights_include_base: bool = False,
 ) -> ModelCard:
-    """Render the model card of a whole client model (base, generalists, private specialists and routers).
+    """Render the model card of a whole client model (generalists, private specialists and routers).
 
     Same metadata as [`render_generalist_card`], with `library_name: transformers`, the `mixture-of-experts` tag and
-    the `base_model:finetune:<base>` relation (the checkpoint holds the base weights), and a privacy notice: the
-    specialists and routers were trained on the client's private data.
+    the `base_model:adapter:<base>` relation (`base_model:finetune:<base>` when the checkpoint holds the base
+    weights), and a privacy notice: the specialists and routers were trained on the client's private data.
 
     Args:
         model ([`CoMiGSForCausalLM`]): the client model (only its config is read).
-        repo_id, round, num_clients, num_tokens, strategy, eval_results, base_model_revision:
+        repo_id, round, num_clients, num_tokens, strategy, eval_results, base_model_revision, license, datasets:
             As in [`render_generalist_card`]; `num_clients` is the size of the federation.
+        weights_include_base (`bool`, defaults to `False`): whether the uploaded checkpoint holds the base.
 
     Returns:
         `ModelCard`: the rendered card.
@@ -203,11 +222,14 @@ def render_client_model_card(
     base_model = config.base_model_name_or_path
     hub_id = hub_base_model(base_model)
     rows, figures, results = _eval_rows(eval_results)
+    relation = "finetune" if weights_include_base else "adapter"
     card_data = ModelCardData(
         base_model=hub_id,
+        license=license,
+        datasets=_dataset_ids(datasets),
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=[*CARD_TAGS, "mixture-of-experts", *([f"base_model:finetune:{hub_id}"] if hub_id else [])],
+        tags=[*CARD_TAGS, "mixture-of-experts", *([f"base_model:{relation}:{hub_id}"] if hub_id else [])],
         model_name=(repo_id or "comigs-client-model").split("/")[-1] if results else None,
         eval_results=results,
         comigs=_comigs_metadata(
@@ -238,4 +260,5 @@ def render_client_model_card(
         lora_alpha=config.lora_alpha,
         top_k=config.num_experts_per_tok,
         base_model_revision=base_model_revision,
+        weights_include_base=weights_include_base,
     )

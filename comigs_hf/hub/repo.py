@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from ..adapters import ADAPTER_CONFIG_NAME, export_generalist, load_generalist
-from ..modeling_comigs import CoMiGSForCausalLM
+from ..modeling_comigs import CoMiGSForCausalLM, check_publication_confirmed
 from ..strategies import Strategy
 from .cards import README_NAME, EvalResults, render_client_model_card, render_generalist_card
 
@@ -128,6 +128,8 @@ def push_generalist_to_hub(
     commit_message: str | None = None,
     path_in_repo: str | None = None,
     base_model_revision: str | None = None,
+    license: str | None = None,
+    datasets: Sequence[str] | None = None,
 ) -> str:
     """Push generalist `index` as a standard PEFT LoRA adapter with a model card, in one commit tagged `round-<t>`.
 
@@ -142,7 +144,8 @@ def push_generalist_to_hub(
             call a no-op returning its commit; one holding other content is an error (raised before committing).
         num_clients (`int`, *optional*), num_tokens (`int`, *optional*), strategy (`str`, defaults to `"comigs"`),
         eval_results (`Mapping[str, float]` or `Sequence[EvalResult]`, *optional*), base_model_revision (`str`,
-        *optional*): written into the card (counts only), see [`render_generalist_card`].
+        *optional*), license (`str`, *optional*), datasets (`Sequence[str]`, *optional*): written into the card
+        (counts only), see [`render_generalist_card`].
         private (`bool`, *optional*): visibility of a newly created repo.
         token (`str` or `bool`, *optional*): Hub token; defaults to `HF_TOKEN` or the stored login.
         commit_message (`str`, *optional*): defaults to `"CoMiGS generalist_<index>, round <t>"`.
@@ -174,6 +177,8 @@ def push_generalist_to_hub(
         target_modules=adapter_config["target_modules"],
         base_model_revision=base_model_revision,
         subfolder=path_in_repo,
+        license=license,
+        datasets=datasets,
     )
     files[README_NAME] = str(card).encode()
     if path_in_repo:
@@ -205,8 +210,11 @@ def push_client_model_to_hub(
     token: str | bool | None = None,
     commit_message: str | None = None,
     base_model_revision: str | None = None,
+    include_base: bool | None = None,
+    license: str | None = None,
+    datasets: Sequence[str] | None = None,
 ) -> str:
-    """Push a whole client model (base, generalists, specialists, routers) with its card: opt-in only.
+    """Push a whole client model (generalists, specialists, routers; the base by name) with its card: opt-in only.
 
     The specialists and routers are trained on the client's private data and never leave it in federated training;
     this call publishes them, so it refuses unless `confirm_private_data_publication=True`, and warns when it runs.
@@ -217,11 +225,13 @@ def push_client_model_to_hub(
         model ([`CoMiGSForCausalLM`]): the client model.
         repo_id (`str`): the Hub model repo, created if missing.
         confirm_private_data_publication (`bool`, defaults to `False`): must be `True`.
-        round, num_clients, num_tokens, strategy, eval_results, base_model_revision: for the card
-            ([`render_client_model_card`]).
+        round, num_clients, num_tokens, strategy, eval_results, base_model_revision, license, datasets: for the
+            card ([`render_client_model_card`]).
         private (`bool`, *optional*): visibility of a newly created repo.
         token (`str` or `bool`, *optional*): Hub token; defaults to `HF_TOKEN` or the stored login.
         commit_message (`str`, *optional*): the commit message.
+        include_base (`bool`, *optional*): upload the base's weights too (a full checkpoint); by default the repo
+            holds the experts and routers and its config names the base (see `CoMiGSForCausalLM.save_pretrained`).
 
     Returns:
         `str`: the commit sha.
@@ -229,12 +239,7 @@ def push_client_model_to_hub(
     Raises:
         `ValueError`: without `confirm_private_data_publication=True`.
     """
-    if confirm_private_data_publication is not True:
-        raise ValueError(
-            "push_client_model_to_hub publishes the whole client model, including its private specialists and "
-            "routers, which were trained on the client's private data and can reveal it. Share only the generalist "
-            "with push_generalist_to_hub, or pass confirm_private_data_publication=True to publish everything."
-        )
+    check_publication_confirmed(confirm_private_data_publication, "push_client_model_to_hub")
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
     logger.warning(
@@ -243,18 +248,22 @@ def push_client_model_to_hub(
         repo_id,
         model.config.num_specialists,
     )
-    card = render_client_model_card(
-        model,
-        repo_id=repo_id,
-        round=round,
-        num_clients=num_clients,
-        num_tokens=num_tokens,
-        strategy=strategy,
-        eval_results=eval_results,
-        base_model_revision=base_model_revision,
-    )
     with tempfile.TemporaryDirectory(prefix="comigs-client-") as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, include_base=include_base)
+        saved = json.loads(Path(tmp, "config.json").read_text())
+        card = render_client_model_card(
+            model,
+            repo_id=repo_id,
+            round=round,
+            num_clients=num_clients,
+            num_tokens=num_tokens,
+            strategy=strategy,
+            eval_results=eval_results,
+            base_model_revision=base_model_revision,
+            license=license,
+            datasets=datasets,
+            weights_include_base=saved["weights_include_base"],
+        )
         card.save(os.path.join(tmp, README_NAME))
         info = api.upload_folder(
             folder_path=tmp,
