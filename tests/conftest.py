@@ -1,6 +1,9 @@
 """Shared fixtures: tiny GPT-2- and Llama-shaped bases built in code; nothing is downloaded."""
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -84,3 +87,33 @@ def perturb_experts(model, std: float = 0.1, seed: int = 0) -> None:
         for name, param in model.named_parameters():
             if "lora_B" in name or "router" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def assert_loads_as_remote_code(model_dir, batch: dict, expected: torch.Tensor, tmp_path, atol: float = 0.0, **kwargs):
+    """Load `model_dir` with `trust_remote_code=True` (and `kwargs`, given as reprs) in a fresh process where
+    comigs_hf cannot be imported, and assert its logits on `batch` are `expected` (rtol 0, `atol`)."""
+    torch.save({"batch": batch, "logits": expected}, tmp_path / "expected.pt")
+    extra = "".join(f", {key}={value!r}" for key, value in kwargs.items())
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "comigs_hf" or name.startswith("comigs_hf."):
+                    raise ImportError("comigs_hf is blocked in this process")
+        sys.meta_path.insert(0, Block())
+        sys.path = [p for p in sys.path if p not in ("", {os.getcwd()!r})]
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True{extra})
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert "comigs_hf" not in sys.modules
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            got = model(**expected["batch"]).logits
+        torch.testing.assert_close(got, expected["logits"], rtol=0, atol={atol!r})
+        print("REMOTE_OK")
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]

@@ -3,13 +3,10 @@
 import copy
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import VOCAB, perturb_experts, tiny_gpt2
+from conftest import VOCAB, assert_loads_as_remote_code, perturb_experts, tiny_gpt2
 from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel
 
 from comigs_hf import CoMiGSConfig, CoMiGSForCausalLM, parameter_role
@@ -186,28 +183,9 @@ def test_saved_model_loads_as_remote_code_where_comigs_hf_cannot_be_imported(tmp
     assert saved["weights_include_base"] is (checkpoint == "full")
     shipped = sorted(f for f in os.listdir(tmp_path / "model") if f.endswith(".py"))
     assert shipped == ["configuration_comigs.py", "layer_comigs.py", "modeling_comigs.py"]
-    torch.save({"ids": input_ids, "logits": model(input_ids).logits.detach()}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "comigs_hf" or name.startswith("comigs_hf."):
-                    raise ImportError("comigs_hf is blocked in this process")
-        sys.meta_path.insert(0, Block())
-        sys.path = [p for p in sys.path if p not in ("", {os.getcwd()!r})]
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        assert "comigs_hf" not in sys.modules
-        expected = torch.load({str(tmp_path / "expected.pt")!r})
-        torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], rtol=0, atol=0)
-        print("REMOTE_OK")
-        """
-    )
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    assert_loads_as_remote_code(tmp_path / "model", {"input_ids": input_ids}, expected, tmp_path)
 
 
 def test_bfloat16_forward_and_backward(make_base, input_ids):

@@ -2,13 +2,10 @@
 with `gguf`), wrapped as a CoMiGS model. Slow: the first run converts the GGUF file into the cache (about a minute)."""
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import perturb_experts
+from conftest import assert_loads_as_remote_code, perturb_experts
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,28 +92,12 @@ def test_a_smollm2_client_loads_as_remote_code_without_comigs_hf(smollm2_dir, in
     model = client(smollm2_dir)
     perturb_experts(model, std=0.02)
     model.save_pretrained(tmp_path / "client")
-    torch.save({"batch": dict(input_ids), "logits": logits(model, input_ids)}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "comigs_hf" or name.startswith("comigs_hf."):
-                    raise ImportError("comigs_hf is blocked in this process")
-        sys.meta_path.insert(0, Block())
-        sys.path = [p for p in sys.path if p not in ("", {os.getcwd()!r})]
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(
-            {str(tmp_path / "client")!r}, trust_remote_code=True, base_model={str(smollm2_dir)!r}
-        )
-        assert "comigs_hf" not in sys.modules
-        expected = torch.load({str(tmp_path / "expected.pt")!r})
-        with torch.no_grad():
-            got = model(**expected["batch"]).logits
-        torch.testing.assert_close(got, expected["logits"], rtol=0, atol=1e-4)  # another process: other threads
-        print("REMOTE_OK")
-        """
+    # another process runs with other thread counts: float sums may round differently
+    assert_loads_as_remote_code(
+        tmp_path / "client",
+        dict(input_ids),
+        logits(model, input_ids),
+        tmp_path,
+        atol=1e-4,
+        base_model=str(smollm2_dir),
     )
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
