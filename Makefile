@@ -27,14 +27,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/comigs table --config recipes/tables/demo.yaml --output $(DEMO_OUT)
 
+# -n auto: one pytest-xdist worker per core (the tests are single-threaded, see tests/conftest.py)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -n auto -m slow
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/benchmark.py --json outputs/benchmark.json

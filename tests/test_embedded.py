@@ -233,9 +233,11 @@ def test_foreign_directory_is_never_overwritten(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_default_base_learns_the_mix_and_fine_tuning_on_a_domain_helps_it(tmp_path):
-    model_dir = build_embedded_base(tmp_path / "base", progress=False)
-    assert json.loads((model_dir / "build_info.json").read_text())["final_loss"] < 5.0
+def test_the_default_base_learns_the_mix_and_fine_tuning_on_a_domain_helps_it(tmp_path):
+    # the default corpus, tokenizer and architecture, pretrained a quarter as long (54 s, not 190 s: the full
+    # build's final loss, 4.62, is what `make demo` prints and the README quotes); from ln(4096) = 8.3 at the start
+    model_dir = build_embedded_base(tmp_path / "base", progress=False, max_steps=300)
+    assert json.loads((model_dir / "build_info.json").read_text())["final_loss"] < 6.0
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     config = DataConfig(block_size=128, cache_dir=str(tmp_path))
