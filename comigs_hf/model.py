@@ -24,7 +24,7 @@ from .embedded import (
     build_smollm2_base,
     embedded_base_name,
 )
-from .modeling_comigs import CoMiGSForCausalLM
+from .modeling_comigs import CoMiGSForCausalLM, set_base_dropout
 
 KNOWN_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -233,21 +233,6 @@ def load_base(cfg: ModelConfig, progress: bool = True) -> tuple[PreTrainedModel,
     return base, tokenizer, name
 
 
-def set_base_dropout(base: PreTrainedModel, rate: float) -> None:
-    """Set every dropout of `base` to `rate`: its `nn.Dropout` modules, the float dropout rates that attention
-    modules read in forward (Llama's `attention_dropout`), and the matching fields of its config, so a saved
-    model reloads the same."""
-    for module in base.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = rate
-        for key, value in list(vars(module).items()):
-            if "dropout" in key and isinstance(value, float):
-                setattr(module, key, rate)
-    for key, value in base.config.to_dict().items():
-        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
-            setattr(base.config, key, rate)
-
-
 def build_model(
     cfg: ModelConfig, base: PreTrainedModel, base_name: str, num_specialists: int, expert_mixing: str = "router"
 ) -> CoMiGSForCausalLM:
@@ -265,4 +250,4 @@ def build_model(
     return model
 
 
-__all__ = ["EMBEDDED_BASE_NAME", "KNOWN_DTYPES", "ModelConfig", "build_model", "load_base", "set_base_dropout"]
+__all__ = ["EMBEDDED_BASE_NAME", "KNOWN_DTYPES", "ModelConfig", "build_model", "load_base"]

@@ -300,7 +300,9 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
         name = name or config_kwargs.pop("base_model_name_or_path", None) or base.config.name_or_path or None
         config_kwargs.setdefault("base_model_revision", revision)
         config = CoMiGSConfig(text_config=base.config, base_model_name_or_path=name, **config_kwargs)
-        return cls(config, base_model=base)
+        # one mode for the whole model, the base's: a base loaded by name is in eval mode, as from_pretrained leaves
+        # it, and new modules would otherwise be in train mode around it
+        return cls(config, base_model=base).train(base.training)
 
     @classmethod
     def from_pretrained(
@@ -362,11 +364,17 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
                 )
             revision = config.base_model_revision if base_model is None else None
             base_hub = {k: v for k, v in hub.items() if k not in ("revision", "subfolder")}
+            # the adapters were trained on the base as quantised (bitsandbytes 4/8-bit): load it the same way, so
+            # the logits are the saved model's, unless the caller asks for another quantisation
+            saved_quantization = getattr(config.text_config, "quantization_config", None)
+            if saved_quantization is not None and "quantization_config" not in kwargs:
+                kwargs["quantization_config"] = saved_quantization
             base_model = AutoModelForCausalLM.from_pretrained(
                 _resolve_base(name), revision=revision, **base_hub, **kwargs
             )
         _check_causal_lm(base_model)
         _check_same_architecture(source, config.text_config, base_model.config)
+        _restore_saved_dropout(source, config.text_config, base_model)
         config.text_config = base_model.config  # the base as loaded (dtype, attention implementation, ...)
         # the adapters' names and shapes from a copy built on the meta device: the file is checked whole before the
         # base (possibly the caller's model) is wrapped, so a refused file changes nothing
@@ -715,6 +723,41 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
         )
 
 
+def _is_dropout_field(key: str, value: Any) -> bool:
+    return ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float)
+
+
+def set_base_dropout(base: PreTrainedModel, rate: float) -> None:
+    """Set every dropout of `base` to `rate`: its `nn.Dropout` modules, the float dropout rates that attention
+    modules read in forward (Llama's `attention_dropout`), and the matching fields of its config, so a saved
+    model reloads the same."""
+    for module in base.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
+        for key, value in list(vars(module).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(module, key, rate)
+    for key, value in base.config.to_dict().items():
+        if _is_dropout_field(key, value):
+            setattr(base.config, key, rate)
+
+
+def _restore_saved_dropout(source: str, saved: Any, base: PreTrainedModel) -> None:
+    # a base loaded by name has its pretrained dropout; the client may have trained with another one (the recipe's
+    # `model.base_dropout`, which sets every rate to one value): set it again, so training continues as it was
+    saved_rates = {k: v for k, v in saved.to_dict().items() if _is_dropout_field(k, v)}
+    loaded_rates = {k: v for k, v in base.config.to_dict().items() if _is_dropout_field(k, v)}
+    if all(loaded_rates.get(k) == v for k, v in saved_rates.items()):
+        return
+    if len(set(saved_rates.values())) == 1:
+        set_base_dropout(base, next(iter(saved_rates.values())))
+    else:
+        logger.warning(
+            f"{source!r} was saved with the base dropout rates {saved_rates}; the base loaded for it has "
+            f"{loaded_rates}, kept as loaded (only a single rate for all of them is restored)."
+        )
+
+
 def _check_same_architecture(source: str, saved: Any, loaded: Any) -> None:
     for name in _ARCHITECTURE_FIELDS:
         theirs, ours = getattr(saved, name, None), getattr(loaded, name, None)
@@ -800,4 +843,5 @@ __all__ = [
     "is_attention_adapter",
     "parameter_role",
     "read_adapter_tensors",
+    "set_base_dropout",
 ]

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from comigs_hf import CoMiGSForCausalLM, parameter_role, recipe
 from comigs_hf.cli import main as comigs
 from comigs_hf.embedded import embedded_base_name, resolve_embedded_base
-from comigs_hf.modeling_comigs import BASE_RESOLVERS
+from comigs_hf.modeling_comigs import BASE_RESOLVERS, set_base_dropout
 from comigs_hf.recipe import default_accelerator, missing_trackers
 from comigs_hf.trainer import TrainingConfig, check_accelerator
 
@@ -83,6 +83,22 @@ def test_checkpoints_hold_only_the_adapters_and_name_their_base(client, tmp_path
     torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
     loaded.save_pretrained(tmp_path / "again")  # saving a loaded client again stays adapter-only
     assert saved_keys(tmp_path / "again") == adapters
+
+
+def test_an_adapter_checkpoint_reloads_with_the_dropout_it_trained_with(make_base, tmp_path):
+    base = make_base()
+    set_base_dropout(base, 0.1)  # the pretrained base's rates
+    base.save_pretrained(tmp_path / "base")
+    set_base_dropout(base, 0.0)  # the recipe's `model.base_dropout: 0.0`
+    model = CoMiGSForCausalLM.from_base(base, base_model_name_or_path=str(tmp_path / "base"), num_specialists=1)
+    model.save_pretrained(tmp_path / "client")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "client")
+    # GPT-2's nn.Dropout modules, Llama's attention_dropout rate read in forward
+    in_forward = [m.p for m in loaded.modules() if isinstance(m, torch.nn.Dropout)]
+    in_forward += [v for m in loaded.modules() for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)]
+    assert in_forward and set(in_forward) == {0.0}
+    rates = {k: v for k, v in loaded.config.text_config.to_dict().items() if "drop" in k and isinstance(v, float)}
+    assert rates and set(rates.values()) == {0.0}
 
 
 def test_a_full_checkpoint_loads_without_its_base(client, tmp_path, input_ids):
