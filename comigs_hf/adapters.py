@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download
@@ -31,6 +33,118 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 # the modules CoMiGS wraps around the base's own: without them a base key is the plain model's key
 _WRAPPER_SEGMENTS = re.compile(r"\.(?:base_mlp|base_layer)(?=\.)")
+
+# bounds on what another party's JSON may be: an adapter config or an update record is a few hundred bytes, flat
+MAX_JSON_BYTES = 1 << 20
+MAX_JSON_DEPTH = 16
+MAX_LORA_RANK = 4096
+MAX_LORA_ALPHA = 1e6
+MAX_TARGET_MODULES = 4096
+# the tensor dtypes an adapter may hold (float8, integers, bool or complex are no LoRA factors)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# a module path as PEFT's patterns spell it, dots escaped or not: no quantifier or group that could backtrack
+_MODULE_NAME = re.compile(r"(?:[\w\-]|\\?\.){1,256}")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def read_untrusted_json(data: bytes, name: str) -> Any:
+    """Parse another party's JSON file, bounded: at most `MAX_JSON_BYTES`, nested at most `MAX_JSON_DEPTH` deep,
+    UTF-8, integers of at most 4300 digits (Python's own limit), no NaN or Infinity.
+
+    Raises:
+        `ValueError`: naming `name` and what is wrong.
+    """
+    if len(data) > MAX_JSON_BYTES:
+        raise ValueError(f"{name} is {len(data)} bytes, more than {MAX_JSON_BYTES}.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{name} is not UTF-8 text.") from None
+    depth = deepest = 0
+    for bracket in re.findall(r"[\[\]{}]", _JSON_STRING.sub("", text)):  # brackets outside strings
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_JSON_DEPTH:
+        raise ValueError(f"{name} is nested {deepest} levels deep, more than {MAX_JSON_DEPTH}.")
+
+    def no_constant(constant: str) -> None:
+        raise ValueError(f"{constant} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=no_constant)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, too many digits, NaN/Infinity
+        raise ValueError(f"{name} is not valid JSON ({str(error)[:200]}).") from None
+
+
+def check_lora_config(config: Any, name: str = ADAPTER_CONFIG_NAME) -> dict[str, Any]:
+    """`config` if it is a PEFT LoRA adapter config whose fields have the types and ranges PEFT gives them: `r` an
+    integer in [1, 4096], `lora_alpha` a positive finite number up to 1e6, `use_rslora` and `fan_in_fan_out`
+    booleans, `target_modules` a string or a list of strings, `rank_pattern`/`alpha_pattern` string-to-number maps,
+    `base_model_name_or_path` a string.
+
+    Raises:
+        `ValueError`: naming the first field at fault.
+    """
+    if not isinstance(config, dict):
+        raise ValueError(f"{name} is a JSON {type(config).__name__}, not an object.")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{name}: not a LoRA adapter (peft_type is {quote_untrusted(config.get('peft_type'))}).")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def check(field: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"{name}: {field} must be {expected}, got {quote_untrusted(config.get(field))}.")
+
+    r, alpha = config.get("r"), config.get("lora_alpha", 8)
+    check("r", isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= MAX_LORA_RANK, "an integer in [1, 4096]")
+    check("lora_alpha", number(alpha) and 0 < alpha <= MAX_LORA_ALPHA, "a number in (0, 1e6]")
+    for field in ("use_rslora", "fan_in_fan_out"):
+        check(field, isinstance(config.get(field, False), bool), "true or false")
+    targets = config.get("target_modules")
+    check(
+        "target_modules",
+        isinstance(targets, str)
+        or (
+            isinstance(targets, list)
+            and len(targets) <= MAX_TARGET_MODULES
+            and all(isinstance(t, str) for t in targets)
+        ),
+        "a string or a list of strings",
+    )
+    for field, bound, low in (("rank_pattern", MAX_LORA_RANK, 1), ("alpha_pattern", MAX_LORA_ALPHA, 0)):
+        pattern = config.get(field) or {}
+        # keys are matched as regular expressions (as PEFT does): only module names, so no pattern can backtrack
+        check(
+            field,
+            isinstance(pattern, dict)
+            and all(
+                _MODULE_NAME.fullmatch(k) and number(v) and 0 < v and low <= v <= bound for k, v in pattern.items()
+            ),
+            f"a map of module names (letters, digits, '_', '-', '.' or '\\.') to numbers in [{low}, {bound:g}]",
+        )
+    base = config.get("base_model_name_or_path")
+    check("base_model_name_or_path", base is None or isinstance(base, str), "a string")
+    return config
+
+
+def quote_untrusted(value: Any, limit: int = 80) -> str:
+    """Another party's value for a message: quoted as ASCII (control characters, ANSI escapes and look-alike letters
+    shown as escapes) and cut to `limit` characters."""
+    text = ascii(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def check_float_tensors(state: dict[str, torch.Tensor], name: str) -> None:
+    """Every tensor of an adapter file is a floating-point one of `FLOAT_DTYPES`.
+
+    Raises:
+        `ValueError`: naming the first tensor and its dtype.
+    """
+    for key, tensor in state.items():
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}: {key!r} is {tensor.dtype}, not a float16/bfloat16/float32/float64 tensor.")
 
 
 def _generalist_layers(model: CoMiGSForCausalLM, index: int) -> list[tuple[str, object]]:
@@ -188,12 +302,8 @@ def read_generalist(
     for path in (config_path, weights_path):
         if not path.is_file():
             raise ValueError(f"{source}: missing {path.name} (expected a PEFT LoRA adapter).")
-    try:
-        adapter_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{source}: {ADAPTER_CONFIG_NAME} is not valid JSON ({error}).") from error
-    if adapter_config.get("peft_type") != "LORA":
-        raise ValueError(f"{source}: peft_type is {adapter_config.get('peft_type')!r}, expected 'LORA'.")
+    name = f"{source}: {ADAPTER_CONFIG_NAME}"
+    adapter_config = check_lora_config(read_untrusted_json(config_path.read_bytes(), name), name)
     if adapter_config.get("r") != model.config.lora_r:
         raise ValueError(
             f"{source}: LoRA rank r={adapter_config.get('r')} does not match the model's lora_r={model.config.lora_r}."
@@ -208,6 +318,7 @@ def read_generalist(
         state = load_file(weights_path)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{source}: cannot read {ADAPTER_WEIGHTS_NAME} ({error}).") from error
+    check_float_tensors(state, f"{source}: {ADAPTER_WEIGHTS_NAME}")
 
     expected = {
         f"{_PEFT_PREFIX}{layer.base_path}.lora_{ab}.weight": (adapter, layer, ab)
@@ -262,11 +373,16 @@ def load_generalist(
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
+    "FLOAT_DTYPES",
+    "check_float_tensors",
+    "check_lora_config",
     "export_generalist",
     "generalist_peft_config",
     "generalist_state_dict",
     "load_generalist",
     "merged_generalist_model",
+    "quote_untrusted",
     "read_generalist",
+    "read_untrusted_json",
     "resolve_adapter_directory",
 ]

@@ -7,7 +7,7 @@ comigs pull MODEL REPO_ID --round T [--index I] [--output D] Hub round-T general
 comigs inspect MODEL [--json]                                config summary, parameters per role
 comigs submit MODEL REPO_ID --client-id C --round T --num-tokens N
 comigs aggregate REPO_ID --round T --min-clients K [--config YAML | --strategy S] [--timeout S] [--poll-interval S]
-comigs hub-seed --repo-id R [--config YAML] [KEY=VALUE ...]   a recipe's round-1 global generalist -> Hub
+comigs hub-seed --repo-id R [--num-clients N] [--config YAML] [KEY=VALUE ...]   round-1 global + manifest -> Hub
 comigs hub-client --repo-id R --client-id I --round T --state-dir D [--config YAML] [KEY=VALUE ...]
 comigs run [ARGS ...]                                        the federated recipe, comigs_hf.recipe.main(ARGS)
 comigs table --config TABLE [--seeds S ...] [--output D] [--recipe R] [KEY=VALUE ...]   strategies x seeds -> tables
@@ -283,6 +283,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _aggregate(args: argparse.Namespace) -> int:
+    from .adapters import quote_untrusted
     from .hub import aggregate_round
 
     if args.config is not None:
@@ -315,10 +316,13 @@ def _aggregate(args: argparse.Namespace) -> int:
         f"Round {report.round}: {len(report.accepted)} update(s) aggregated ({report.aggregation}) into "
         f"{report.tag} (commit {report.commit_sha}), {report.num_tokens} tokens"
     )
+    # folder names and reasons carry other parties' text: printed as ASCII escapes, never raw to the terminal
     for update in report.accepted:
-        print(f"  accepted {update.client_id}: {update.num_tokens} tokens, weight {update.weight:.4f}")
+        print(
+            f"  accepted {quote_untrusted(update.client_id)}: {update.num_tokens} tokens, weight {update.weight:.4f}"
+        )
     for update in report.rejected:
-        print(f"  rejected {update.client_id}: {update.reason}")
+        print(f"  rejected {quote_untrusted(update.client_id)}: {quote_untrusted(update.reason, 300)[1:-1]}")
     return 0
 
 
@@ -334,7 +338,18 @@ def _recipe_config(args: argparse.Namespace) -> Any:
 def _hub_seed(args: argparse.Namespace) -> int:
     from .recipe import seed_hub
 
-    sha = seed_hub(_recipe_config(args), args.repo_id, private=args.private or None)
+    users = args.client_users.split(",") if args.client_users else None
+    try:
+        sha = seed_hub(
+            _recipe_config(args),
+            args.repo_id,
+            num_clients=args.num_clients,
+            client_users=users,
+            aggregator_user=args.aggregator_user,
+            private=args.private or None,
+        )
+    except ValueError as error:
+        raise _UsageError(None, str(error)) from None
     print(f"Seeded {args.repo_id} with the round-1 global generalist (commit {sha}, tag round-1)")
     return 0
 
@@ -481,6 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
     hub_seed.add_argument("--repo-id", type=_repo_id, required=True, help="the shared round repo (created if missing)")
     hub_seed.add_argument("--config", help=recipe_help)
     hub_seed.add_argument("--private", action="store_true", help="create the repo private")
+    hub_seed.add_argument(
+        "--num-clients", type=_positive_int, help="the federation's clients (default: what the recipe's data says)"
+    )
+    hub_seed.add_argument(
+        "--client-users",
+        metavar="USER,USER,...",
+        help="each client's Hub user, in client order: only their commits carry their updates",
+    )
+    hub_seed.add_argument(
+        "--aggregator-user", metavar="USER", help="the Hub user that aggregates (default with --client-users: yours)"
+    )
     hub_seed.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
     hub_seed.set_defaults(handler=_hub_seed)
 

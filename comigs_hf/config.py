@@ -80,7 +80,18 @@ class RecipeConfig(RoundsConfig):
         default_factory=dict, metadata={"help": "Extra arguments of the aggregation rule, e.g. {trim_ratio: 0.2}."}
     )
     weighting: str | None = field(
-        default=None, metadata={"help": "Client weights: train_tokens or uniform; None: the strategy's own."}
+        default=None,
+        metadata={
+            "help": "Client weights: train_tokens, capped_train_tokens (at 2x the median; the Hub rounds use it for "
+            "train_tokens) or uniform; None: the strategy's own."
+        },
+    )
+    max_update_norm: float | None = field(
+        default=None,
+        metadata={
+            "help": "Refuse a client update farther than this (L2 over its shared tensors) from the round's global; "
+            "None: only each value is bounded."
+        },
     )
     trackers: list[str] = field(
         default_factory=lambda: ["tensorboard"],
@@ -140,12 +151,14 @@ def config_reference() -> list[tuple[str, str, str]]:
 
 
 def build_strategy(cfg: RecipeConfig) -> Strategy:
-    """The preset named by `cfg.strategy` with the recipe's `aggregation`, `aggregation_kwargs` and `weighting`."""
+    """The preset named by `cfg.strategy` with the recipe's `aggregation`, `aggregation_kwargs`, `weighting` and
+    `max_update_norm`."""
     return get_strategy(
         cfg.strategy,
         aggregation=cfg.aggregation,
         weighting=cfg.weighting,
         aggregation_kwargs=cfg.aggregation_kwargs,
+        max_update_norm=cfg.max_update_norm,
     )
 
 

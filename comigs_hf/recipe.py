@@ -21,11 +21,13 @@ import dataclasses
 import os
 import sys
 import textwrap
+from collections.abc import Sequence
 from typing import Any
 
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
+from huggingface_hub import HfApi
 
 from .config import (
     RecipeConfig,
@@ -37,7 +39,15 @@ from .config import (
 )
 from .data import build_client_data, build_client_datasets, mixed_test_splits, pool_client_data
 from .evaluation import check_paper_protocol
-from .hub import HubClient, check_hub_strategy, evaluate_hub_client, run_hub_client_round, seed_hub_rounds
+from .hub import (
+    FederationManifest,
+    HubClient,
+    check_hub_strategy,
+    evaluate_hub_client,
+    hub_client_id,
+    run_hub_client_round,
+    seed_hub_rounds,
+)
 from .model import build_model, load_base
 from .modeling_comigs import CoMiGSForCausalLM
 from .outputs import write_outputs
@@ -93,6 +103,7 @@ def setup_federation(cfg: RecipeConfig, accelerator: Accelerator) -> Federation:
     federation = Federation(
         model, tokenizer, clients, counts, strategy, training, cfg, top_k, cfg.evaluation, mixed_test, pooled
     )
+    federation.identity = config_to_dict(cfg)  # a resume checks it against the checkpoint's
     return start_federation(federation, accelerator)
 
 
@@ -226,24 +237,49 @@ def seed_hub(
     cfg: RecipeConfig,
     repo_id: str,
     *,
+    num_clients: int | None = None,
+    client_users: Sequence[str] | None = None,
+    aggregator_user: str | None = None,
     token: str | bool | None = None,
     private: bool | None = None,
     accelerator: Accelerator | None = None,
 ) -> str:
-    """Push the recipe's round-1 global generalist, tagged `round-1`: the tensors the Accelerate rounds start from.
+    """Push the recipe's round-1 global generalist, tagged `round-1`: the tensors the Accelerate rounds start from,
+    with the federation's manifest (`comigs_hf.hub.federation`): its clients `client-0000` ... fixed now.
 
     Needs the base model but no client data. Publishing again with the same config is a no-op.
 
+    Args:
+        num_clients (`int`, *optional*): the federation's clients; defaults to what the data section says, or to
+            the number of `client_users`.
+        client_users (`Sequence[str]`, *optional*): each client's Hub user, in client order: only their commits
+            carry their updates.
+        aggregator_user (`str`, *optional*): the Hub user that runs `aggregate_round`: only its commits publish
+            rounds (with `client_users`, defaults to the user of `token`).
+
     Raises:
-        `ValueError`: a recipe the Hub rounds cannot carry (see `comigs_hf.hub.check_hub_strategy`), or `round-1`
-        already tagged on other content.
+        `ValueError`: a recipe the Hub rounds cannot carry (see `comigs_hf.hub.check_hub_strategy`), an unknown
+        number of clients, or `round-1` already tagged on other content.
     """
     strategy = check_hub_strategy(build_strategy(cfg), cfg.model.num_generalists)
+    num_clients = num_clients or cfg.data.num_clients_known() or (len(client_users) if client_users else None)
+    if num_clients is None:
+        raise ValueError(
+            f"A Hub federation fixes its clients when it is seeded, but {cfg.data.describe_client_count()}: pass "
+            "num_clients (comigs hub-seed --num-clients N)."
+        )
+    clients = [hub_client_id(i) for i in range(num_clients)]
+    if client_users is not None and len(client_users) != num_clients:
+        raise ValueError(f"client_users names {len(client_users)} Hub users for {num_clients} clients.")
+    if client_users is not None and aggregator_user is None:
+        aggregator_user = HfApi().whoami(token=token)["name"]
+    users = dict(zip(clients, client_users)) if client_users is not None else None
+    manifest = FederationManifest(tuple(clients), aggregator_user, users)
     accelerator = _one_process(accelerator)
     first = _num_specialists_of(cfg, 0)
     model, _ = _hub_model(cfg, strategy, first, accelerator)
     shared = initial_shared_state(model, strategy, first, cfg.seed)
-    return seed_hub_rounds(model, shared, repo_id, strategy=strategy, token=token, private=private)
+    return seed_hub_rounds(model, shared, repo_id, strategy=strategy, token=token, private=private, manifest=manifest)
 
 
 def run_hub_round(

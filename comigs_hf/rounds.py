@@ -20,10 +20,12 @@ Reading this file alone tells what crosses a process boundary: `_exchange` carri
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -48,6 +50,8 @@ from .trainer import (
     run_client_round,
     saved_client_parameters,
 )
+
+logger = logging.getLogger("comigs_hf.rounds")
 
 
 @dataclass
@@ -96,6 +100,9 @@ class Federation:
     shared: dict[str, torch.Tensor] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)  # one per finished round, see `run_round`
     start_round: int = 1
+    # the run's configuration minus what a resume may change (see `differing_keys`): stored with each checkpoint,
+    # a resume under another one is refused naming the keys; `None` checks nothing
+    identity: dict[str, Any] | None = None
 
 
 def local_client_ids(num_clients: int, accelerator: Accelerator) -> list[int]:
@@ -116,9 +123,17 @@ def start_federation(federation: Federation, accelerator: Accelerator) -> Federa
     """Fill in the global shared state and this rank's client states: from the last checkpoint when `plan.resume`
     finds one, else fresh (seeded per client, whatever process holds it; shared tensors start equal everywhere)."""
     plan = federation.plan
-    if plan.resume and latest_checkpoint(plan.output_dir) is not None:
+    saved = complete_checkpoints(plan.output_dir)
+    if plan.resume and saved:
         load_checkpoint(federation, accelerator)
         return federation
+    if saved:
+        raise ValueError(
+            f"{plan.output_dir} holds the checkpoints of a run (last: {saved[0].name}): pass resume=true to continue "
+            "it, or choose another output_dir (starting afresh would overwrite them)."
+        )
+    if plan.resume:
+        logger.warning("resume=true, but %s holds no checkpoint: starting at round 1.", plan.output_dir)
     model, counts = federation.model, federation.num_specialists
     top_k = federation.top_k or [None] * len(counts)
     trainers = training_data(federation)
@@ -242,16 +257,52 @@ def evaluate_clients(
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
-def latest_checkpoint(output_dir: str) -> Path | None:
-    pointer = Path(output_dir) / "checkpoints" / "latest.json"
-    if not pointer.is_file():
-        return None
-    return Path(output_dir) / "checkpoints" / json.loads(pointer.read_text())["directory"]
+# what a resume may change: how far to go, how often to evaluate, where to log and what to write at the end
+RESUMABLE_KEYS = frozenset(
+    {"rounds", "eval_every", "resume", "output_dir", "init_from", "trackers", "plots", "save_models", "save_base"}
+)
+KEPT_CHECKPOINTS = 2  # the last two complete rounds: a corrupt last one falls back to the one before
+
+
+def differing_keys(left: dict, right: dict, ignore: frozenset[str] = frozenset(), prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested config dicts (`ignore`: top-level keys to skip)."""
+    keys = []
+    for key in sorted(set(left) | set(right)):
+        if not prefix and key in ignore:
+            continue
+        a, b = left.get(key), right.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += differing_keys(a, b, prefix=f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def complete_checkpoints(output_dir: str) -> list[Path]:
+    """The complete checkpoints of `output_dir`, newest first: the one `latest.json` names, then the other
+    `round-<t>` folders by round (a folder is only ever renamed into place once complete)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    rounds = {}
+    for path in root.iterdir():
+        number = path.name.removeprefix("round-")
+        if path.is_dir() and number.isdecimal() and path.name == f"round-{int(number)}":
+            rounds[path] = int(number)
+    found = sorted(rounds, key=rounds.get, reverse=True)
+    try:
+        pointed = root / json.loads((root / "latest.json").read_text())["directory"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pointed = None  # missing or garbage: the folders themselves say what is there
+    if pointed in rounds:
+        found.remove(pointed)
+        found.insert(0, pointed)
+    return found
 
 
 def save_checkpoint(federation: Federation, round_index: int, accelerator: Accelerator) -> None:
     """Write round `round_index` into a temporary directory, then publish it with atomic renames: a kill at any
-    point leaves the previous complete checkpoint in place."""
+    point leaves the previous complete checkpoints in place. The last `KEPT_CHECKPOINTS` are kept."""
     output_dir = federation.plan.output_dir
     root = Path(output_dir) / "checkpoints"
     staging, final = root / f"round-{round_index}.tmp", root / f"round-{round_index}"
@@ -264,27 +315,78 @@ def save_checkpoint(federation: Federation, round_index: int, accelerator: Accel
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in federation.shared.items()}, staging / "global.safetensors")
-        (staging / "state.json").write_text(json.dumps({"round": round_index, "records": federation.records}))
+        state = {"round": round_index, "records": federation.records, "identity": federation.identity}
+        (staging / "state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        previous = latest_checkpoint(output_dir)
-        pointer = root / "latest.json"
         (root / "latest.json.tmp").write_text(json.dumps({"directory": final.name, "round": round_index}))
-        os.replace(root / "latest.json.tmp", pointer)
-        if previous is not None and previous != final:
-            shutil.rmtree(previous, ignore_errors=True)
+        os.replace(root / "latest.json.tmp", root / "latest.json")
+        for old in complete_checkpoints(output_dir)[KEPT_CHECKPOINTS:]:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
+def _read_checkpoint(directory: Path, num_clients: int, local: list[int]) -> tuple[dict, dict, dict]:
+    # every rank reads every client's file, so all ranks agree on which checkpoint is readable; each keeps its own
+    current = directory / "state.json"
+    try:
+        saved = json.loads(current.read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("round"), int):
+            raise ValueError("not a checkpoint's state")
+        current = directory / "global.safetensors"
+        shared = load_file(current)
+        states = {}
+        for client_id in range(num_clients):
+            current = directory / f"client-{client_id}.pt"
+            # weights_only: tensors, numbers and plain containers, never arbitrary objects
+            state = ClientState.from_checkpoint(torch.load(current, weights_only=True))
+            if client_id in local:
+                states[client_id] = state
+    except Exception as error:  # a truncated or garbage file: any reader's error, named with the file
+        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ValueError(f"{current} is unreadable ({type(error).__name__}: {first_line})") from None
+    return saved, shared, states
+
+
 def load_checkpoint(federation: Federation, accelerator: Accelerator) -> None:
-    """Restore the last complete round: global shared tensors, this rank's client states, metrics so far."""
-    directory = latest_checkpoint(federation.plan.output_dir)
-    saved = json.loads((directory / "state.json").read_text())
-    federation.shared = load_file(directory / "global.safetensors")
-    for client_id in local_client_ids(len(training_data(federation)), accelerator):
-        # weights_only: tensors, numbers and plain containers, never arbitrary objects
-        data = torch.load(directory / f"client-{client_id}.pt", weights_only=True)
-        federation.states[client_id] = ClientState.from_checkpoint(data)
+    """Restore the last complete round: global shared tensors, this rank's client states, metrics so far.
+
+    A checkpoint with an unreadable file falls back to the one before (a warning names the file). A checkpoint of
+    another run configuration is refused naming the keys that differ (see `RESUMABLE_KEYS` for those that may).
+
+    Raises:
+        `ValueError`: no checkpoint can be read, or the run's configuration differs from the checkpoint's.
+    """
+    plan = federation.plan
+    num_clients = len(training_data(federation))
+    local = local_client_ids(num_clients, accelerator)
+    problems = []
+    for directory in complete_checkpoints(plan.output_dir):
+        try:
+            saved, shared, states = _read_checkpoint(directory, num_clients, local)
+        except ValueError as error:
+            problems.append(str(error))
+            logger.warning("Checkpoint %s: %s; trying the one before.", directory.name, error)
+            continue
+        break
+    else:
+        raise ValueError(f"No readable checkpoint in {Path(plan.output_dir) / 'checkpoints'}: {'; '.join(problems)}.")
+    identity = saved.get("identity")
+    if federation.identity is not None and identity is not None:
+        differ = differing_keys(identity, federation.identity, ignore=RESUMABLE_KEYS)
+        if differ:
+            raise ValueError(
+                f"{directory} is a checkpoint of a run with other settings (differing keys: {', '.join(differ)}): "
+                "resume with the same settings (only rounds, eval_every and the outputs' keys may change), or "
+                "choose another output_dir."
+            )
+    if saved["round"] > plan.rounds:
+        raise ValueError(
+            f"{directory} holds round {saved['round']}, past rounds={plan.rounds}: resume with rounds >= "
+            f"{saved['round']}."
+        )
+    federation.shared = shared
+    federation.states.update(states)
     federation.records = saved["records"]
     federation.start_round = saved["round"] + 1
 
@@ -325,9 +427,13 @@ def _round_scalars(record: dict) -> dict:
 
 
 __all__ = [
+    "KEPT_CHECKPOINTS",
+    "RESUMABLE_KEYS",
     "Federation",
     "RoundsConfig",
     "evaluate_clients",
+    "complete_checkpoints",
+    "differing_keys",
     "load_checkpoint",
     "run_federated",
     "run_round",

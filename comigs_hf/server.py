@@ -19,6 +19,9 @@ from .trainer import ClientUpdate
 
 # a token count above this is no honest training split (it would overflow the float weights' exact integers)
 MAX_TRAIN_TOKENS = 2**53
+# no trained LoRA factor or router weight comes near this; finite values up to 3e38 would pass a finiteness check
+# and, averaged in, leave a global no client can train from
+MAX_ABS_VALUE = 1e4
 
 
 class InvalidUpdate(ValueError):
@@ -30,15 +33,22 @@ class InvalidUpdate(ValueError):
         self.reason = reason
 
 
-def check_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor]) -> None:
-    """Checks one update against the reference: tensor names, shapes, dtype, finite values, and its token count.
+def check_update(
+    update: ClientUpdate, reference: Mapping[str, torch.Tensor], max_update_norm: float | None = None
+) -> None:
+    """Checks one update against the reference: tensor names, shapes, dtype, finite values of at most
+    `MAX_ABS_VALUE` in magnitude, its token count, and (with `max_update_norm`) its distance from the reference.
 
     Args:
         update ([`~comigs_hf.trainer.ClientUpdate`]): what a client sent.
-        reference (`Mapping[str, torch.Tensor]`): the global shared state the round started from.
+        reference (`Mapping[str, torch.Tensor]`): the global shared state the round started from (on the meta
+            device when only its layout is known).
+        max_update_norm (`float`, *optional*): the largest L2 norm of `update - reference` over all shared tensors;
+            it needs the reference's values.
 
     Raises:
         [`InvalidUpdate`]: naming the client and the first key (or field) at fault.
+        `ValueError`: `max_update_norm` with a reference that has no values.
     """
     tokens = update.train_tokens
     if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 < tokens <= MAX_TRAIN_TOKENS:
@@ -57,6 +67,17 @@ def check_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor]) ->
             raise InvalidUpdate(update.client_id, f"{key!r} has dtype {tensor.dtype}, expected {expected.dtype}.")
         if not bool(torch.isfinite(tensor).all()):
             raise InvalidUpdate(update.client_id, f"{key!r} holds NaN or Inf values.")
+        if tensor.numel() and float(tensor.abs().max()) > MAX_ABS_VALUE:
+            raise InvalidUpdate(update.client_id, f"{key!r} holds values beyond +-{MAX_ABS_VALUE:g}.")
+    if max_update_norm is not None:
+        if any(tensor.is_meta for tensor in reference.values()):
+            raise ValueError("max_update_norm needs the values of the global state the round started from.")
+        squared = sum(float((update.shared[k].double() - v.double()).square().sum()) for k, v in reference.items())
+        distance = squared**0.5
+        if distance > max_update_norm:
+            raise InvalidUpdate(
+                update.client_id, f"its distance from the round's global, {distance:.4g}, exceeds {max_update_norm}."
+            )
 
 
 def aggregate_updates(
@@ -85,20 +106,20 @@ def aggregate_updates(
     if not updates:
         raise ValueError("Cannot aggregate a round without client updates.")
     for update in updates:
-        check_update(update, reference)
+        check_update(update, reference, strategy.max_update_norm)
     rule = get_aggregator(strategy.aggregation)
     weights = aggregation_weights(strategy, [update.train_tokens for update in updates])
     combined = rule([update.shared for update in updates], weights, **strategy.aggregation_kwargs)
     result = {}
     for key, expected in reference.items():
         tensor = combined[key].to(expected.dtype)
-        if not bool(torch.isfinite(tensor).all()):
+        if not bool(torch.isfinite(tensor).all()) or (tensor.numel() and float(tensor.abs().max()) > MAX_ABS_VALUE):
             raise ValueError(
-                f"The {strategy.aggregation!r} aggregate of {key!r} over {len(updates)} updates is not finite in "
-                f"{expected.dtype}: refusing to publish it."
+                f"The {strategy.aggregation!r} aggregate of {key!r} over {len(updates)} updates is not finite or "
+                f"beyond +-{MAX_ABS_VALUE:g} in {expected.dtype}: refusing to publish it."
             )
         result[key] = tensor
     return result
 
 
-__all__ = ["MAX_TRAIN_TOKENS", "InvalidUpdate", "aggregate_updates", "check_update"]
+__all__ = ["MAX_ABS_VALUE", "MAX_TRAIN_TOKENS", "InvalidUpdate", "aggregate_updates", "check_update"]

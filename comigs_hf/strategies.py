@@ -9,6 +9,7 @@ decides what may leave a client.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,6 +23,8 @@ from .modeling_comigs import is_attention_adapter, parameter_role
 __all__ = [
     "ROLES",
     "STRATEGIES",
+    "TOKEN_CAP_MEDIANS",
+    "WEIGHTINGS",
     "Strategy",
     "aggregation_weights",
     "get_strategy",
@@ -32,7 +35,9 @@ __all__ = [
 
 # roles that can be shared; "base" (the frozen backbone) is never sent, whatever the strategy
 ROLES = frozenset(modeling_comigs.ROLES)
-WEIGHTINGS = ("train_tokens", "uniform")
+WEIGHTINGS = ("train_tokens", "capped_train_tokens", "uniform")
+# `capped_train_tokens`: no client weighs more than this many times the median client, whatever it reports
+TOKEN_CAP_MEDIANS = 2.0
 # how the router learns: alternating with the experts on the validation split (CoMiGS's bi-level problem) or on the
 # train split (CoMiGS-tr), jointly with the experts in one optimiser (pFedMoE, Local-MoE), or not at all (no router:
 # the experts' outputs are averaged)
@@ -52,7 +57,9 @@ class Strategy:
             Key of [`~comigs_hf.aggregation.AGGREGATORS`].
         weighting (`str`, *optional*, defaults to `"train_tokens"`):
             `"train_tokens"` weights each client by its number of training tokens (FedAvg's example count),
-            `"uniform"` weights every client equally.
+            `"capped_train_tokens"` the same with each count capped at `TOKEN_CAP_MEDIANS` (2) times the median
+            count (self-reported counts cannot take the average over; the Hub rounds' default), `"uniform"` weights
+            every client equally.
         aggregation_kwargs (`dict[str, Any]`, *optional*):
             Extra keyword arguments of the aggregation rule, e.g. `{"trim_ratio": 0.2}` for `"trimmed_mean"`.
         router_training (`str`, *optional*, defaults to `"validation"`):
@@ -60,6 +67,10 @@ class Strategy:
             (the bi-level problem of CoMiGS); `"train"`: the same alternation with router phases on the train split;
             `"joint"`: experts and router take every step together in one optimiser on the train split; `"none"`: no
             router, every token gets the plain average of all experts' outputs.
+        max_update_norm (`float`, *optional*):
+            The server step refuses an update whose shared tensors lie farther than this (L2 norm over all of them)
+            from the global state the round started from; `None` bounds only each value (see
+            `comigs_hf.server.MAX_ABS_VALUE`).
         pool_clients (`bool`, *optional*, defaults to `False`):
             Centralised training, the upper bound without privacy: one model trains on the union of all clients'
             train and validation splits, with all their batches in one (`num_clients` x `batch_size` sequences per
@@ -80,6 +91,7 @@ class Strategy:
     aggregation_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
     router_training: str = "validation"
     pool_clients: bool = False
+    max_update_norm: float | None = None
     requires_equal_experts: bool = field(init=False)
 
     @property
@@ -104,6 +116,11 @@ class Strategy:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(
                 f"Strategy {self.name!r}: unknown weighting {self.weighting!r}; known: {', '.join(WEIGHTINGS)}."
+            )
+        bound = self.max_update_norm
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0):
+            raise ValueError(
+                f"Strategy {self.name!r}: max_update_norm must be a positive number or null, not {bound}."
             )
         if self.router_training not in ROUTER_TRAININGS:
             raise ValueError(
@@ -166,15 +183,17 @@ def get_strategy(
     aggregation: str | None = None,
     weighting: str | None = None,
     aggregation_kwargs: Mapping[str, Any] | None = None,
+    max_update_norm: float | None = None,
 ) -> Strategy:
     """Returns the preset strategy called `name`, with the given aggregation settings in place of its own.
 
     Args:
         name (`str`): a key of `STRATEGIES`.
         aggregation (`str`, *optional*): a key of `AGGREGATORS`; `None` keeps the preset's rule.
-        weighting (`str`, *optional*): `"train_tokens"` or `"uniform"`; `None` keeps the preset's.
+        weighting (`str`, *optional*): one of `WEIGHTINGS`; `None` keeps the preset's.
         aggregation_kwargs (`Mapping[str, Any]`, *optional*): arguments of the rule; empty or `None` keeps the
             preset's.
+        max_update_norm (`float`, *optional*): see [`Strategy`]; `None` keeps the preset's.
 
     Raises:
         `ValueError`: for an unknown name (listing the known ones), rule or weighting, or arguments the rule rejects.
@@ -188,6 +207,7 @@ def get_strategy(
         aggregation=aggregation if aggregation is not None else preset.aggregation,
         weighting=weighting if weighting is not None else preset.weighting,
         aggregation_kwargs=aggregation_kwargs or preset.aggregation_kwargs,
+        max_update_norm=max_update_norm if max_update_norm is not None else preset.max_update_norm,
     )
 
 
@@ -260,10 +280,13 @@ def aggregation_weights(strategy: Strategy, train_tokens: Iterable[int]) -> list
         train_tokens (`Iterable[int]`): number of training tokens of each participating client.
 
     Returns:
-        `list[float]`: the token counts as floats for `"train_tokens"`, all ones for `"uniform"`; the aggregation
-        rules normalise them.
+        `list[float]`: the token counts as floats for `"train_tokens"`, capped at `TOKEN_CAP_MEDIANS` times their
+        median for `"capped_train_tokens"`, all ones for `"uniform"`; the aggregation rules normalise them.
     """
     counts = [float(count) for count in train_tokens]
     if strategy.weighting == "uniform":
         return [1.0] * len(counts)
+    if strategy.weighting == "capped_train_tokens" and counts:
+        cap = TOKEN_CAP_MEDIANS * statistics.median(counts)
+        return [min(count, cap) for count in counts]
     return counts

@@ -38,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from .config import config_to_dict, load_config
+from .rounds import differing_keys
 
 logger = logging.getLogger(__name__)
 
@@ -206,23 +207,12 @@ def _check_same_run(directory: Path, config: dict, column: str, seed: int) -> No
             )
         return
     before = json.loads(recorded.read_text())
-    differ = sorted(_differing_keys(before, config))
+    differ = differing_keys(before, config, ignore=frozenset({"resume"}))
     if differ:
         raise ValueError(
             f"{directory} (column {column!r}, seed {seed}) holds a run started with another config (differing keys: "
             f"{', '.join(differ)}); move it or choose another --output."
         )
-
-
-def _differing_keys(left: dict, right: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(left) | set(right)):
-        a, b = left.get(key), right.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _differing_keys(a, b, f"{prefix}{key}.")
-        elif a != b and key != "resume":
-            keys.append(f"{prefix}{key}")
-    return keys
 
 
 # ---- summaries -----------------------------------------------------------------------------------------------------

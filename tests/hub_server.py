@@ -30,6 +30,7 @@ import base64
 import hashlib
 import itertools
 import json
+import re
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -160,14 +161,27 @@ class LocalHub:
         requests: every request received, in order (see `RecordedRequest`).
         unhandled: ``(method, path)`` of requests that matched no route (answered 404): a client call this server
             does not implement yet.
+        users: further accounts, token -> user name: each may write, and the Hub reports it as its commits' author.
+        faults: ``(method, path pattern, status)`` answered instead of the next matching request, each once, in
+            order (e.g. ``("POST", "/commit/", 429)``), to test the client's retries.
     """
 
-    def __init__(self, *, token: str | None = None, user: str = "local-user", host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        *,
+        token: str | None = None,
+        user: str = "local-user",
+        host: str = "127.0.0.1",
+        users: Mapping[str, str] | None = None,
+    ) -> None:
         self.token = token
         self.user = user
+        # more accounts: token -> user name; each may write, and its commits are authored by that name
+        self.users = dict(users or {})
         self.host = host
         self.requests: list[RecordedRequest] = []
         self.unhandled: list[tuple[str, str]] = []
+        self.faults: list[tuple[str, str, int]] = []
         self._repos: dict[tuple[str, str], Repo] = {}
         self._lock = threading.RLock()
         self._server: _Server | None = None
@@ -278,14 +292,20 @@ class LocalHub:
     # ------------------------------------------------------------------ internals
 
     def _add_commit(
-        self, repo: Repo, parent: str | None, files: dict[str, bytes], title: str, description: str
+        self,
+        repo: Repo,
+        parent: str | None,
+        files: dict[str, bytes],
+        title: str,
+        description: str,
+        author: str | None = None,
     ) -> Commit:
         digest = hashlib.sha1()
         for part in (repo.repo_type, repo.repo_id, parent or "", title, str(next(_sha_counter))):
             digest.update(part.encode() + b"\0")
         for path in sorted(files):
             digest.update(f"{path}\0{git_blob_sha(files[path])}\0".encode())
-        commit = Commit(digest.hexdigest(), title, description, parent, files, _now(), self.user)
+        commit = Commit(digest.hexdigest(), title, description, parent, files, _now(), author or self.user)
         repo.commits[commit.sha] = commit
         return commit
 
@@ -353,6 +373,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.body = self._read_body()
         split = urlsplit(self.path)
         self.query = parse_qs(split.query, keep_blank_values=True)
+        with self.hub._lock:
+            fault = next((f for f in self.hub.faults if f[0] == self.command and re.search(f[1], split.path)), None)
+            if fault is not None:
+                self.hub.faults.remove(fault)
+        if fault is not None:
+            self._send(_Response.json({"error": f"injected fault {fault[2]}"}, status=fault[2]))
+            return
         try:
             with self.hub._lock:
                 response = self._route(split.path)
@@ -409,9 +436,16 @@ class _Handler(BaseHTTPRequestHandler):
         value = self.headers.get("Authorization", "")
         return value[len("Bearer ") :] if value.startswith("Bearer ") else None
 
+    def _user(self) -> str | None:
+        """The account the bearer token belongs to, `None` for none or an unknown token."""
+        token = self._bearer()
+        if token is not None and token == self.hub.token:
+            return self.hub.user
+        return self.hub.users.get(token) if token is not None else None
+
     def _require_write(self) -> None:
         """Write endpoints: 401 unless the configured token is sent (no-op when the hub has no token)."""
-        if self.hub.token is None or self._bearer() == self.hub.token:
+        if (self.hub.token is None and not self.hub.users) or self._user() is not None:
             return
         if self._bearer() is not None:
             # The client special-cases this exact message (not turned into RepositoryNotFoundError).
@@ -421,7 +455,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _readable_repo(self, repo_type: str, repo_id: str) -> Repo:
         """Reads: a private repo without the right token is reported as missing (401 + RepoNotFound), like the Hub."""
         repo = self.hub.get_repo(repo_id, repo_type=repo_type)
-        if repo.private and self.hub.token is not None and self._bearer() != self.hub.token:
+        if repo.private and (self.hub.token is not None or self.hub.users) and self._user() is None:
             raise HubError(401, "Repository not found", error_code="RepoNotFound")
         return repo
 
@@ -515,15 +549,15 @@ class _Handler(BaseHTTPRequestHandler):
     # ---------------------------------------------------------------- account / repos
 
     def _whoami(self) -> _Response:
-        token = self._bearer()
-        if token is None or (self.hub.token is not None and token != self.hub.token):
+        token, user = self._bearer(), self._user()
+        if token is None or ((self.hub.token is not None or self.hub.users) and user is None):
             raise HubError(401, "Invalid credentials in Authorization header")
         return _Response.json(
             {
                 "type": "user",
                 "id": "0" * 24,
-                "name": self.hub.user,
-                "fullname": self.hub.user,
+                "name": user or self.hub.user,
+                "fullname": user or self.hub.user,
                 "orgs": [],
                 "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}},
             }
@@ -646,7 +680,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 raise HubError(400, f"Unknown commit operation: {key!r}")
         commit = self.hub._add_commit(
-            repo, head.sha, snapshot, header.get("summary", ""), header.get("description", "")
+            repo, head.sha, snapshot, header.get("summary", ""), header.get("description", ""), self._user()
         )
         repo.branches[branch] = commit.sha
         url = f"{self.hub.repo_url(repo_id, repo_type)}/commit/{commit.sha}"

@@ -127,6 +127,54 @@ def test_missing_directory_and_non_lora_adapters_are_refused(tmp_path):
         load_generalist(model, tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("config_bytes", "message"),
+    [
+        (b"[]", r"adapter_config\.json is a JSON list, not an object"),
+        (b"\xff\xfe\x00", r"adapter_config\.json is not UTF-8"),
+        (b"[" * 5000 + b"]" * 5000, r"nested 5000 levels deep"),
+        ({"lora_alpha": "16"}, r"lora_alpha must be a number in \(0, 1e6\], got '16'"),
+        ({"lora_alpha": 1e39}, r"lora_alpha must be a number in \(0, 1e6\], got 1e\+39"),
+        ({"r": "4"}, r"r must be an integer in \[1, 4096\], got '4'"),
+        ({"use_rslora": "yes"}, r"use_rslora must be true or false"),
+        ({"target_modules": [1, "a"]}, r"target_modules must be a string or a list of strings"),
+        ({"alpha_pattern": {"c_fc": -1}}, r"alpha_pattern must be a map of module names .* to numbers"),
+        ({"rank_pattern": {"(a+)+$": 4}}, r"rank_pattern must be a map of module names"),  # would backtrack
+        ("int32", r"'base_model\.model\..*' is torch\.int32, not a float16/bfloat16/float32/float64 tensor"),
+    ],
+    ids=[
+        "list",
+        "not-utf8",
+        "deep",
+        "string-alpha",
+        "huge-alpha",
+        "string-rank",
+        "string-rslora",
+        "mixed-targets",
+        "negative-alpha-pattern",
+        "regex-rank-pattern",
+        "int32-weights",
+    ],
+)
+def test_a_malformed_adapter_is_refused_naming_the_field_and_leaves_the_model_untouched(
+    tmp_path, config_bytes, message
+):
+    model = build(lambda: tiny_gpt2())
+    export_generalist(model, tmp_path)
+    config_path, weights = tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"
+    if config_bytes == "int32":
+        save_file({k: v.to(torch.int32) for k, v in load_file(weights).items()}, weights)
+    elif isinstance(config_bytes, dict):
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **config_bytes}))
+    else:
+        config_path.write_bytes(config_bytes)
+    perturb_experts(model, seed=3)
+    before = {k: v.clone() for k, v in model.role_state_dict("generalist").items()}
+    with pytest.raises(ValueError, match=message):
+        load_generalist(model, tmp_path)
+    assert all(torch.equal(v, model.get_parameter(k)) for k, v in before.items())
+
+
 def test_export_of_a_missing_generalist_is_refused(tmp_path):
     with pytest.raises(ValueError, match="index 2"):
         export_generalist(build(lambda: tiny_gpt2()), tmp_path, index=2)

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from conftest import perturb_experts, tiny_gpt2
-from huggingface_hub import HfApi, ModelCard, hf_hub_download
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download
 from safetensors.torch import load_file
 
 from comigs_hf import CoMiGSForCausalLM
@@ -181,6 +181,18 @@ def test_aggregate_uses_the_recipe_s_rule(local_hub, saved, tmp_path, capsys):
     median = {key: torch.stack([state[key] for state in states]).median(dim=0).values for key in states[0]}
     pulled = load_file(hf_hub_download(REPO, "adapter_model.safetensors", revision="round-2"))
     assert_same(pulled, median)
+
+
+def test_aggregate_prints_other_parties_folder_names_as_escapes(local_hub, saved, capsys):
+    seed_and_submit(saved, {"alice": 100})
+    hostile = "\x1b[2Jcl\u0456ent"  # an ANSI clear-screen and a Cyrillic look-alike of "i"
+    operation = CommitOperationAdd(f"updates/round-1/{hostile}/update.json", b"{}")
+    HfApi().create_commit(REPO, operations=[operation], commit_message="hostile folder")
+    capsys.readouterr()
+    assert aggregate(1) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u0456" not in out
+    assert "rejected '\\x1b[2Jcl\\u0456ent': missing adapter_config.json." in out
 
 
 def test_cli_authenticates_from_hf_token_and_never_prints_it(saved, tmp_path, monkeypatch, capsys, caplog):

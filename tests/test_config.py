@@ -292,7 +292,10 @@ def test_override_below_a_plain_value_is_rejected():
             ["trackers: unknown tracker(s) ['neptune']", "tensorboard, wandb, trackio"],
         ),
         (["aggregation=median"], ["strategy:", "unknown aggregation 'median'; known: trimmed_mean, weighted_mean"]),
-        (["weighting=by_size"], ["strategy:", "unknown weighting 'by_size'; known: train_tokens, uniform"]),
+        (
+            ["weighting=by_size"],
+            ["strategy:", "unknown weighting 'by_size'; known: train_tokens, capped_train_tokens, uniform"],
+        ),
         (
             ["aggregation=trimmed_mean", "aggregation_kwargs={trim_ratio: 0.5}"],
             [

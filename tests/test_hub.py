@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import perturb_experts, tiny_gpt2
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, hf_hub_download
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, EvalResult, HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 from peft import PeftModel
 from safetensors.torch import load, load_file, save
@@ -23,14 +23,19 @@ from safetensors.torch import load, load_file, save
 from comigs_hf import CoMiGSForCausalLM
 from comigs_hf.adapters import export_generalist, generalist_state_dict, load_generalist
 from comigs_hf.hub import (
+    FederationManifest,
     aggregate_round,
     pull_global,
     push_client_model_to_hub,
     push_generalist_to_hub,
+    read_manifest,
     render_generalist_card,
+    seed_hub_rounds,
     submit_update,
     template_path,
 )
+from comigs_hf.hub.federation import trusted_round_commit
+from comigs_hf.strategies import get_strategy
 
 try:  # default pytest import mode: `tests/` (no __init__.py) is on sys.path
     from hub_server import LocalHub, configure_hf_client
@@ -60,6 +65,11 @@ def build(seed: int = 0, **kwargs) -> CoMiGSForCausalLM:
     model = CoMiGSForCausalLM.from_base(tiny_gpt2(), **options)
     perturb_experts(model, seed=seed)
     return model.eval()
+
+
+def generalist_state_of(model: CoMiGSForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's generalist under its own parameter names (what `seed_hub_rounds` loads)."""
+    return {k: v.detach().clone() for k, v in model.role_state_dict("generalist").items()}
 
 
 def generalist(model: CoMiGSForCausalLM) -> dict[str, torch.Tensor]:
@@ -371,8 +381,157 @@ def test_each_bad_update_is_rejected_with_its_reason_and_the_valid_ones_are_aggr
     assert sorted(report.rejected_reasons) == sorted(bad)
     for folder, (_, pattern) in bad.items():
         assert re.search(pattern, report.rejected_reasons[folder]), (folder, report.rejected_reasons[folder])
-        assert f"update in updates/round-1/{folder}: " in caplog.text
+        assert f"update in updates/round-1/'{folder}': " in caplog.text
     assert_same(global_round(2), weighted_mean(valid, CLIENT_TOKENS))
+
+
+def test_hostile_updates_are_rejected_and_never_stop_the_round(clients, tmp_path):
+    for client in ("alice", "bob"):
+        submit_update(clients[client], REPO, client, round=1, num_tokens=CLIENT_TOKENS[client])
+
+    def update(folder: str, **fields) -> dict[str, bytes]:
+        files = _update_files(clients["carol"], folder, tmp_path)
+        record = {"client_id": folder, "round": 1, "num_tokens": 50, "base_model": "tiny-base"}
+        return files | {"update.json": json.dumps(record | fields).encode()}
+
+    def config(folder: str, **fields) -> dict[str, bytes]:
+        files = update(folder)
+        return files | {"adapter_config.json": json.dumps(json.loads(files["adapter_config.json"]) | fields).encode()}
+
+    def retyped(folder: str, dtype: torch.dtype, value: float | None = None) -> dict[str, bytes]:
+        state = load(update(folder)["adapter_model.safetensors"])
+        state = {
+            k: v.to(dtype) if value is None else torch.full(v.shape, value, dtype=dtype) for k, v in state.items()
+        }
+        return update(folder) | {"adapter_model.safetensors": save(state)}
+
+    deep = b"[" * 200_000 + b"]" * 200_000
+    hostile = {
+        "tokens-10e400": (
+            update("tokens-10e400", num_tokens=10**400),
+            r"num_tokens must be an integer in \[1, 2\*\*53\]",
+        ),
+        "digits-5000": (
+            update("digits-5000") | {"update.json": b'{"num_tokens": 1' + b"0" * 5000 + b"}"},
+            r"update\.json is not valid JSON",
+        ),
+        "deep-update": (update("deep-update") | {"update.json": deep}, r"update\.json is nested 200000 levels deep"),
+        "deep-config": (update("deep-config") | {"adapter_config.json": deep}, r"adapter_config\.json is nested"),
+        "mixed-targets": (config("mixed-targets", target_modules=[1, "a"]), r"target_modules must be a string or"),
+        "string-alpha": (config("string-alpha", lora_alpha="16"), r"lora_alpha must be a number in \(0, 1e6\]"),
+        "list-config": (update("list-config") | {"adapter_config.json": b"[]"}, r"is a JSON list, not an object"),
+        "not-utf8": (update("not-utf8") | {"adapter_config.json": b"\xff\xfe{}"}, r"is not UTF-8"),
+        "float8": (retyped("float8", torch.float8_e4m3fn), r"is torch\.float8_e4m3fn, not a float16"),
+        "float64-1e300": (
+            retyped("float64-1e300", torch.float64, 1e300),
+            r"dtype torch\.float64, expected torch\.float32",
+        ),
+        "bfloat16": (retyped("bfloat16", torch.bfloat16), r"dtype torch\.bfloat16, expected torch\.float32"),
+        "finite-3e38": (retyped("finite-3e38", torch.float32, 3e38), r"holds values beyond \+-10000"),
+        "id-newline": (update("id-newline", client_id="client-0000\n"), r"client_id is not a client id"),
+    }
+    for folder, (files, _) in hostile.items():
+        _upload(folder, files)
+
+    report = aggregate_round(REPO, 1, min_clients=2, timeout_s=5, poll_interval_s=0.05)
+    assert report.accepted_clients == ["alice", "bob"]
+    assert sorted(report.rejected_reasons) == sorted(hostile)
+    for folder, (_, pattern) in hostile.items():
+        assert re.search(pattern, report.rejected_reasons[folder]), (folder, report.rejected_reasons[folder])
+    assert_same(global_round(2), weighted_mean({c: clients[c] for c in ("alice", "bob")}, CLIENT_TOKENS))
+
+
+def test_self_reported_token_counts_are_capped_at_twice_the_median(hub):
+    push_generalist_to_hub(build(seed=0), REPO, round=1)
+    for i in range(4):
+        submit_update(build(seed=20 + i), REPO, f"honest-{i}", round=1, num_tokens=100)
+    submit_update(build(seed=30), REPO, "mallory", round=1, num_tokens=100 * 100)
+    report = aggregate_round(REPO, 1, min_clients=5, timeout_s=5, poll_interval_s=0.05)
+    weights = {update.client_id: update.weight for update in report.accepted}
+    assert weights["mallory"] == pytest.approx(2 / 6)  # not 100 / 104
+
+
+@pytest.mark.parametrize(
+    ("rule", "influence"),
+    [
+        ({}, 0.2),  # the weighted mean gives it its share: the global moves by 0.2 x 50 = 10 honest updates
+        ({"aggregation": "trimmed_mean", "aggregation_kwargs": {"trim_ratio": 0.2}}, 0.0),
+        ({"max_update_norm": 20.0}, 0.0),  # refused: honest updates lie ~5 from the global here, mallory's ~250
+    ],
+    ids=["weighted-mean", "trimmed-mean", "norm-bound"],
+)
+def test_a_scaled_update_is_held_by_the_robust_rules(hub, tmp_path, rule, influence):
+    seed = build(seed=0)
+    push_generalist_to_hub(seed, REPO, round=1)
+    start = generalist(seed)
+    honest = [generalist(build(seed=20 + i)) for i in range(4)]
+    for i in range(4):
+        submit_update(build(seed=20 + i), REPO, f"honest-{i}", round=1, num_tokens=100)
+    files = _update_files(build(seed=30), "mallory", tmp_path)
+    sent = load(files["adapter_model.safetensors"])
+    scaled = {key: (start[key] + 50 * (value - start[key])).contiguous() for key, value in sent.items()}
+    record = {"client_id": "mallory", "round": 1, "num_tokens": 100, "base_model": "tiny-base"}  # honest count
+    _upload("mallory", files | {"adapter_model.safetensors": save(scaled), "update.json": json.dumps(record).encode()})
+
+    report = aggregate_round(
+        REPO, 1, min_clients=5, timeout_s=5, poll_interval_s=0.05, strategy=get_strategy("comigs", **rule)
+    )
+    flat = {
+        name: torch.cat([state[k].flatten() for k in sorted(start)])
+        for name, state in {"global": global_round(2), "attacker": scaled}.items()
+    }
+    mean = torch.cat([sum(h[k] for h in honest).flatten() / 4 for k in sorted(start)])
+    away = flat["attacker"] - mean
+    measured = float((flat["global"] - mean) @ away / (away @ away))
+    if "mallory" in report.accepted_clients:
+        assert measured == pytest.approx(influence, abs=0.005)
+    else:  # the global is the honest clients' own mean
+        assert "exceeds 20.0" in report.rejected_reasons["mallory"] and abs(measured) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "race_at",
+    ["_untagged_publication", "_create_tag"],
+    ids=["other-commits-first", "other-comes-between-commit-and-tag"],
+)
+def test_of_two_racing_aggregators_exactly_one_publishes_and_main_matches_the_tag(clients, monkeypatch, race_at):
+    from comigs_hf.hub import aggregator
+
+    for client, model in clients.items():
+        submit_update(model, REPO, client, round=1, num_tokens=CLIENT_TOKENS[client])
+    real, other = getattr(aggregator, race_at), []
+
+    def racing(*args, **kwargs):  # the first aggregator pauses here while a second one runs to the end
+        if not other:
+            other.append(None)
+            other[0] = aggregate_round(REPO, 1, min_clients=3, timeout_s=5, poll_interval_s=0.05, strategy=uniform)
+        return real(*args, **kwargs)
+
+    uniform = get_strategy("comigs", weighting="uniform")  # the second one computes another global
+    monkeypatch.setattr(aggregator, race_at, racing)
+    first = aggregate_round(REPO, 1, min_clients=3, timeout_s=5, poll_interval_s=0.05)
+    assert first == other[0] and first.commit_sha == other[0].commit_sha
+    refs = HfApi().list_repo_refs(REPO)
+    head = next(ref.target_commit for ref in refs.branches if ref.name == "main")
+    assert next(ref.target_commit for ref in refs.tags if ref.name == "round-2") == head == first.commit_sha
+    titles = [commit.title for commit in HfApi().list_repo_commits(REPO)]
+    assert sum(title.startswith("Global generalist after round 1") for title in titles) == 1
+    expected_weights = [1 / 3] * 3 if race_at == "_untagged_publication" else [0.1, 0.3, 0.6]
+    assert [u.weight for u in first.accepted] == pytest.approx(expected_weights)  # whoever committed first
+
+
+def test_rate_limits_and_server_errors_are_retried_with_backoff(clients, hub, monkeypatch, caplog):
+    from comigs_hf.hub import repo
+
+    monkeypatch.setattr(repo, "RETRY_DELAYS_S", (0.01, 0.02, 0.04))
+    hub.faults += [("POST", r"/commit/main$", 429), ("POST", r"/commit/main$", 503)]  # the first submit's
+    submit_update(clients["alice"], REPO, "alice", round=1, num_tokens=100)
+    hub.faults += [("POST", r"/commit/main$", 502), ("POST", r"/tag/", 429)]  # the aggregator's commit and tag
+    with caplog.at_level(logging.WARNING, logger="comigs_hf.hub"):
+        report = aggregate_round(REPO, 1, min_clients=1, timeout_s=5, poll_interval_s=0.05)
+    assert hub.faults == [] and report.accepted_clients == ["alice"]
+    assert HfApi().revision_exists(REPO, "round-2")
+    assert "the Hub answered 502; trying again" in caplog.text and "the Hub answered 429" in caplog.text
 
 
 def test_expected_shapes_stand_in_for_a_missing_global_round(hub):
@@ -386,12 +545,14 @@ def test_expected_shapes_stand_in_for_a_missing_global_round(hub):
     assert report.previous_commit is None
 
 
-def test_reaggregating_a_finished_round_commits_nothing_and_returns_its_report(clients):
+def test_reaggregating_a_finished_round_commits_nothing_and_returns_its_report(clients, tmp_path):
     for client, model in clients.items():
         submit_update(model, REPO, client, round=1, num_tokens=CLIENT_TOKENS[client])
     first = aggregate_round(REPO, 1, min_clients=3, timeout_s=5, poll_interval_s=0.05)
     commits = num_commits()
-    submit_update(build(seed=42), REPO, "late", round=1, num_tokens=10_000)  # too late for round 1
+    with pytest.raises(ValueError, match="Round 1 of .* is closed: round-2 is published"):
+        submit_update(build(seed=42), REPO, "late", round=1, num_tokens=10_000)  # too late for round 1
+    _upload("late", _update_files(build(seed=42), "late", tmp_path))  # past the check, as an attacker would
     commits += 1
     again = aggregate_round(REPO, 1, min_clients=1, timeout_s=0, poll_interval_s=0.05)
     assert num_commits() == commits
@@ -432,3 +593,81 @@ def test_token_is_sent_on_every_write_and_never_logged_or_printed(tmp_path, monk
     assert caplog.records  # the capture is live: the client and comigs_hf did log
     for text in (logged, captured.out, captured.err):
         assert TOKEN not in text and TOKEN[3:15] not in text
+
+
+# ---- the federation's manifest: who counts, whose commits count -------------------------------------------------
+TOKENS = {
+    "hf_coordinatorToken0001": "coordinator",
+    "hf_aliceToken000000001": "alice",
+    "hf_bobToken00000000001": "bob",
+    "hf_malloryToken0000001": "mallory",
+}
+TOKEN_OF = {user: token for token, user in TOKENS.items()}
+
+
+@pytest.fixture
+def accounts(monkeypatch, tmp_path) -> Iterator[LocalHub]:
+    """A local Hub with four accounts; each commit is authored by the account whose token made it."""
+    with LocalHub(users=TOKENS) as hub:
+        configure_hf_client(monkeypatch, hub.url, tmp_path / "hf_home")
+        yield hub
+
+
+def test_only_the_manifest_s_clients_count_towards_the_quorum(hub, tmp_path):
+    manifest = FederationManifest(("alice", "bob"))
+    seed_hub_rounds(
+        build(seed=0), generalist_state_of(build(seed=0)), REPO, strategy=get_strategy("comigs"), manifest=manifest
+    )
+    submit_update(build(seed=10), REPO, "alice", round=1, num_tokens=100)
+    for sybil in ("sybil-1", "sybil-2"):
+        submit_update(build(seed=11), REPO, sybil, round=1, num_tokens=100)
+    report = aggregate_round(REPO, 1, min_clients=2, timeout_s=0.3, poll_interval_s=0.05)
+    assert report.accepted_clients == ["alice"]  # the quorum of 2 was not met by the Sybils: it timed out
+    assert all("is not a client of this federation" in report.rejected_reasons[s] for s in ("sybil-1", "sybil-2"))
+
+
+def test_other_writers_cannot_overwrite_delete_or_forge_what_the_manifest_s_users_committed(accounts, tmp_path):
+    manifest = FederationManifest(("alice", "bob"), "coordinator", {"alice": "alice", "bob": "bob"})
+    seed = build(seed=0)
+    seed_hub_rounds(
+        seed,
+        generalist_state_of(seed),
+        REPO,
+        strategy=get_strategy("comigs"),
+        manifest=manifest,
+        token=TOKEN_OF["coordinator"],
+    )
+    honest = {"alice": build(seed=10), "bob": build(seed=11)}
+    for client, model in honest.items():
+        submit_update(model, REPO, client, round=1, num_tokens=CLIENT_TOKENS[client], token=TOKEN_OF[client])
+    mallory = TOKEN_OF["mallory"]
+    api = HfApi()
+    # bob's folder overwritten with mallory's weights, alice's deleted, a fake round-2 tagged with a fake report
+    forged = _update_files(build(seed=66), "bob", tmp_path)
+    api.create_commit(
+        REPO,
+        operations=[CommitOperationAdd(f"updates/round-1/bob/{n}", d) for n, d in forged.items()],
+        commit_message="Round 1 update from bob",
+        token=mallory,
+    )
+    api.create_commit(
+        REPO, operations=[CommitOperationDelete("updates/round-1/alice/")], commit_message="cleanup", token=mallory
+    )
+    fake = api.create_commit(
+        REPO,
+        operations=[CommitOperationAdd("aggregation.json", b'{"round": 1}')],
+        commit_message="Global generalist after round 1 (9 clients)",
+        token=mallory,
+    )
+    api.create_tag(REPO, tag="round-2", revision=fake.oid, token=mallory)
+
+    report = aggregate_round(REPO, 1, min_clients=2, timeout_s=5, poll_interval_s=0.05, token=TOKEN_OF["coordinator"])
+    assert report.accepted_clients == ["alice", "bob"]
+    assert_same(global_round(2), weighted_mean(honest, CLIENT_TOKENS))  # mallory's writes changed nothing
+    assert report.commit_sha != fake.oid
+
+    # a client trusts round-2 only on the aggregator's commit: mallory moving the tag is refused
+    api.delete_tag(REPO, tag="round-2", token=mallory)
+    api.create_tag(REPO, tag="round-2", revision=fake.oid, token=mallory)
+    with pytest.raises(ValueError, match="round-2 of .* points at commit .* by 'mallory', not by the federation's"):
+        trusted_round_commit(api, REPO, 2, read_manifest(api, REPO, None), None)

@@ -68,7 +68,7 @@ def test_hub_rounds_give_the_accelerate_run_s_global_generalist_and_test_losses(
         expected_rows = {(int(row["round"]), int(row["client_id"])): row for row in csv.DictReader(handle)}
 
     accelerator = Accelerator(cpu=True)
-    seed_hub(cfg, REPO, accelerator=accelerator)
+    seed_hub(cfg, REPO, num_clients=NUM_CLIENTS, accelerator=accelerator)
     for round_index in range(1, ROUNDS + 1):
         for client_id in range(NUM_CLIENTS):
             # one private folder per client: they share nothing but the repo
@@ -102,7 +102,7 @@ def test_a_rerun_round_reuploads_the_saved_update_and_refused_rounds_leave_the_s
     world, hub, tmp_path, capsys
 ):
     args = overrides(world, tmp_path / "unused")
-    assert comigs(["hub-seed", "--repo-id", REPO, *args]) == 0
+    assert comigs(["hub-seed", "--repo-id", REPO, "--num-clients", "4", *args]) == 0
     client = ["hub-client", "--repo-id", REPO, "--client-id", "1", "--round", "1", "--state-dir", str(tmp_path)]
     assert comigs([*client, *args]) == 0
     assert "Client 1 (finance) trained round 1" in capsys.readouterr().out
@@ -174,7 +174,7 @@ def test_a_hub_client_trains_with_only_its_own_data_file(world, hub, tmp_path):
     per_client = "{" + ", ".join(f"{domain}: {path}" for domain, path in paths.items()) + "}"
     cfg = load_config(None, overrides(world, tmp_path / "unused", **{"data.data_files": per_client}))
     expected = build_client_datasets(cfg.data, AutoTokenizer.from_pretrained(cfg.model.base_model), cfg.seed)
-    seed_hub(cfg, REPO, accelerator=Accelerator(cpu=True))
+    seed_hub(cfg, REPO, num_clients=NUM_CLIENTS, accelerator=Accelerator(cpu=True))
     own = sorted(paths)[0]  # client 0: the first client value in sorted order
     for domain, path in paths.items():
         if domain != own:

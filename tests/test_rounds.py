@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -282,3 +283,65 @@ def test_init_from_a_folder_without_a_client_names_what_is_missing(world, tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty/0-.* holds no saved client"):
         setup_federation(config(world, tmp_path / "run", init_from=str(tmp_path / "empty")), Accelerator(cpu=True))
+
+
+# ---- resume: the checkpoint's run, the last two rounds, unreadable files ------------------------------------------
+def ran(world, output_dir, **extra) -> dict:
+    return run(config(world, output_dir, save_models=False, **extra), Accelerator(cpu=True))
+
+
+@pytest.fixture(scope="module")
+def two_rounds(world, tmp_path_factory) -> list[float]:
+    """The test losses of an uninterrupted 2-round run."""
+    return [c["test_loss"] for c in ran(world, tmp_path_factory.mktemp("clean"), rounds=2)["clients"]]
+
+
+def test_a_resume_with_other_settings_is_refused_naming_the_keys(world, tmp_path):
+    ran(world, tmp_path / "out", rounds=1)
+    changes = {"strategy": "local", "model.num_specialists": 2, "seed": 1, "data.block_size": 8}
+    for key, value in changes.items():
+        with pytest.raises(ValueError, match=rf"differing keys: {key}\b"):
+            ran(world, tmp_path / "out", rounds=1, resume="true", **{key: value})
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["strategy"] == "comigs"  # untouched
+
+
+def test_a_resume_may_extend_the_rounds_and_keeps_the_last_two_checkpoints(world, tmp_path):
+    ran(world, tmp_path / "out", rounds=1)
+    extended = ran(world, tmp_path / "out", rounds=3, resume="true")  # (the cosine schedule is now over 3 rounds)
+    assert extended["rounds"] == 3
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == [
+        "latest.json",
+        "round-2",
+        "round-3",
+    ]
+    with pytest.raises(ValueError, match="holds round 3, past rounds=2"):
+        ran(world, tmp_path / "out", rounds=2, resume="true")
+
+
+def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before_naming_the_file(world, tmp_path, caplog, two_rounds):
+    ran(world, tmp_path / "out", rounds=2)
+    checkpoints = tmp_path / "out" / "checkpoints"
+    (checkpoints / "round-2" / "client-1.pt").write_bytes(b"garbage")
+    with caplog.at_level("WARNING", logger="comigs_hf.rounds"):
+        resumed = ran(world, tmp_path / "out", rounds=2, resume="true")  # round 2 again, from round 1
+    assert "round-2/client-1.pt is unreadable" in caplog.text
+    assert [c["test_loss"] for c in resumed["clients"]] == pytest.approx(two_rounds, rel=1e-5)
+    (checkpoints / "round-2" / "global.safetensors").write_bytes(b"\x00" * 7)
+    (checkpoints / "round-1" / "state.json").write_text("{")
+    with pytest.raises(ValueError, match=r"round-2/global\.safetensors is unreadable.*round-1/state\.json is unread"):
+        ran(world, tmp_path / "out", rounds=3, resume="true")
+
+
+def test_a_missing_pointer_resumes_from_the_newest_round_and_a_fresh_start_never_overwrites(
+    world, tmp_path, caplog, two_rounds
+):
+    ran(world, tmp_path / "out", rounds=2)
+    shutil.rmtree(tmp_path / "out" / "checkpoints" / "round-2")  # as if killed between the round and its pointer
+    (tmp_path / "out" / "checkpoints" / "latest.json").unlink()
+    with pytest.raises(ValueError, match="holds the checkpoints of a run .*pass resume=true"):
+        ran(world, tmp_path / "out", rounds=2)
+    resumed = ran(world, tmp_path / "out", rounds=2, resume="true")
+    assert [c["test_loss"] for c in resumed["clients"]] == pytest.approx(two_rounds, rel=1e-5)
+    with caplog.at_level("WARNING", logger="comigs_hf.rounds"):
+        ran(world, tmp_path / "empty", rounds=1, resume="true")
+    assert "holds no checkpoint: starting at round 1" in caplog.text

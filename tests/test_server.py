@@ -50,6 +50,7 @@ def test_every_registered_rule_is_reached_through_the_strategy():
         ({"a": torch.tensor([0.0, float("nan")])}, "'a' holds NaN or Inf"),
         ({"a": torch.tensor([float("inf"), 0.0])}, "'a' holds NaN or Inf"),
         ({"c": torch.zeros(1)}, r"unexpected \['c'\]"),
+        ({"a": torch.tensor([3e38, 0.0])}, r"'a' holds values beyond \+-10000\."),  # finite, and absurd
     ],
 )
 def test_an_update_that_does_not_fit_the_reference_is_refused_naming_client_and_key(change, reason):
@@ -82,7 +83,7 @@ def test_a_result_that_is_not_finite_is_never_returned(monkeypatch):
 
     monkeypatch.setitem(aggregation.AGGREGATORS, "sum", aggregate_sum)
     updates = [update(0, [1.0, 1.0], [1.0, 1.0]), update(1, [1.0, 1.0], [1.0, 1.0])]
-    with pytest.raises(ValueError, match="'sum' aggregate of 'a' over 2 updates is not finite in torch.float32"):
+    with pytest.raises(ValueError, match=r"'sum' aggregate of 'a' over 2 updates is not finite or beyond \+-10000 in"):
         aggregate_updates(get_strategy("comigs", aggregation="sum"), updates, REFERENCE)
 
 
@@ -92,3 +93,25 @@ def test_the_result_keeps_the_reference_dtype():
     combined = aggregate_updates(get_strategy("comigs"), updates, reference)
     assert {value.dtype for value in combined.values()} == {torch.bfloat16}
     assert combined["a"].tolist() == [1.0, 1.0]
+
+
+def test_capped_token_weights_keep_a_client_from_taking_the_average_over():
+    honest = [update(i, [1.0, 1.0], [0.0, 0.0], train_tokens=100) for i in range(4)]
+    attacker = update("mallory", [101.0, 1.0], [0.0, 0.0], train_tokens=100 * 100)  # claims 100x the tokens
+    raw = aggregate_updates(get_strategy("comigs"), [*honest, attacker], REFERENCE)["a"][0].item()
+    capped = aggregate_updates(get_strategy("comigs", weighting="capped_train_tokens"), [*honest, attacker], REFERENCE)
+    # the attacker's share of the average: 100 / (100 + 4) raw, at most 2 medians of 6 capped
+    assert (raw - 1) / 100 == pytest.approx(100 / 104)
+    assert (capped["a"][0].item() - 1) / 100 == pytest.approx(2 / 6)
+
+
+def test_an_update_too_far_from_the_global_is_refused_when_a_norm_bound_is_set():
+    reference = {"a": torch.tensor([1.0, 1.0]), "b": torch.zeros(1, 2)}
+    near, far = update(0, [1.0, 2.0], [0.0, 0.0]), update("mallory", [1.0, 6.0], [0.0, 0.0])  # distances 1 and 5
+    strategy = get_strategy("comigs", max_update_norm=2.0)
+    assert aggregate_updates(strategy, [near], reference)["a"].tolist() == [1.0, 2.0]
+    with pytest.raises(InvalidUpdate, match=r"distance from the round's global, 5, exceeds 2") as info:
+        aggregate_updates(strategy, [near, far], reference)
+    assert info.value.client_id == "mallory"
+    with pytest.raises(ValueError, match="needs the values"):
+        check_update(near, {k: v.to("meta") for k, v in reference.items()}, max_update_norm=2.0)

@@ -147,7 +147,10 @@ def test_strategy_is_frozen_hashable_and_freezes_its_roles():
     [
         ({"shared_roles": {"base"}}, r"shared_roles contains \['base'\]"),
         ({"shared_roles": set(), "aggregation": "median"}, "unknown aggregation 'median'; known: trimmed_mean"),
-        ({"shared_roles": set(), "weighting": "by_size"}, "unknown weighting 'by_size'; known: train_tokens, uniform"),
+        (
+            {"shared_roles": set(), "weighting": "by_size"},
+            "unknown weighting 'by_size'; known: train_tokens, capped_train_tokens, uniform",
+        ),
     ],
 )
 def test_strategy_rejects_unknown_values(kwargs, message):

@@ -6,12 +6,14 @@
 - `updates`: what a client uploads in a Hub-mediated round (`submit_update`).
 - `aggregator`: `aggregate_round`, the server side of a Hub-mediated round.
 - `client`: a client's round through the Hub (`run_hub_client_round`), the round-1 seed and evaluation.
+- `federation`: the federation's manifest (its clients and Hub users, fixed at the seed) and which commits to trust.
 
 Hub-mediated rounds use one shared model repo:
 
 ```
 README.md, adapter_config.json, adapter_model.safetensors   global generalist, tagged round-<t>
 aggregation.json                                             report of the aggregation that produced it
+federation.json                                              the manifest, in the round-1 commit
 updates/round-<t>/<client_id>/...                            a client's generalist after local training in round t
 ```
 """
@@ -26,12 +28,15 @@ from .client import (
     run_hub_client_round,
     seed_hub_rounds,
 )
+from .federation import MANIFEST_NAME, FederationManifest, read_manifest
 from .repo import check_hub_strategy, pull_global, push_client_model_to_hub, push_generalist_to_hub, round_tag
 from .updates import check_client_id, submit_update, update_folder
 
 __all__ = [
+    "MANIFEST_NAME",
     "AcceptedUpdate",
     "AggregationReport",
+    "FederationManifest",
     "HubClient",
     "RejectedUpdate",
     "aggregate_round",
@@ -44,6 +49,7 @@ __all__ = [
     "pull_global",
     "push_client_model_to_hub",
     "push_generalist_to_hub",
+    "read_manifest",
     "render_client_model_card",
     "render_generalist_card",
     "round_tag",

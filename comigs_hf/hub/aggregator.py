@@ -8,6 +8,7 @@ was accepted and what was rejected, and why.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -19,15 +20,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from safetensors.torch import load_file, save
 
-from ..adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from ..adapters import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    check_float_tensors,
+    check_lora_config,
+    quote_untrusted,
+    read_untrusted_json,
+)
 from ..server import InvalidUpdate, aggregate_updates, check_update
 from ..strategies import Strategy, aggregation_weights, get_strategy
 from .cards import README_NAME, render_generalist_card
-from .repo import _commit_and_tag, _tag_target, check_hub_strategy, round_tag
+from .federation import (
+    MANIFEST_NAME,
+    FederationManifest,
+    client_commits,
+    delete_forged_tag,
+    read_manifest,
+    trusted_round_commit,
+)
+from .repo import _tag_target, check_hub_strategy, main_head, round_tag, with_retries
 from .updates import _LORA_FIELDS, UPDATE_NAME, UPDATES_FOLDER, _Candidate, _parse_update, _Rejected
 
 logger = logging.getLogger("comigs_hf.hub")
@@ -40,7 +56,8 @@ _SMALL_FILE_LIMIT = 1 << 20  # update.json and adapter_config.json are a few hun
 class _Reference:
     """What updates of this round must agree with; fields left `None` are settled by majority among the updates.
 
-    `tensors` are the global round-t tensors on the meta device: names, shapes and dtypes, no values.
+    `tensors` are the global round-t tensors (their values bound `max_update_norm`), or, settled among the updates,
+    names, shapes and dtypes on the meta device.
     """
 
     config: dict[str, Any] | None = None
@@ -151,10 +168,11 @@ def _majority(candidates: list[_Candidate], key: Any) -> Any:
 
 
 def _settle(
-    candidates: list[_Candidate], reference: _Reference
+    candidates: list[_Candidate], reference: _Reference, max_update_norm: float | None = None
 ) -> tuple[list[_Candidate], list[RejectedUpdate], dict[str, torch.Tensor] | None]:
-    """Format checks, majority where the reference is silent, the server step's tensor checks, then one update per
-    client; also returns the reference tensors the accepted updates were checked against."""
+    """Format checks, majority where the reference is silent, the server step's tensor checks (with the strategy's
+    norm bound), then one update per client; also returns the reference tensors the accepted updates were checked
+    against."""
     rejected: list[RejectedUpdate] = []
 
     def keep(pool: list[_Candidate], check: Any) -> list[_Candidate]:
@@ -182,7 +200,7 @@ def _settle(
             # nobody sent the expected shapes: check against them, in the majority's dtype
             dtype = next(iter(settled.tensors.values())).dtype
             settled.tensors = {k: torch.empty(s, dtype=dtype, device="meta") for k, s in settled.shapes.items()}
-    pool = keep(pool, lambda c: check_update(c.update, settled.tensors))
+    pool = keep(pool, lambda c: check_update(c.update, settled.tensors, max_update_norm))
     if pool and settled.config is None:
         signature = _majority(pool, lambda c: _lora_signature(c.config))
         settled.config = next(c.config for c in pool if _lora_signature(c.config) == signature)
@@ -228,22 +246,36 @@ def _max_weights_bytes(shapes: Mapping[str, Sequence[int]] | None) -> int | None
 
 
 class _UpdateScanner:
-    """Lists the updates of a round at a commit and parses each (cached by the folder's blob ids across polls)."""
+    """Lists the updates of a round at a commit and parses each (cached by the folder's blob ids across polls).
 
-    def __init__(self, api: HfApi, repo_id: str, round: int, token: str | bool | None, max_weights: int | None):
+    With a manifest, only its clients' folders count; where it names the clients' Hub users, each client's update
+    is read at the newest commit its user made for it, whatever was written over it since.
+    """
+
+    def __init__(
+        self,
+        api: HfApi,
+        repo_id: str,
+        round: int,
+        token: str | bool | None,
+        max_weights: int | None,
+        manifest: FederationManifest | None = None,
+    ):
         self.api, self.repo_id, self.round, self.token, self.max_weights = api, repo_id, round, token, max_weights
+        self.manifest = manifest
         self.prefix = f"{UPDATES_FOLDER}/{round_tag(round)}"
         self._cache: dict[tuple, _Candidate | RejectedUpdate] = {}
 
-    def scan(self, commit: str) -> tuple[list[_Candidate], list[RejectedUpdate]]:
+    def _folders(self, commit: str, path: str) -> dict[str, dict[str, Any]]:
+        """Update folder -> its update files (tree entries) under `path` at `commit`."""
         try:
             entries = list(
                 self.api.list_repo_tree(
-                    self.repo_id, path_in_repo=self.prefix, recursive=True, revision=commit, token=self.token
+                    self.repo_id, path_in_repo=path, recursive=True, revision=commit, token=self.token
                 )
             )
         except EntryNotFoundError:
-            return [], []
+            return {}
         folders: dict[str, dict[str, Any]] = {}
         for entry in entries:
             if not hasattr(entry, "blob_id"):
@@ -254,12 +286,32 @@ class _UpdateScanner:
             folders.setdefault(folder, {})
             if name in (UPDATE_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
                 folders[folder][name] = entry
-        candidates, rejected = [], []
+        return folders
+
+    def scan(self, commit: str) -> tuple[list[_Candidate], list[RejectedUpdate]]:
+        folders = self._folders(commit, self.prefix)
+        revisions = dict.fromkeys(folders, commit)
+        rejected = []
+        manifest = self.manifest
+        if manifest is not None:
+            for folder in sorted(set(folders) - set(manifest.clients)):
+                reason = f"{quote_untrusted(folder)} is not a client of this federation ({MANIFEST_NAME})."
+                rejected.append(RejectedUpdate(folder, reason))
+                del folders[folder]
+            if manifest.client_users is not None:
+                own = client_commits(self.api, self.repo_id, commit, self.round, manifest, self.token)
+                for folder in sorted(set(folders) - set(own)):
+                    user = manifest.client_users[folder]
+                    rejected.append(RejectedUpdate(folder, f"no commit of its Hub user {user!r} carries it."))
+                folders, revisions = {}, own
+                for folder, sha in own.items():
+                    folders.update(self._folders(sha, f"{self.prefix}/{folder}"))
+        candidates = []
         for folder in sorted(folders):
             files = folders[folder]
             signature = (folder, *sorted((name, entry.blob_id) for name, entry in files.items()))
             if signature not in self._cache:
-                self._cache[signature] = self._parse(folder, files, commit)
+                self._cache[signature] = self._parse(folder, files, revisions[folder])
             result = self._cache[signature]
             (rejected if isinstance(result, RejectedUpdate) else candidates).append(result)
         return candidates, rejected
@@ -270,24 +322,38 @@ class _UpdateScanner:
                 limit = self.max_weights if name == ADAPTER_WEIGHTS_NAME else _SMALL_FILE_LIMIT
                 if limit is not None and entry.size > limit:
                     raise _Rejected(f"{name} is {entry.size} bytes, more than the {limit} this round's update needs.")
+            # a download that fails (network, server) propagates: the aggregator can be re-run, and nothing is
+            # cached as rejected for a fault of ours
             paths = {
                 name: Path(hf_hub_download(self.repo_id, entry.path, revision=commit, token=self.token))
                 for name, entry in files.items()
             }
-            candidate = _parse_update(folder, paths, self.round)
+            try:
+                candidate = _parse_update(folder, paths, self.round)
+            except _Rejected:
+                raise
+            except Exception as error:  # whatever else another party's files provoke is theirs: a rejection
+                raise _Rejected(f"its files could not be checked ({type(error).__name__}).") from None
         except _Rejected as reason:
             result = RejectedUpdate(folder, str(reason))
-            logger.warning("Rejected the round %d update in %s/%s: %s", self.round, self.prefix, folder, reason)
+            logger.warning(
+                "Rejected the round %d update in %s/%s: %s", self.round, self.prefix, quote_untrusted(folder), reason
+            )
             return result
         return candidate
 
 
 def _reference(
-    api: HfApi, repo_id: str, round: int, expected_shapes: Mapping[str, Sequence[int]] | None, token: str | bool | None
+    api: HfApi,
+    repo_id: str,
+    round: int,
+    expected_shapes: Mapping[str, Sequence[int]] | None,
+    token: str | bool | None,
+    manifest: FederationManifest | None = None,
 ) -> _Reference:
     """The global tagged `round-<t>` (config, shapes, base model), overridden by `expected_shapes` when given."""
     reference = _Reference()
-    commit = _tag_target(api, repo_id, round_tag(round), token)
+    commit = trusted_round_commit(api, repo_id, round, manifest, token)
     if commit is not None:
         reference.commit = commit
         try:
@@ -300,8 +366,13 @@ def _reference(
                 repo_id,
             )
         else:
-            reference.config = json.loads(Path(config_path).read_text())
-            reference.tensors = _meta(load_file(weights_path))
+            where = f"{repo_id}@{round_tag(round)}"
+            reference.config = check_lora_config(
+                read_untrusted_json(Path(config_path).read_bytes(), f"{where} {ADAPTER_CONFIG_NAME}")
+            )
+            tensors = load_file(weights_path)
+            check_float_tensors(tensors, f"{where} {ADAPTER_WEIGHTS_NAME}")
+            reference.tensors = tensors
             reference.shapes = _shapes(reference.tensors)
             reference.base_model = reference.config.get("base_model_name_or_path")
     if expected_shapes is not None:
@@ -310,10 +381,18 @@ def _reference(
     return reference
 
 
-def _existing_report(api: HfApi, repo_id: str, tag: str, token: str | bool | None) -> AggregationReport | None:
+def _existing_report(
+    api: HfApi, repo_id: str, tag: str, token: str | bool | None, manifest: FederationManifest | None = None
+) -> AggregationReport | None:
     commit = _tag_target(api, repo_id, tag, token)
     if commit is None:
         return None
+    if manifest is not None and manifest.aggregator is not None:
+        try:
+            trusted_round_commit(api, repo_id, int(tag.removeprefix("round-")), manifest, token)
+        except ValueError as forged:  # pre-created or moved by another writer: not a round we published
+            delete_forged_tag(api, repo_id, tag, forged, token)
+            return None
     try:
         path = hf_hub_download(repo_id, REPORT_NAME, revision=commit, token=token)
     except EntryNotFoundError:
@@ -321,7 +400,14 @@ def _existing_report(api: HfApi, repo_id: str, tag: str, token: str | bool | Non
             f"{tag} already exists in {repo_id} (commit {commit}) but was not produced by aggregate_round (no "
             f"{REPORT_NAME}): refusing to aggregate over it."
         ) from None
-    return AggregationReport.from_dict(json.loads(Path(path).read_text()), commit_sha=commit)
+    try:
+        stored = read_untrusted_json(Path(path).read_bytes(), f"{tag} {REPORT_NAME}")
+        return AggregationReport.from_dict(stored, commit_sha=commit)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{tag} of {repo_id} (commit {commit}) holds an {REPORT_NAME} that is no aggregation report "
+            f"({type(error).__name__}): refusing to aggregate over it."
+        ) from None
 
 
 def aggregate_round(
@@ -378,21 +464,25 @@ def aggregate_round(
         raise ValueError(f"`timeout_s` must be >= 0 and `poll_interval_s` > 0, got {timeout_s} and {poll_interval_s}.")
     api = HfApi()
     tag = round_tag(round + 1)
-    existing = _existing_report(api, repo_id, tag, token)
+    manifest = read_manifest(api, repo_id, token)
+    existing = _existing_report(api, repo_id, tag, token, manifest)
     if existing is not None:
         logger.info(
             "%s already aggregated into %s (commit %s): nothing to do.", round_tag(round), tag, existing.commit_sha
         )
         return existing
 
-    reference = _reference(api, repo_id, round, expected_shapes, token)
-    scanner = _UpdateScanner(api, repo_id, round, token, _max_weights_bytes(reference.shapes))
+    reference = _reference(api, repo_id, round, expected_shapes, token, manifest)
+    if strategy.max_update_norm is not None and reference.tensors is None:
+        raise ValueError(
+            f"max_update_norm bounds each update's distance from the global {round_tag(round)}, but {repo_id} has "
+            "none to compare with (no adapter at the tag, or expected_shapes given)."
+        )
+    scanner = _UpdateScanner(api, repo_id, round, token, _max_weights_bytes(reference.shapes), manifest)
     deadline = time.monotonic() + timeout_s
     while True:
-        branches = api.list_repo_refs(repo_id, token=token).branches
-        head = next(ref.target_commit for ref in branches if ref.name == "main")
-        candidates, rejected = scanner.scan(head)
-        accepted, late_rejected, reference_tensors = _settle(candidates, reference)
+        candidates, rejected = scanner.scan(main_head(api, repo_id, token))
+        accepted, late_rejected, reference_tensors = _settle(candidates, reference, strategy.max_update_norm)
         remaining = deadline - time.monotonic()
         if len(accepted) >= min_clients or remaining <= 0:
             break
@@ -400,7 +490,11 @@ def aggregate_round(
     rejected = sorted([*rejected, *late_rejected], key=lambda r: (r.client_id, r.reason))
     for update in late_rejected:
         logger.warning(
-            "Rejected the round %d update in %s/%s: %s", round, scanner.prefix, update.client_id, update.reason
+            "Rejected the round %d update in %s/%s: %s",
+            round,
+            scanner.prefix,
+            quote_untrusted(update.client_id),
+            update.reason,
         )
     if not accepted:
         reasons = "; ".join(f"{r.client_id}: {r.reason}" for r in rejected) or "none arrived"
@@ -450,21 +544,113 @@ def aggregate_round(
         README_NAME: str(card).encode(),
         REPORT_NAME: json.dumps(report.to_dict(), indent=2).encode(),
     }
-    # another aggregator may have finished this round while we waited: its report stands
-    existing = _existing_report(api, repo_id, tag, token)
-    if existing is not None:
-        logger.info("%s was aggregated into %s meanwhile (commit %s).", round_tag(round), tag, existing.commit_sha)
-        return existing
-    sha = _commit_and_tag(
+    published = _publish(
         api,
         repo_id,
+        round,
         files,
-        tag=tag,
+        manifest,
+        commit_message=f"{_COMMIT_TITLE.format(round=round)} ({len(accepted)} clients)",
         token=token,
-        commit_message=f"Global generalist after round {round} ({len(accepted)} clients)",
     )
-    logger.info("Aggregated %d round %d updates of %s into %s (commit %s).", len(accepted), round, repo_id, tag, sha)
-    return AggregationReport.from_dict(report.to_dict(), commit_sha=sha)
+    if published.to_dict() != report.to_dict():
+        logger.info("%s was aggregated into %s by another aggregator (commit %s).", round, tag, published.commit_sha)
+    else:
+        logger.info(
+            "Aggregated %d round %d updates of %s into %s (commit %s).",
+            len(accepted),
+            round,
+            repo_id,
+            tag,
+            published.commit_sha,
+        )
+    return published
+
+
+_COMMIT_TITLE = "Global generalist after round {round}"
+_PUBLISH_ATTEMPTS = 8
+
+
+def _publish(
+    api: HfApi,
+    repo_id: str,
+    round: int,
+    files: Mapping[str, bytes],
+    manifest: FederationManifest | None,
+    commit_message: str,
+    token: str | bool | None,
+) -> AggregationReport:
+    """Publish round `round`'s global: a commit on `main` whose parent is the head just read, then the tag on it.
+
+    Of several aggregators racing, the first commit wins: the others' commits are refused (the parent moved), and
+    they find that commit, tag it if its aggregator has not yet, and return its report. So exactly one global is
+    published per round, `main` never holds an untagged one, and the tag never points anywhere else.
+    """
+    tag = round_tag(round + 1)
+    for _ in range(_PUBLISH_ATTEMPTS):
+        existing = _existing_report(api, repo_id, tag, token, manifest)
+        if existing is not None:
+            return existing
+        head = main_head(api, repo_id, token)
+        untagged = _untagged_publication(api, repo_id, round, head, manifest, token)
+        if untagged is not None:  # another aggregator committed and has not tagged yet (or died before it did)
+            _create_tag(api, repo_id, tag, untagged, token)
+            continue
+        operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=data) for path, data in files.items()]
+        try:
+            info = with_retries(
+                functools.partial(
+                    api.create_commit,
+                    repo_id,
+                    operations=operations,
+                    commit_message=commit_message,
+                    parent_commit=head,
+                    token=token,
+                ),
+                f"committing round {round}'s global to {repo_id}",
+            )
+        except HfHubHTTPError as error:
+            if error.response is None or error.response.status_code not in (409, 412):
+                raise
+            logger.info("main of %s moved while publishing round %d: looking again.", repo_id, round)
+            continue
+        _create_tag(api, repo_id, tag, info.oid, token)
+    raise RuntimeError(
+        f"Could not publish round {round} of {repo_id} in {_PUBLISH_ATTEMPTS} attempts: main kept moving."
+    )
+
+
+def _create_tag(api: HfApi, repo_id: str, tag: str, sha: str, token: str | bool | None) -> None:
+    try:
+        with_retries(lambda: api.create_tag(repo_id, tag=tag, revision=sha, token=token), f"tagging {tag}")
+    except HfHubHTTPError as error:
+        if error.response is None or error.response.status_code != 409:
+            raise  # 409: tagged meanwhile; the caller reads which commit it names
+
+
+def _untagged_publication(
+    api: HfApi, repo_id: str, round: int, head: str, manifest: FederationManifest | None, token: str | bool | None
+) -> str | None:
+    """The commit publishing round `round` if `main` holds one that no tag names yet (its `aggregation.json`, carried
+    into later commits, says so, and the manifest's aggregator made it), else `None`."""
+    try:
+        path = hf_hub_download(repo_id, REPORT_NAME, revision=head, token=token)
+        stored = read_untrusted_json(Path(path).read_bytes(), REPORT_NAME)
+    except (EntryNotFoundError, ValueError):
+        return None
+    if not isinstance(stored, dict) or stored.get("round") != round:
+        return None
+    title = _COMMIT_TITLE.format(round=round) + " ("
+    aggregator = manifest.aggregator if manifest is not None else None
+    commits = with_retries(lambda: api.list_repo_commits(repo_id, revision=head, token=token), "listing commits")
+    return next(
+        (
+            commit.commit_id
+            for commit in commits
+            if commit.title.startswith(title) and (aggregator is None or aggregator in commit.authors)
+        ),
+        None,
+    )
 
 
 __all__ = ["AcceptedUpdate", "AggregationReport", "RejectedUpdate", "aggregate_round"]

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from huggingface_hub import HfApi
 
 from ..adapters import read_generalist
 from ..data import ClientData
@@ -46,6 +47,7 @@ from ..trainer import (
     initial_client_state,
     run_client_round,
 )
+from .federation import MANIFEST_NAME, FederationManifest, read_manifest, trusted_round_commit
 from .repo import check_hub_strategy, push_generalist_to_hub, round_tag
 from .updates import submit_update
 
@@ -117,8 +119,9 @@ def seed_hub_rounds(
     strategy: Strategy,
     token: str | bool | None = None,
     private: bool | None = None,
+    manifest: FederationManifest | None = None,
 ) -> str:
-    """Push the global generalist that round 1 starts from, tagged `round-1`.
+    """Push the global generalist that round 1 starts from, tagged `round-1`, with the federation's manifest.
 
     Args:
         model ([`CoMiGSForCausalLM`]): a model of the federation's layout; `shared` is loaded into it.
@@ -128,13 +131,19 @@ def seed_hub_rounds(
         strategy ([`~comigs_hf.strategies.Strategy`]): must share the generalist only.
         token (`str` or `bool`, *optional*): Hub token; defaults to `HF_TOKEN` or the stored login.
         private (`bool`, *optional*): visibility of a newly created repo.
+        manifest ([`~comigs_hf.hub.federation.FederationManifest`], *optional*): who takes part, written as
+            `federation.json` into the same commit: only its client ids count, and where it names Hub users, only
+            their commits (see `comigs_hf.hub.federation`). Without one, any client id counts.
 
     Returns:
         `str`: the sha of the commit tagged `round-1`. Publishing the same state again is a no-op.
     """
     check_hub_strategy(strategy, model.config.num_generalists)
     model.load_role_state_dict(shared)
-    return push_generalist_to_hub(model, repo_id, round=1, strategy=strategy.name, private=private, token=token)
+    extra = {MANIFEST_NAME: manifest.to_json()} if manifest is not None else None
+    return push_generalist_to_hub(
+        model, repo_id, round=1, strategy=strategy.name, private=private, token=token, extra_files=extra
+    )
 
 
 # ---- client ----------------------------------------------------------------------------------------------------
@@ -184,6 +193,18 @@ def _save_atomically(path: Path, payload: dict[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(staging, path)
+
+
+def _round_revision(client: HubClient, round_index: int) -> str:
+    """The commit of the global `round-<t>` once its tag is checked against the federation's manifest (read by sha,
+    so a tag moved after the check changes nothing); the tag itself while it does not exist (the download says so).
+
+    Raises:
+        `ValueError`: the tag names a commit the federation's aggregator did not make.
+    """
+    api = HfApi()
+    manifest = read_manifest(api, client.repo_id, client.token)
+    return trusted_round_commit(api, client.repo_id, round_index, manifest, client.token) or round_tag(round_index)
 
 
 def _check_round(client: HubClient, round_index: Any) -> None:
@@ -244,7 +265,9 @@ def run_hub_client_round(
         record = saved["record"]
         activate_client(model, state, saved["shared"])
     else:
-        shared = read_generalist(model, client.repo_id, revision=round_tag(round_index), token=client.token)
+        shared = read_generalist(
+            model, client.repo_id, revision=_round_revision(client, round_index), token=client.token
+        )
         update = run_client_round(
             model,
             state,
@@ -312,7 +335,9 @@ def evaluate_hub_client(
             "needs it."
         )
     _check_saved(saved, _run_values(client, data.name), client.state_path)
-    shared = read_generalist(model, client.repo_id, revision=round_tag(round_index + 1), token=client.token)
+    shared = read_generalist(
+        model, client.repo_id, revision=_round_revision(client, round_index + 1), token=client.token
+    )
     activate_client(model, ClientState.from_checkpoint(saved["state"]), shared)
     seed = evaluation_seed(client.seed, round_index, client.client_id)
     metrics = evaluate_client(model, data.test, client.evaluation, accelerator, seed=seed)

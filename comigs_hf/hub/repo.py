@@ -10,12 +10,14 @@ Tokens are passed to the client and never formatted into a message, a log record
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,8 @@ def _git_blob_sha(data: bytes) -> str:
 
 def _tag_target(api: HfApi, repo_id: str, tag: str, token: str | bool | None) -> str | None:
     """The commit `tag` points to, or `None` if there is no such tag."""
-    return next((ref.target_commit for ref in api.list_repo_refs(repo_id, token=token).tags if ref.name == tag), None)
+    refs = with_retries(lambda: api.list_repo_refs(repo_id, token=token), f"listing the refs of {repo_id}")
+    return next((ref.target_commit for ref in refs.tags if ref.name == tag), None)
 
 
 def _same_files(api: HfApi, repo_id: str, revision: str, files: Mapping[str, bytes], token: str | bool | None) -> bool:
@@ -66,6 +69,38 @@ def _same_files(api: HfApi, repo_id: str, revision: str, files: Mapping[str, byt
     return True
 
 
+# answers worth another try after a pause: rate limits and server-side failures
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def _status(error: HfHubHTTPError) -> int | None:
+    return error.response.status_code if error.response is not None else None
+
+
+def with_retries(call: Callable[[], Any], what: str) -> Any:
+    """`call()`, tried again after 0.5, 1, 2, 4 and 8 s while the Hub answers 429 or 5xx.
+
+    Raises:
+        `HfHubHTTPError`: any other answer, or the last retried one.
+    """
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            return call()
+        except HfHubHTTPError as error:
+            if delay is None or _status(error) not in RETRIED_STATUSES:
+                raise
+            logger.warning("%s: the Hub answered %s; trying again in %.1f s.", what, _status(error), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def main_head(api: HfApi, repo_id: str, token: str | bool | None) -> str:
+    """The commit `main` points to."""
+    refs = with_retries(lambda: api.list_repo_refs(repo_id, token=token), f"listing the refs of {repo_id}")
+    return next(ref.target_commit for ref in refs.branches if ref.name == "main")
+
+
 def _commit_and_tag(
     api: HfApi,
     repo_id: str,
@@ -78,7 +113,7 @@ def _commit_and_tag(
     """One commit with `files` on `main`, then `tag` on it; returns the commit sha.
 
     An existing `tag` is fine when it already holds exactly `files` (a re-run: nothing is committed and its commit is
-    returned) and an error otherwise, raised before anything is committed.
+    returned) and an error otherwise, raised before anything is committed. Rate limits and server errors are retried.
     """
     if tag is not None:
         existing = _tag_target(api, repo_id, tag, token)
@@ -91,11 +126,14 @@ def _commit_and_tag(
                 "published once. Push under another round, or delete the tag first if it is wrong."
             )
     operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=data) for path, data in files.items()]
-    info = api.create_commit(repo_id, operations=operations, commit_message=commit_message, token=token)
+    info = with_retries(
+        lambda: api.create_commit(repo_id, operations=operations, commit_message=commit_message, token=token),
+        f"committing to {repo_id}",
+    )
     sha = info.oid
     if tag is not None:
         try:
-            api.create_tag(repo_id, tag=tag, revision=sha, token=token)
+            with_retries(lambda: api.create_tag(repo_id, tag=tag, revision=sha, token=token), f"tagging {tag}")
         except HfHubHTTPError:
             # another writer may have tagged between our check and now: fine only if it tagged this very content
             existing = _tag_target(api, repo_id, tag, token)
@@ -130,6 +168,7 @@ def push_generalist_to_hub(
     base_model_revision: str | None = None,
     license: str | None = None,
     datasets: Sequence[str] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> str:
     """Push generalist `index` as a standard PEFT LoRA adapter with a model card, in one commit tagged `round-<t>`.
 
@@ -151,6 +190,8 @@ def push_generalist_to_hub(
         commit_message (`str`, *optional*): defaults to `"CoMiGS generalist_<index>, round <t>"`.
         path_in_repo (`str`, *optional*): a folder for the adapter and card instead of the repo root (load with
             `subfolder=path_in_repo`).
+        extra_files (`Mapping[str, bytes]`, *optional*): more files (repo path -> content) for the same commit, e.g.
+            a federation's manifest.
 
     Returns:
         `str`: the sha of the commit holding the adapter (the tagged one).
@@ -183,6 +224,7 @@ def push_generalist_to_hub(
     files[README_NAME] = str(card).encode()
     if path_in_repo:
         files = {f"{path_in_repo.strip('/')}/{name}": data for name, data in files.items()}
+    files.update(extra_files or {})
     suffix = f", round {round}" if round is not None else ""
     sha = _commit_and_tag(
         api,
@@ -282,7 +324,9 @@ def pull_global(
 
 
 def check_hub_strategy(strategy: Strategy, num_generalists: int | None = None) -> Strategy:
-    """`strategy` if the Hub rounds can carry it: they publish one generalist as a PEFT adapter at the repo root.
+    """`strategy` as the Hub rounds run it, if they can carry it: they publish one generalist as a PEFT adapter at
+    the repo root. Clients report their own token counts there, so `train_tokens` weighting becomes
+    `capped_train_tokens` (no client weighs more than twice the median one).
 
     Raises:
         `ValueError`: the strategy shares something else than the generalists (specialists and routers are not PEFT
@@ -299,4 +343,6 @@ def check_hub_strategy(strategy: Strategy, num_generalists: int | None = None) -
             f"Hub rounds carry one generalist per repo (the adapter at its root), but model.num_generalists is "
             f"{num_generalists}."
         )
+    if strategy.weighting == "train_tokens":
+        strategy = dataclasses.replace(strategy, weighting="capped_train_tokens")
     return strategy

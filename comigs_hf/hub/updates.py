@@ -24,11 +24,18 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from ..adapters import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    check_float_tensors,
+    check_lora_config,
+    quote_untrusted,
+    read_untrusted_json,
+)
 from ..modeling_comigs import CoMiGSForCausalLM
 from ..server import MAX_TRAIN_TOKENS
 from ..trainer import ClientUpdate
-from .repo import _generalist_files, round_tag
+from .repo import _generalist_files, _tag_target, round_tag, with_retries
 
 logger = logging.getLogger("comigs_hf.hub")
 
@@ -102,12 +109,27 @@ def submit_update(
     }
     files[UPDATE_NAME] = json.dumps(update, indent=2).encode()
     folder = update_folder(round, client_id)
-    info = HfApi().create_commit(
-        repo_id,
-        operations=[CommitOperationAdd(f"{folder}/{name}", data) for name, data in files.items()],
-        commit_message=f"Round {round} update from {client_id}",
-        token=token,
+    api = HfApi()
+    closed = round_tag(round + 1)
+    if _tag_target(api, repo_id, closed, token) is not None:
+        raise ValueError(
+            f"Round {round} of {repo_id} is closed: {closed} is published. Pull it and train round {round + 1}."
+        )
+    operations = [CommitOperationAdd(f"{folder}/{name}", data) for name, data in files.items()]
+    info = with_retries(
+        lambda: api.create_commit(
+            repo_id, operations=operations, commit_message=f"Round {round} update from {client_id}", token=token
+        ),
+        f"submitting the round {round} update of {client_id}",
     )
+    if _tag_target(api, repo_id, closed, token) is not None:  # the aggregator may have closed it just now
+        logger.warning(
+            "Round %d of %s was aggregated while this update was uploaded; it may not be in %s (its "
+            "aggregation.json lists the clients it took).",
+            round,
+            repo_id,
+            closed,
+        )
     logger.info("Submitted the round %d update of %s to %s (commit %s).", round, client_id, repo_id, info.oid)
     return info.oid
 
@@ -137,13 +159,14 @@ class _Candidate:
 
 def _read_json(path: Path, name: str) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _Rejected(f"{name} is not valid JSON ({error}).") from None
+        return read_untrusted_json(path.read_bytes(), name)
+    except ValueError as error:
+        raise _Rejected(str(error)) from None
 
 
 def _parse_update(folder: str, paths: Mapping[str, Path], round: int) -> _Candidate:
-    """Checks of an update on its own: files, JSON, LoRA config, round, token count, readable safetensors."""
+    """Checks of an update on its own: files, bounded JSON, typed fields, LoRA config, round, token count, readable
+    safetensors of float tensors."""
     for name in (UPDATE_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
         if name not in paths:
             raise _Rejected(f"missing {name}.")
@@ -151,22 +174,29 @@ def _parse_update(folder: str, paths: Mapping[str, Path], round: int) -> _Candid
     if not isinstance(update, dict):
         raise _Rejected(f"{UPDATE_NAME} is not a JSON object.")
     client_id, update_round, num_tokens = update.get("client_id"), update.get("round"), update.get("num_tokens")
-    if not isinstance(client_id, str) or not client_id:
-        raise _Rejected(f"{UPDATE_NAME} has no client_id.")
-    if update_round != round or isinstance(update_round, bool):
-        raise _Rejected(f"{UPDATE_NAME} is for round {update_round!r}, not round {round}.")
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
-        raise _Rejected(f"{UPDATE_NAME} num_tokens must be a positive integer, got {num_tokens!r}.")
+    if not isinstance(client_id, str) or _CLIENT_ID.fullmatch(client_id) is None:
+        raise _Rejected(f"{UPDATE_NAME} client_id is not a client id (1-96 letters, digits, '.', '_', '-').")
+    if update_round != round or not isinstance(update_round, int) or isinstance(update_round, bool):
+        raise _Rejected(f"{UPDATE_NAME} is for round {quote_untrusted(update_round)}, not round {round}.")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 1 <= num_tokens <= MAX_TRAIN_TOKENS:
+        raise _Rejected(
+            f"{UPDATE_NAME} num_tokens must be an integer in [1, 2**53], got {quote_untrusted(num_tokens, 40)}"
+        )
     base_model = update.get("base_model")
-    config = _read_json(paths[ADAPTER_CONFIG_NAME], ADAPTER_CONFIG_NAME)
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        peft_type = config.get("peft_type") if isinstance(config, dict) else None
-        raise _Rejected(f"not a LoRA adapter ({ADAPTER_CONFIG_NAME} peft_type is {peft_type!r}).")
+    if base_model is not None and not isinstance(base_model, str):
+        raise _Rejected(f"{UPDATE_NAME} base_model must be a string, got {quote_untrusted(base_model)}.")
+    try:
+        config = check_lora_config(_read_json(paths[ADAPTER_CONFIG_NAME], ADAPTER_CONFIG_NAME))
+    except ValueError as error:
+        raise _Rejected(str(error)) from None
     try:
         state = load_file(paths[ADAPTER_WEIGHTS_NAME])
     except (SafetensorError, OSError, ValueError) as error:
-        raise _Rejected(f"cannot read {ADAPTER_WEIGHTS_NAME} ({error}).") from None
+        raise _Rejected(f"cannot read {ADAPTER_WEIGHTS_NAME} ({str(error)[:200]}).") from None
     if not state:
         raise _Rejected(f"{ADAPTER_WEIGHTS_NAME} holds no tensors.")
-    base_model = base_model if isinstance(base_model, str) else None
+    try:
+        check_float_tensors(state, ADAPTER_WEIGHTS_NAME)
+    except ValueError as error:
+        raise _Rejected(str(error)) from None
     return _Candidate(folder, base_model, config, ClientUpdate(client_id, round, state, num_tokens))
