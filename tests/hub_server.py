@@ -163,7 +163,9 @@ class LocalHub:
             does not implement yet.
         users: further accounts, token -> user name: each may write, and the Hub reports it as its commits' author.
         faults: ``(method, path pattern, status)`` answered instead of the next matching request, each once, in
-            order (e.g. ``("POST", "/commit/", 429)``), to test the client's retries.
+            order (e.g. ``("POST", "/commit/", 429)``), to test the client's retries. Status 0 holds the request
+            unanswered until `release` is set (at most 60 s), then answers 503: a client to kill mid-call.
+        held: set while a request is held by a status-0 fault.
     """
 
     def __init__(
@@ -182,6 +184,8 @@ class LocalHub:
         self.requests: list[RecordedRequest] = []
         self.unhandled: list[tuple[str, str]] = []
         self.faults: list[tuple[str, str, int]] = []
+        self.held = threading.Event()
+        self.release = threading.Event()
         self._repos: dict[tuple[str, str], Repo] = {}
         self._lock = threading.RLock()
         self._server: _Server | None = None
@@ -200,6 +204,7 @@ class LocalHub:
     def stop(self) -> None:
         if self._server is None:
             return
+        self.release.set()  # a held request must not keep the server from closing
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
@@ -378,7 +383,14 @@ class _Handler(BaseHTTPRequestHandler):
             if fault is not None:
                 self.hub.faults.remove(fault)
         if fault is not None:
-            self._send(_Response.json({"error": f"injected fault {fault[2]}"}, status=fault[2]))
+            if fault[2] == 0:
+                self.hub.held.set()
+                self.hub.release.wait(timeout=60)
+            status = fault[2] or 503
+            try:
+                self._send(_Response.json({"error": f"injected fault {status}"}, status=status))
+            except OSError:
+                pass  # the client was killed while held
             return
         try:
             with self.hub._lock:

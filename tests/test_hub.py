@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -671,3 +674,46 @@ def test_other_writers_cannot_overwrite_delete_or_forge_what_the_manifest_s_user
     api.create_tag(REPO, tag="round-2", revision=fake.oid, token=mallory)
     with pytest.raises(ValueError, match="round-2 of .* points at commit .* by 'mallory', not by the federation's"):
         trusted_round_commit(api, REPO, 2, read_manifest(api, REPO, None), None)
+
+
+# ---- an aggregator killed at several points --------------------------------------------------------------------
+def _cli_process(*arguments: str) -> subprocess.Popen:
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-c", "from comigs_hf.cli import main; raise SystemExit(main())", *arguments]
+    env = {**os.environ, "PYTHONPATH": str(root)}  # the local Hub's endpoint is in the environment already
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["waiting-for-the-quorum", "between-commit-and-tag"])
+def test_an_aggregator_killed_mid_round_is_completed_by_the_next_run(clients, hub, point):
+    for client, model in clients.items():
+        submit_update(model, REPO, client, round=1, num_tokens=CLIENT_TOKENS[client])
+    commits = num_commits()
+    if point == "between-commit-and-tag":
+        hub.faults.append(("POST", r"/tag/", 0))  # the tag request is held until the process is dead
+        process = _cli_process("aggregate", REPO, "--round", "1", "--min-clients", "3", "--timeout", "60")
+        assert hub.held.wait(timeout=120)
+    else:  # a fourth client never comes: it polls
+        process = _cli_process("aggregate", REPO, "--round", "1", "--min-clients", "4", "--timeout", "60")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("/tree/" in r.path for r in hub.requests):
+            time.sleep(0.05)
+    process.kill()
+    process.wait()
+    hub.release.set()
+    assert not HfApi().revision_exists(REPO, "round-2")
+    killed_head = HfApi().list_repo_refs(REPO).branches[0].target_commit
+    assert num_commits() == commits + (point == "between-commit-and-tag")
+
+    # the next run would compute another global (uniform weights): what the killed run committed stands
+    uniform = get_strategy("comigs", weighting="uniform")
+    report = aggregate_round(REPO, 1, min_clients=3, timeout_s=5, poll_interval_s=0.05, strategy=uniform)
+    assert report.accepted_clients == ["alice", "bob", "carol"]
+    assert num_commits() == commits + 1  # the killed run's commit is adopted, not committed over
+    assert HfApi().list_repo_refs(REPO).branches[0].target_commit == report.commit_sha
+    if point == "between-commit-and-tag":
+        assert report.commit_sha == killed_head
+        assert_same(global_round(2), weighted_mean(clients, CLIENT_TOKENS))
+    else:
+        assert_same(global_round(2), weighted_mean(clients, dict.fromkeys(CLIENT_TOKENS, 1)))

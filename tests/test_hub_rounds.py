@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +34,7 @@ try:  # default pytest import mode: `tests/` (no __init__.py) is on sys.path
 except ImportError:  # `tests` made a package, or --import-mode=importlib
     from tests.hub_server import LocalHub
 
+ROOT = Path(__file__).resolve().parents[1]
 REPO = "local-user/comigs-rounds"
 NUM_CLIENTS = 4
 ROUNDS = 2
@@ -186,3 +190,32 @@ def test_a_hub_client_trains_with_only_its_own_data_file(world, hub, tmp_path):
     assert HfApi().file_exists(REPO, f"{update_folder(1, hub_client_id(0))}/adapter_model.safetensors")
     with pytest.raises(FileNotFoundError):  # and the others' really are unreadable here
         run_hub_round(cfg, 1, 1, REPO, tmp_path / "client-1", accelerator=Accelerator(cpu=True))
+
+
+@pytest.mark.slow
+def test_a_client_killed_before_its_upload_landed_uploads_the_same_update_when_run_again(world, hub, tmp_path):
+    args = overrides(world, tmp_path / "unused")
+    cfg = load_config(None, args)
+    update = f"{update_folder(1, hub_client_id(1))}/adapter_model.safetensors"
+    clean_repo = "local-user/comigs-uninterrupted"
+    seed_hub(cfg, clean_repo, num_clients=NUM_CLIENTS, accelerator=Accelerator(cpu=True))
+    run_hub_round(cfg, 1, 1, clean_repo, tmp_path / "clean", accelerator=Accelerator(cpu=True))
+    expected = load_file(hf_hub_download(clean_repo, update))
+
+    seed_hub(cfg, REPO, num_clients=NUM_CLIENTS, accelerator=Accelerator(cpu=True))
+    hub.faults.append(("POST", rf"/{REPO}/commit/", 0))  # its upload is held until the process is dead
+    client = ["hub-client", "--repo-id", REPO, "--client-id", "1", "--round", "1", "--state-dir", str(tmp_path / "s")]
+    command = [sys.executable, "-c", "from comigs_hf.cli import main; raise SystemExit(main())", *client, *args]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
+    assert hub.held.wait(timeout=300)
+    process.kill()
+    process.wait()
+    hub.release.set()
+    state = client_state_path(tmp_path / "s", 1)
+    saved = state.read_bytes()  # trained and saved before the upload
+    assert not HfApi().file_exists(REPO, update)
+
+    run_hub_round(cfg, 1, 1, REPO, tmp_path / "s", accelerator=Accelerator(cpu=True))
+    assert state.read_bytes() == saved  # not trained twice
+    uploaded = load_file(hf_hub_download(REPO, update))
+    assert uploaded.keys() == expected.keys() and all(torch.equal(uploaded[k], v) for k, v in expected.items())
