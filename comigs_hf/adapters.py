@@ -44,7 +44,6 @@ MAX_TARGET_MODULES = 4096
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # a module path as PEFT's patterns spell it, dots escaped or not: no quantifier or group that could backtrack
 _MODULE_NAME = re.compile(r"(?:[\w\-]|\\?\.){1,256}")
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 def read_untrusted_json(data: bytes, name: str) -> Any:
@@ -60,20 +59,25 @@ def read_untrusted_json(data: bytes, name: str) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{name} is not UTF-8 text.") from None
-    depth = deepest = 0
-    for bracket in re.findall(r"[\[\]{}]", _JSON_STRING.sub("", text)):  # brackets outside strings
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-    if deepest > MAX_JSON_DEPTH:
-        raise ValueError(f"{name} is nested {deepest} levels deep, more than {MAX_JSON_DEPTH}.")
 
     def no_constant(constant: str) -> None:
         raise ValueError(f"{constant} is not a JSON number")
 
     try:
-        return json.loads(text, parse_constant=no_constant)
-    except (ValueError, RecursionError) as error:  # JSONDecodeError, too many digits, NaN/Infinity
+        # the C parser refuses nesting past Python's recursion limit itself (RecursionError), in linear time
+        parsed = json.loads(text, parse_constant=no_constant)
+    except RecursionError:
+        raise ValueError(f"{name} is nested more than {MAX_JSON_DEPTH} levels deep.") from None
+    except ValueError as error:  # JSONDecodeError, too many digits, NaN/Infinity
         raise ValueError(f"{name} is not valid JSON ({str(error)[:200]}).") from None
+    pending = [(parsed, 0)]
+    while pending:  # iterative: the depth of what parsed, without recursing
+        value, depth = pending.pop()
+        if isinstance(value, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                raise ValueError(f"{name} is nested more than {MAX_JSON_DEPTH} levels deep.")
+            pending.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return parsed
 
 
 def check_lora_config(config: Any, name: str = ADAPTER_CONFIG_NAME) -> dict[str, Any]:

@@ -82,7 +82,7 @@ class RecipeConfig(RoundsConfig):
     weighting: str | None = field(
         default=None,
         metadata={
-            "help": "Client weights: train_tokens, capped_train_tokens (at 2x the median; the Hub rounds use it for "
+            "help": "Client weights: train_tokens, capped_train_tokens (at 2x the lower median; the Hub uses it for "
             "train_tokens) or uniform; None: the strategy's own."
         },
     )

@@ -271,8 +271,15 @@ def seed_hub(
     clients = [hub_client_id(i) for i in range(num_clients)]
     if client_users is not None and len(client_users) != num_clients:
         raise ValueError(f"client_users names {len(client_users)} Hub users for {num_clients} clients.")
-    if client_users is not None and aggregator_user is None:
-        aggregator_user = HfApi().whoami(token=token)["name"]
+    if client_users is not None or aggregator_user is not None:
+        # the round-1 commit is the trust root: the aggregator's own commit, so that its check of the tag holds
+        seeder = HfApi().whoami(token=token)["name"]
+        if aggregator_user not in (None, seeder):
+            raise ValueError(
+                f"The federation's aggregator is {aggregator_user!r}, but this token belongs to {seeder!r}: seed with "
+                "the aggregator's token (round-1 must be its commit)."
+            )
+        aggregator_user = seeder
     users = dict(zip(clients, client_users)) if client_users is not None else None
     manifest = FederationManifest(tuple(clients), aggregator_user, users)
     accelerator = _one_process(accelerator)

@@ -279,8 +279,8 @@ def differing_keys(left: dict, right: dict, ignore: frozenset[str] = frozenset()
 
 
 def complete_checkpoints(output_dir: str) -> list[Path]:
-    """The complete checkpoints of `output_dir`, newest first: the one `latest.json` names, then the other
-    `round-<t>` folders by round (a folder is only ever renamed into place once complete)."""
+    """The complete checkpoints of `output_dir`, newest first: its `round-<t>` folders by round (a folder is only
+    ever renamed into place once complete; `latest.json`, written after, is a pointer for people and scripts)."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -289,15 +289,7 @@ def complete_checkpoints(output_dir: str) -> list[Path]:
         number = path.name.removeprefix("round-")
         if path.is_dir() and number.isdecimal() and path.name == f"round-{int(number)}":
             rounds[path] = int(number)
-    found = sorted(rounds, key=rounds.get, reverse=True)
-    try:
-        pointed = root / json.loads((root / "latest.json").read_text())["directory"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pointed = None  # missing or garbage: the folders themselves say what is there
-    if pointed in rounds:
-        found.remove(pointed)
-        found.insert(0, pointed)
-    return found
+    return sorted(rounds, key=rounds.get, reverse=True)
 
 
 def save_checkpoint(federation: Federation, round_index: int, accelerator: Accelerator) -> None:
@@ -360,17 +352,28 @@ def load_checkpoint(federation: Federation, accelerator: Accelerator) -> None:
     plan = federation.plan
     num_clients = len(training_data(federation))
     local = local_client_ids(num_clients, accelerator)
-    problems = []
-    for directory in complete_checkpoints(plan.output_dir):
+    problems, candidates = [], complete_checkpoints(plan.output_dir)
+    choice, loaded = len(candidates), None
+    for index, directory in enumerate(candidates):
         try:
-            saved, shared, states = _read_checkpoint(directory, num_clients, local)
+            loaded = _read_checkpoint(directory, num_clients, local)
         except ValueError as error:
             problems.append(str(error))
             logger.warning("Checkpoint %s: %s; trying the one before.", directory.name, error)
             continue
+        choice = index
         break
-    else:
-        raise ValueError(f"No readable checkpoint in {Path(plan.output_dir) / 'checkpoints'}: {'; '.join(problems)}.")
+    if accelerator.num_processes > 1:
+        # every rank must resume from the same round: the newest checkpoint that all of them could read
+        agreed = max(gather_object([choice]))
+        if agreed != choice and agreed < len(candidates):
+            loaded = _read_checkpoint(candidates[agreed], num_clients, local)  # read by another rank: raises if not
+        choice = agreed
+    if choice >= len(candidates) or loaded is None:
+        where = Path(plan.output_dir) / "checkpoints"
+        raise ValueError(f"No checkpoint in {where} that every process can read: {'; '.join(problems)}.")
+    directory = candidates[choice]
+    saved, shared, states = loaded
     identity = saved.get("identity")
     if federation.identity is not None and identity is not None:
         differ = differing_keys(identity, federation.identity, ignore=RESUMABLE_KEYS)

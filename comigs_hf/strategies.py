@@ -287,6 +287,7 @@ def aggregation_weights(strategy: Strategy, train_tokens: Iterable[int]) -> list
     if strategy.weighting == "uniform":
         return [1.0] * len(counts)
     if strategy.weighting == "capped_train_tokens" and counts:
-        cap = TOKEN_CAP_MEDIANS * statistics.median(counts)
+        # the lower median: with two clients the plain median is their mean, which a huge claim drags along
+        cap = TOKEN_CAP_MEDIANS * statistics.median_low(counts)
         return [min(count, cap) for count in counts]
     return counts

@@ -37,7 +37,7 @@ from comigs_hf.hub import (
     submit_update,
     template_path,
 )
-from comigs_hf.hub.federation import trusted_round_commit
+from comigs_hf.hub.federation import ForgedRound, trusted_round_commit
 from comigs_hf.strategies import get_strategy
 
 try:  # default pytest import mode: `tests/` (no __init__.py) is on sys.path
@@ -259,6 +259,8 @@ def test_client_model_push_with_confirmation_warns_and_uploads_model_and_card(hu
 
 
 CLIENT_TOKENS = {"alice": 100, "bob": 300, "carol": 600}
+# alice and bob alone, as the Hub weighs them: bob's 300 capped at twice the lower median, 2 x 100
+TWO_CAPPED = {"alice": 100, "bob": 200}
 
 
 @pytest.fixture
@@ -385,7 +387,7 @@ def test_each_bad_update_is_rejected_with_its_reason_and_the_valid_ones_are_aggr
     for folder, (_, pattern) in bad.items():
         assert re.search(pattern, report.rejected_reasons[folder]), (folder, report.rejected_reasons[folder])
         assert f"update in updates/round-1/'{folder}': " in caplog.text
-    assert_same(global_round(2), weighted_mean(valid, CLIENT_TOKENS))
+    assert_same(global_round(2), weighted_mean(valid, TWO_CAPPED))
 
 
 def test_hostile_updates_are_rejected_and_never_stop_the_round(clients, tmp_path):
@@ -409,6 +411,7 @@ def test_hostile_updates_are_rejected_and_never_stop_the_round(clients, tmp_path
         return update(folder) | {"adapter_model.safetensors": save(state)}
 
     deep = b"[" * 200_000 + b"]" * 200_000
+    unclosed = b'"' + b'\\"' * 400_000  # 800 kB of one unterminated string: linear time, not quadratic
     hostile = {
         "tokens-10e400": (
             update("tokens-10e400", num_tokens=10**400),
@@ -418,8 +421,12 @@ def test_hostile_updates_are_rejected_and_never_stop_the_round(clients, tmp_path
             update("digits-5000") | {"update.json": b'{"num_tokens": 1' + b"0" * 5000 + b"}"},
             r"update\.json is not valid JSON",
         ),
-        "deep-update": (update("deep-update") | {"update.json": deep}, r"update\.json is nested 200000 levels deep"),
+        "deep-update": (
+            update("deep-update") | {"update.json": deep},
+            r"update\.json is nested more than 16 levels deep",
+        ),
         "deep-config": (update("deep-config") | {"adapter_config.json": deep}, r"adapter_config\.json is nested"),
+        "unclosed-string": (update("unclosed-string") | {"update.json": unclosed}, r"update\.json is not valid JSON"),
         "mixed-targets": (config("mixed-targets", target_modules=[1, "a"]), r"target_modules must be a string or"),
         "string-alpha": (config("string-alpha", lora_alpha="16"), r"lora_alpha must be a number in \(0, 1e6\]"),
         "list-config": (update("list-config") | {"adapter_config.json": b"[]"}, r"is a JSON list, not an object"),
@@ -441,7 +448,7 @@ def test_hostile_updates_are_rejected_and_never_stop_the_round(clients, tmp_path
     assert sorted(report.rejected_reasons) == sorted(hostile)
     for folder, (_, pattern) in hostile.items():
         assert re.search(pattern, report.rejected_reasons[folder]), (folder, report.rejected_reasons[folder])
-    assert_same(global_round(2), weighted_mean({c: clients[c] for c in ("alice", "bob")}, CLIENT_TOKENS))
+    assert_same(global_round(2), weighted_mean({c: clients[c] for c in ("alice", "bob")}, TWO_CAPPED))
 
 
 def test_self_reported_token_counts_are_capped_at_twice_the_median(hub):
@@ -632,7 +639,7 @@ def test_only_the_manifest_s_clients_count_towards_the_quorum(hub, tmp_path):
 def test_other_writers_cannot_overwrite_delete_or_forge_what_the_manifest_s_users_committed(accounts, tmp_path):
     manifest = FederationManifest(("alice", "bob"), "coordinator", {"alice": "alice", "bob": "bob"})
     seed = build(seed=0)
-    seed_hub_rounds(
+    seed_sha = seed_hub_rounds(
         seed,
         generalist_state_of(seed),
         REPO,
@@ -666,14 +673,22 @@ def test_other_writers_cannot_overwrite_delete_or_forge_what_the_manifest_s_user
 
     report = aggregate_round(REPO, 1, min_clients=2, timeout_s=5, poll_interval_s=0.05, token=TOKEN_OF["coordinator"])
     assert report.accepted_clients == ["alice", "bob"]
-    assert_same(global_round(2), weighted_mean(honest, CLIENT_TOKENS))  # mallory's writes changed nothing
+    assert_same(global_round(2), weighted_mean(honest, TWO_CAPPED))  # mallory's writes changed nothing
     assert report.commit_sha != fake.oid
 
-    # a client trusts round-2 only on the aggregator's commit: mallory moving the tag is refused
-    api.delete_tag(REPO, tag="round-2", token=mallory)
-    api.create_tag(REPO, tag="round-2", revision=fake.oid, token=mallory)
-    with pytest.raises(ValueError, match="round-2 of .* points at commit .* by 'mallory', not by the federation's"):
-        trusted_round_commit(api, REPO, 2, read_manifest(api, REPO, None), None)
+    # a client trusts round-2 only on the aggregator's commit publishing round 1: mallory moving the tag onto her
+    # own commit, or back onto the aggregator's seed commit (a rollback), is refused
+    manifest_read = read_manifest(api, REPO, None)
+    for target, message in [
+        (fake.oid, "by 'mallory', not by the federation's"),
+        (seed_sha, "does not publish round 1"),
+    ]:
+        api.delete_tag(REPO, tag="round-2", token=mallory)
+        api.create_tag(REPO, tag="round-2", revision=target, token=mallory)
+        with pytest.raises(ForgedRound, match=f"round-2 of .* points at commit {target}.* {message}"):
+            trusted_round_commit(api, REPO, 2, manifest_read, None)
+    with pytest.raises(ValueError, match="published by the Hub user 'coordinator'.* this token belongs to 'mallory'"):
+        aggregate_round(REPO, 2, min_clients=1, timeout_s=0, token=mallory)
 
 
 # ---- an aggregator killed at several points --------------------------------------------------------------------

@@ -38,12 +38,15 @@ from .cards import README_NAME, render_generalist_card
 from .federation import (
     MANIFEST_NAME,
     FederationManifest,
+    ForgedRound,
+    check_aggregator_identity,
     client_commits,
     delete_forged_tag,
+    first_author,
     read_manifest,
     trusted_round_commit,
 )
-from .repo import _tag_target, check_hub_strategy, main_head, round_tag, with_retries
+from .repo import check_hub_strategy, main_head, round_tag, with_retries
 from .updates import _LORA_FIELDS, UPDATE_NAME, UPDATES_FOLDER, _Candidate, _parse_update, _Rejected
 
 logger = logging.getLogger("comigs_hf.hub")
@@ -147,6 +150,18 @@ class AggregationReport:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], commit_sha: str | None = None) -> AggregationReport:
+        """A stored report, every field's type checked (it comes from the repo, which other writers can touch).
+
+        Raises:
+            `ValueError`, `KeyError`, `TypeError`: a field missing or of the wrong type.
+        """
+        _check_types(data, {"round": int, "tag": str, "num_tokens": int, "min_clients": int, "aggregation": str})
+        for update in data["accepted"]:
+            _check_types(update, {"client_id": str, "num_tokens": int, "weight": (int, float)})
+        for update in data["rejected"]:
+            _check_types(update, {"client_id": str, "reason": str})
+        if not isinstance(data.get("previous_commit"), (str, type(None))):
+            raise TypeError("previous_commit is not a string")
         return cls(
             round=data["round"],
             tag=data["tag"],
@@ -158,6 +173,15 @@ class AggregationReport:
             aggregation=data.get("aggregation", "weighted_mean"),
             commit_sha=commit_sha,
         )
+
+
+def _check_types(data: Any, fields: Mapping[str, type | tuple[type, ...]]) -> None:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"expected an object, got {type(data).__name__}")
+    for name, kind in fields.items():
+        value = data.get(name, "weighted_mean" if name == "aggregation" else None)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise TypeError(f"{name} is {type(value).__name__}")
 
 
 def _majority(candidates: list[_Candidate], key: Any) -> Any:
@@ -325,13 +349,20 @@ class _UpdateScanner:
             # a download that fails (network, server) propagates: the aggregator can be re-run, and nothing is
             # cached as rejected for a fault of ours
             paths = {
-                name: Path(hf_hub_download(self.repo_id, entry.path, revision=commit, token=self.token))
+                name: Path(
+                    with_retries(
+                        functools.partial(
+                            hf_hub_download, self.repo_id, entry.path, revision=commit, token=self.token
+                        ),
+                        f"downloading {entry.path}",
+                    )
+                )
                 for name, entry in files.items()
             }
             try:
                 candidate = _parse_update(folder, paths, self.round)
-            except _Rejected:
-                raise
+            except (_Rejected, MemoryError, OSError):
+                raise  # OSError, MemoryError: this machine's fault (disk, memory), not the client's
             except Exception as error:  # whatever else another party's files provoke is theirs: a rejection
                 raise _Rejected(f"its files could not be checked ({type(error).__name__}).") from None
         except _Rejected as reason:
@@ -357,8 +388,12 @@ def _reference(
     if commit is not None:
         reference.commit = commit
         try:
-            config_path = hf_hub_download(repo_id, ADAPTER_CONFIG_NAME, revision=commit, token=token)
-            weights_path = hf_hub_download(repo_id, ADAPTER_WEIGHTS_NAME, revision=commit, token=token)
+            config_path, weights_path = (
+                with_retries(
+                    functools.partial(hf_hub_download, repo_id, name, revision=commit, token=token), f"reading {name}"
+                )
+                for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
+            )
         except EntryNotFoundError:
             logger.warning(
                 "%s of %s holds no adapter at the root: updates are checked against each other.",
@@ -382,19 +417,22 @@ def _reference(
 
 
 def _existing_report(
-    api: HfApi, repo_id: str, tag: str, token: str | bool | None, manifest: FederationManifest | None = None
+    api: HfApi, repo_id: str, round: int, token: str | bool | None, manifest: FederationManifest | None = None
 ) -> AggregationReport | None:
-    commit = _tag_target(api, repo_id, tag, token)
+    """The report of round `round`'s publication, tagged `round-<t+1>`, or `None` while there is none (a forged tag
+    is deleted first)."""
+    tag = round_tag(round + 1)
+    try:
+        commit = trusted_round_commit(api, repo_id, round + 1, manifest, token)  # the tag read once
+    except ForgedRound as forged:  # pre-created or moved by another writer: not a round we published
+        delete_forged_tag(api, repo_id, tag, forged, token)
+        return None
     if commit is None:
         return None
-    if manifest is not None and manifest.aggregator is not None:
-        try:
-            trusted_round_commit(api, repo_id, int(tag.removeprefix("round-")), manifest, token)
-        except ValueError as forged:  # pre-created or moved by another writer: not a round we published
-            delete_forged_tag(api, repo_id, tag, forged, token)
-            return None
     try:
-        path = hf_hub_download(repo_id, REPORT_NAME, revision=commit, token=token)
+        path = with_retries(
+            lambda: hf_hub_download(repo_id, REPORT_NAME, revision=commit, token=token), f"reading {tag}"
+        )
     except EntryNotFoundError:
         raise ValueError(
             f"{tag} already exists in {repo_id} (commit {commit}) but was not produced by aggregate_round (no "
@@ -402,12 +440,18 @@ def _existing_report(
         ) from None
     try:
         stored = read_untrusted_json(Path(path).read_bytes(), f"{tag} {REPORT_NAME}")
-        return AggregationReport.from_dict(stored, commit_sha=commit)
+        report = AggregationReport.from_dict(stored, commit_sha=commit)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(
             f"{tag} of {repo_id} (commit {commit}) holds an {REPORT_NAME} that is no aggregation report "
             f"({type(error).__name__}): refusing to aggregate over it."
         ) from None
+    if report.round != round or report.tag != tag:
+        raise ValueError(
+            f"{tag} of {repo_id} (commit {commit}) reports round {report.round}, not round {round}: a moved tag; "
+            "refusing to aggregate over it."
+        )
+    return report
 
 
 def aggregate_round(
@@ -465,7 +509,8 @@ def aggregate_round(
     api = HfApi()
     tag = round_tag(round + 1)
     manifest = read_manifest(api, repo_id, token)
-    existing = _existing_report(api, repo_id, tag, token, manifest)
+    check_aggregator_identity(api, manifest, token)
+    existing = _existing_report(api, repo_id, round, token, manifest)
     if existing is not None:
         logger.info(
             "%s already aggregated into %s (commit %s): nothing to do.", round_tag(round), tag, existing.commit_sha
@@ -588,7 +633,7 @@ def _publish(
     """
     tag = round_tag(round + 1)
     for _ in range(_PUBLISH_ATTEMPTS):
-        existing = _existing_report(api, repo_id, tag, token, manifest)
+        existing = _existing_report(api, repo_id, round, token, manifest)
         if existing is not None:
             return existing
         head = main_head(api, repo_id, token)
@@ -647,7 +692,7 @@ def _untagged_publication(
         (
             commit.commit_id
             for commit in commits
-            if commit.title.startswith(title) and (aggregator is None or aggregator in commit.authors)
+            if commit.title.startswith(title) and (aggregator is None or first_author(commit) == aggregator)
         ),
         None,
     )

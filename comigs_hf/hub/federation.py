@@ -106,11 +106,19 @@ class FederationManifest:
         return cls(tuple(clients), stored.get("aggregator"), users)
 
 
+class ForgedRound(ValueError):
+    """A round tag on a commit the federation's aggregator did not make, or on one publishing another round."""
+
+
 def commit_author(api: HfApi, repo_id: str, sha: str, token: str | bool | None) -> str | None:
     """The Hub user who made commit `sha` (its first author), `None` when the Hub reports none."""
     commits = with_retries(lambda: api.list_repo_commits(repo_id, revision=sha, token=token), "listing commits")
-    authors = commits[0].authors if commits else []
-    return authors[0] if authors else None
+    return first_author(commits[0]) if commits else None
+
+
+def first_author(commit: Any) -> str | None:
+    """Who made a listed commit: its first author (one rule everywhere; co-author lists are not trusted)."""
+    return commit.authors[0] if commit.authors else None
 
 
 def read_manifest(api: HfApi, repo_id: str, token: str | bool | None) -> FederationManifest | None:
@@ -136,8 +144,13 @@ def _check_made_by(api: HfApi, repo_id: str, what: str, sha: str, user: str | No
     if user is None:
         return
     author = commit_author(api, repo_id, sha, token)
-    if author != user:
+    if author is None:
         raise ValueError(
+            f"{what} of {repo_id} points at commit {sha}, whose author the Hub does not report: cannot check that "
+            f"the federation's aggregator {user!r} made it."
+        )
+    if author != user:
+        raise ForgedRound(
             f"{what} of {repo_id} points at commit {sha} by {quote_untrusted(author)}, not by the federation's "
             f"aggregator {user!r}: it is not a round this federation published."
         )
@@ -146,16 +159,53 @@ def _check_made_by(api: HfApi, repo_id: str, what: str, sha: str, user: str | No
 def trusted_round_commit(
     api: HfApi, repo_id: str, round: int, manifest: FederationManifest | None, token: str | bool | None
 ) -> str | None:
-    """The commit tag `round-<t>` names, if the manifest's aggregator made it (`None`: no such tag).
+    """The commit tag `round-<t>` names (read once), if the manifest's aggregator made it and, from round 2 on, its
+    `aggregation.json` reports round t - 1 (`None`: no such tag).
 
     Raises:
-        `ValueError`: the tag names a commit of someone else (a forged or moved tag).
+        [`ForgedRound`]: the tag names someone else's commit, or one publishing another round (a rollback).
+        `ValueError`: the Hub reports no author to check.
     """
     tag = round_tag(round)
     commit = _tag_target(api, repo_id, tag, token)
-    if commit is not None and manifest is not None:
-        _check_made_by(api, repo_id, tag, commit, manifest.aggregator, token)
+    if commit is None or manifest is None or manifest.aggregator is None:
+        return commit
+    _check_made_by(api, repo_id, tag, commit, manifest.aggregator, token)
+    if round > 1:
+        try:
+            path = with_retries(
+                lambda: hf_hub_download(repo_id, "aggregation.json", revision=commit, token=token), f"reading {tag}"
+            )
+            stored = read_untrusted_json(Path(path).read_bytes(), f"{tag} aggregation.json")
+        except (EntryNotFoundError, ValueError):
+            stored = None
+        if not isinstance(stored, dict) or stored.get("round") != round - 1 or stored.get("tag") != tag:
+            raise ForgedRound(
+                f"{tag} of {repo_id} points at commit {commit}, which does not publish round {round - 1}: a moved tag."
+            )
     return commit
+
+
+def check_aggregator_identity(api: HfApi, manifest: FederationManifest | None, token: str | bool | None) -> None:
+    """Refuse to aggregate under another Hub user than the manifest's aggregator: its commits would not count.
+
+    Raises:
+        `ValueError`: the token's user is not the manifest's aggregator, or cannot be told.
+    """
+    if manifest is None or manifest.aggregator is None:
+        return
+    try:
+        user = api.whoami(token=token)["name"]
+    except (HfHubHTTPError, KeyError, OSError) as error:
+        raise ValueError(
+            f"This federation's rounds are published by the Hub user {manifest.aggregator!r}, and the token's user "
+            f"cannot be told ({type(error).__name__})."
+        ) from None
+    if user != manifest.aggregator:
+        raise ValueError(
+            f"This federation's rounds are published by the Hub user {manifest.aggregator!r} ({MANIFEST_NAME}), but "
+            f"this token belongs to {user!r}: aggregate with the aggregator's token."
+        )
 
 
 def client_commits(
@@ -169,12 +219,16 @@ def client_commits(
     commits = with_retries(lambda: api.list_repo_commits(repo_id, revision=head, token=token), "listing commits")
     for commit in commits:  # newest first
         client_id = titles.get(commit.title)
-        if client_id is not None and client_id not in found and manifest.client_users[client_id] in commit.authors:
+        if (
+            client_id is not None
+            and client_id not in found
+            and first_author(commit) == manifest.client_users[client_id]
+        ):
             found[client_id] = commit.commit_id
     return found
 
 
-def delete_forged_tag(api: HfApi, repo_id: str, tag: str, error: ValueError, token: str | bool | None) -> None:
+def delete_forged_tag(api: HfApi, repo_id: str, tag: str, error: ForgedRound, token: str | bool | None) -> None:
     """Remove a round tag that names another writer's commit, so the aggregator can publish the round itself."""
     logger.warning("%s; deleting the tag.", error)
     try:
@@ -187,8 +241,11 @@ def delete_forged_tag(api: HfApi, repo_id: str, tag: str, error: ValueError, tok
 __all__ = [
     "MANIFEST_NAME",
     "FederationManifest",
+    "ForgedRound",
+    "check_aggregator_identity",
     "client_commits",
     "commit_author",
+    "first_author",
     "delete_forged_tag",
     "read_manifest",
     "trusted_round_commit",

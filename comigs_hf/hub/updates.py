@@ -35,7 +35,7 @@ from ..adapters import (
 from ..modeling_comigs import CoMiGSForCausalLM
 from ..server import MAX_TRAIN_TOKENS
 from ..trainer import ClientUpdate
-from .repo import _generalist_files, _tag_target, round_tag, with_retries
+from .repo import _generalist_files, round_tag, with_retries
 
 logger = logging.getLogger("comigs_hf.hub")
 
@@ -111,7 +111,7 @@ def submit_update(
     folder = update_folder(round, client_id)
     api = HfApi()
     closed = round_tag(round + 1)
-    if _tag_target(api, repo_id, closed, token) is not None:
+    if _round_closed(api, repo_id, round, token):
         raise ValueError(
             f"Round {round} of {repo_id} is closed: {closed} is published. Pull it and train round {round + 1}."
         )
@@ -122,7 +122,7 @@ def submit_update(
         ),
         f"submitting the round {round} update of {client_id}",
     )
-    if _tag_target(api, repo_id, closed, token) is not None:  # the aggregator may have closed it just now
+    if _round_closed(api, repo_id, round, token):  # the aggregator may have closed it just now
         logger.warning(
             "Round %d of %s was aggregated while this update was uploaded; it may not be in %s (its "
             "aggregation.json lists the clients it took).",
@@ -132,6 +132,17 @@ def submit_update(
         )
     logger.info("Submitted the round %d update of %s to %s (commit %s).", round, client_id, repo_id, info.oid)
     return info.oid
+
+
+def _round_closed(api: HfApi, repo_id: str, round: int, token: str | bool | None) -> bool:
+    # only a publication the federation trusts closes a round: a tag another writer made does not block submits
+    from .federation import ForgedRound, read_manifest, trusted_round_commit
+
+    try:
+        return trusted_round_commit(api, repo_id, round + 1, read_manifest(api, repo_id, token), token) is not None
+    except ForgedRound as forged:
+        logger.warning("%s", forged)
+        return False
 
 
 class _Rejected(Exception):
