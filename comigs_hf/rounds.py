@@ -145,7 +145,15 @@ def start_federation(federation: Federation, accelerator: Accelerator) -> Federa
         federation.shared = partition_state_dict(reference, federation.strategy)[0]
     for client_id in local_client_ids(len(trainers), accelerator):
         name = trainers[client_id].name
-        state = initial_client_state(model, client_id, name, counts[client_id], plan.seed, top_k[client_id])
+        state = initial_client_state(
+            model,
+            client_id,
+            name,
+            counts[client_id],
+            plan.seed,
+            top_k[client_id],
+            frozen_factors=federation.strategy.frozen_factors,
+        )
         if plan.init_from is not None:
             folder = Path(plan.init_from) / client_folder_name(client_id, name)
             state.parameters = saved_client_parameters(folder, state.parameters, model)

@@ -26,8 +26,10 @@ __all__ = [
     "TOKEN_CAP_MEDIANS",
     "WEIGHTINGS",
     "Strategy",
+    "LORA_FACTORS",
     "aggregation_weights",
     "get_strategy",
+    "lora_factor",
     "partition_state_dict",
     "payload_bytes",
     "payload_parameters",
@@ -36,6 +38,7 @@ __all__ = [
 # roles that can be shared; "base" (the frozen backbone) is never sent, whatever the strategy
 ROLES = frozenset(modeling_comigs.ROLES)
 WEIGHTINGS = ("train_tokens", "capped_train_tokens", "uniform")
+LORA_FACTORS = frozenset({"lora_A", "lora_B"})
 # `capped_train_tokens`: no client weighs more than this many times the median client, whatever it reports
 TOKEN_CAP_MEDIANS = 2.0
 # how the router learns: alternating with the experts on the validation split (CoMiGS's bi-level problem) or on the
@@ -71,6 +74,12 @@ class Strategy:
             The server step refuses an update whose shared tensors lie farther than this (L2 norm over all of them)
             from the global state the round started from; `None` bounds only each value (see
             `comigs_hf.server.MAX_ABS_VALUE`).
+        shared_factors (`frozenset[str]`, *optional*, defaults to `{"lora_A", "lora_B"}`):
+            Which LoRA factors of the shared roles' adapters leave the client (router weights, not LoRA, follow
+            `shared_roles` alone): `{"lora_B"}` for FFA-LoRA, `{"lora_A"}` for FedSa-LoRA.
+        frozen_factors (`frozenset[str]`, *optional*, defaults to none):
+            LoRA factors that never train. They start equal on every client, drawn once from the federation's seed
+            as the shared tensors are (FFA-LoRA freezes every `lora_A` at one shared initialisation).
         pool_clients (`bool`, *optional*, defaults to `False`):
             Centralised training, the upper bound without privacy: one model trains on the union of all clients'
             train and validation splits, with all their batches in one (`num_clients` x `batch_size` sequences per
@@ -92,6 +101,8 @@ class Strategy:
     router_training: str = "validation"
     pool_clients: bool = False
     max_update_norm: float | None = None
+    shared_factors: frozenset[str] = LORA_FACTORS
+    frozen_factors: frozenset[str] = frozenset()
     requires_equal_experts: bool = field(init=False)
 
     @property
@@ -117,6 +128,18 @@ class Strategy:
             raise ValueError(
                 f"Strategy {self.name!r}: unknown weighting {self.weighting!r}; known: {', '.join(WEIGHTINGS)}."
             )
+        object.__setattr__(self, "shared_factors", frozenset(self.shared_factors))
+        object.__setattr__(self, "frozen_factors", frozenset(self.frozen_factors))
+        for field_name in ("shared_factors", "frozen_factors"):
+            unknown = sorted(getattr(self, field_name) - LORA_FACTORS)
+            if unknown:
+                raise ValueError(
+                    f"Strategy {self.name!r}: {field_name} contains {unknown}; LoRA factors are lora_A and lora_B."
+                )
+        if not self.shared_factors and self.shared_roles:
+            raise ValueError(f"Strategy {self.name!r} shares roles but no LoRA factor of them (shared_factors).")
+        if self.frozen_factors == LORA_FACTORS:
+            raise ValueError(f"Strategy {self.name!r} freezes both LoRA factors: nothing would train.")
         bound = self.max_update_norm
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0):
             raise ValueError(
@@ -163,6 +186,21 @@ STRATEGIES: dict[str, Strategy] = {
     "local": Strategy(name="local", shared_roles=_NOTHING, router_training="none"),
     # every expert averaged across clients, no router: the reference's FedAvg
     "fedavg": Strategy(name="fedavg", shared_roles=_EXPERTS, router_training="none"),
+    # FFA-LoRA (Sun et al., 2024): every lora_A frozen at one shared initialisation, only lora_B trained and averaged
+    # (the paper's runs: one expert, r = 16, everything shared). Implemented as published: the reference code's
+    # `ffalora` still trains A.
+    "ffa_lora": Strategy(
+        name="ffa_lora",
+        shared_roles=_EXPERTS,
+        router_training="none",
+        shared_factors=frozenset({"lora_B"}),
+        frozen_factors=frozenset({"lora_A"}),
+    ),
+    # FedSa-LoRA (Guo et al., 2025): lora_A shared and averaged, lora_B private. Implemented as published: the
+    # reference code's version averages both factors.
+    "fedsa_lora": Strategy(
+        name="fedsa_lora", shared_roles=_EXPERTS, router_training="none", shared_factors=frozenset({"lora_A"})
+    ),
     # pFedMoE: the generalist averaged, router trained with the experts on the train split, one optimiser
     "pfedmoe": Strategy(name="pfedmoe", shared_roles=_GENERALIST, router_training="joint"),
     # Local-MoE and FedAvg-MoE: a private router trained jointly with the experts, or alternating on the train split
@@ -246,8 +284,18 @@ def partition_state_dict(
             continue
         if role not in ROLES:
             raise ValueError(f"Parameter {name!r} has role {role!r}; expected one of {sorted(ROLES | {'base'})}.")
-        (shared if role in strategy.shared_roles else private)[name] = tensor
+        factor = lora_factor(name)
+        sent = role in strategy.shared_roles and (factor is None or factor in strategy.shared_factors)
+        (shared if sent else private)[name] = tensor
     return shared, private
+
+
+def lora_factor(name: str) -> str | None:
+    """`"lora_A"` or `"lora_B"` for a LoRA factor's parameter name, `None` for anything else (router weights)."""
+    for factor in LORA_FACTORS:
+        if f".{factor}." in name:
+            return factor
+    return None
 
 
 def payload_bytes(state: Mapping[str, torch.Tensor]) -> int:

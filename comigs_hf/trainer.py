@@ -26,7 +26,7 @@ from accelerate.utils import DistributedType
 
 from .data import ClientData
 from .modeling_comigs import EXPERT_ROLES, ROLES, CoMiGSForCausalLM, read_adapter_tensors
-from .strategies import Strategy, partition_state_dict
+from .strategies import Strategy, lora_factor, partition_state_dict
 
 
 @dataclass
@@ -191,10 +191,21 @@ def initial_shared_state(
 
 
 def initial_client_state(
-    model: CoMiGSForCausalLM, client_id: int, name: str, num_specialists: int, seed: int, top_k: int | None = None
+    model: CoMiGSForCausalLM,
+    client_id: int,
+    name: str,
+    num_specialists: int,
+    seed: int,
+    top_k: int | None = None,
+    frozen_factors: frozenset[str] = frozenset(),
 ) -> ClientState:
-    """Client `client_id`'s state before round 1: seeded by its id, whatever process or transport holds it."""
+    """Client `client_id`'s state before round 1: seeded by its id, whatever process or transport holds it; the
+    LoRA factors in `frozen_factors` (the strategy's, never trained) drawn as the shared tensors are, so that every
+    client holds the same."""
     parameters = fresh_parameters(model, num_specialists, derived_seed(seed, 0, client_id), top_k)
+    if frozen_factors:
+        common = fresh_parameters(model, num_specialists, derived_seed(seed, 0, -1), top_k)
+        parameters |= {k: v for k, v in common.items() if lora_factor(k) in frozen_factors}
     generator = torch.Generator().manual_seed(derived_seed(seed, -1, client_id))
     return ClientState(client_id, name, num_specialists, parameters, generator=generator.get_state(), top_k=top_k)
 
@@ -256,9 +267,12 @@ def _sample(blocks: torch.Tensor, count: int, generator: torch.Generator) -> tor
     return blocks[torch.randint(0, blocks.shape[0], (count,), generator=generator)]
 
 
-def _optimizers(model: CoMiGSForCausalLM, state: ClientState, cfg: TrainingConfig, joint: bool):
-    """The expert and router AdamW optimisers; `joint` makes one optimiser of both (the router a second group)."""
-    experts = [p for _, p in model.named_parameters_by_role(*EXPERT_ROLES)]
+def _optimizers(
+    model: CoMiGSForCausalLM, state: ClientState, cfg: TrainingConfig, joint: bool, frozen: frozenset[str]
+):
+    """The expert and router AdamW optimisers; `joint` makes one optimiser of both (the router a second group);
+    LoRA factors in `frozen` are in neither."""
+    experts = [p for n, p in model.named_parameters_by_role(*EXPERT_ROLES) if lora_factor(n) not in frozen]
     routers = [p for _, p in model.named_parameters_by_role("router")]
     betas, decay = cfg.adam_betas, cfg.weight_decay
     groups = [{"params": experts, "lr": cfg.learning_rate}]
@@ -358,8 +372,10 @@ def train_client_round(
     total_expert_steps: int,
     accelerator: Accelerator,
     router_training: str = "validation",
+    frozen_factors: frozenset[str] = frozenset(),
 ) -> dict[str, float | None]:
-    """The local steps of one round; the model must hold the client (see [`activate_client`]).
+    """The local steps of one round; the model must hold the client (see [`activate_client`]). LoRA factors in
+    `frozen_factors` (the strategy's) take no step and no gradient.
 
     With `router_training` `"validation"` or `"train"`, expert steps (router frozen) alternate with router phases on
     that split (experts frozen); `"joint"` steps experts and router together on the train split in one optimiser;
@@ -380,7 +396,9 @@ def train_client_round(
     joint = router_training == "joint"
     alternating = router_training in ("validation", "train") and cfg.router_steps > 0
     leak = cfg.reference_gradient_leak and alternating
-    experts, routers, expert_optimizer, router_optimizer = _optimizers(model, state, cfg, joint)
+    experts, routers, expert_optimizer, router_optimizer = _optimizers(model, state, cfg, joint, frozen_factors)
+    frozen = [p for n, p in model.named_parameters_by_role(*EXPERT_ROLES) if lora_factor(n) in frozen_factors]
+    _set_trainable(frozen, False)
     router_blocks = data.validation if router_training == "validation" else data.train
     names = {param: name for name, param in model.named_parameters()}
     leaked = state.leaked_gradients if leak else {}
@@ -414,7 +432,7 @@ def train_client_round(
     )
     for param in experts + routers:
         param.grad = None
-    _set_trainable(experts + routers, True)
+    _set_trainable(experts + routers + frozen, True)
     state.expert_optimizer = expert_optimizer.state_dict()
     state.router_optimizer = {} if joint else router_optimizer.state_dict()
     state.generator = generator.get_state()
@@ -461,7 +479,9 @@ def run_client_round(
     activate_client(model, state, shared)
     torch.manual_seed(derived_seed(seed, round_index, state.client_id))
     total_steps = total_rounds * cfg.local_steps
-    metrics = train_client_round(model, state, data, cfg, total_steps, accelerator, strategy.router_training)
+    metrics = train_client_round(
+        model, state, data, cfg, total_steps, accelerator, strategy.router_training, strategy.frozen_factors
+    )
     trained = {k: v.cpu() for k, v in model.role_state_dict(*ROLES).items()}
     shared_after, private = partition_state_dict(trained, strategy)
     state.parameters = {**state.parameters, **private}

@@ -345,3 +345,39 @@ def test_a_missing_pointer_resumes_from_the_newest_round_and_a_fresh_start_never
     with caplog.at_level("WARNING", logger="comigs_hf.rounds"):
         ran(world, tmp_path / "empty", rounds=1, resume="true")
     assert "holds no checkpoint: starting at round 1" in caplog.text
+
+
+# ---- federated-LoRA baselines that share one LoRA factor ------------------------------------------------------
+@pytest.mark.parametrize(
+    ("strategy", "sent", "kept"), [("ffa_lora", "lora_B", "lora_A"), ("fedsa_lora", "lora_A", "lora_B")]
+)
+def test_single_factor_strategies_send_one_factor_and_ffa_lora_never_trains_its_shared_a(
+    world, tmp_path, monkeypatch, strategy, sent, kept
+):
+    exchanged = []
+    exchange = rounds_module._exchange
+
+    def audited(accelerator, updates):
+        exchanged.append(exchange(accelerator, updates))
+        return exchanged[-1]
+
+    monkeypatch.setattr(rounds_module, "_exchange", audited)
+    one_expert = {"model.num_specialists": 0, "model.top_k": 1, "model.attention_lora": True}  # the papers' runs
+    cfg = config(world, tmp_path / "out", strategy=strategy, **one_expert)
+    federation = setup_federation(cfg, Accelerator(cpu=True))
+    start = {i: {k: v.clone() for k, v in state.parameters.items()} for i, state in federation.states.items()}
+    for round_index in (1, 2):
+        rounds_module.run_round(federation, round_index, Accelerator(cpu=True))
+    for updates in exchanged:
+        assert all(update.shared and all(f".{sent}." in key for key in update.shared) for update in updates)
+    kept_by_client = [{k: v for k, v in s.parameters.items() if f".{kept}." in k} for s in federation.states.values()]
+    assert kept_by_client[0]
+    if strategy == "ffa_lora":  # every client's A: the one shared initialisation, never trained
+        for client_id, kept_state in enumerate(kept_by_client):
+            assert all(
+                torch.equal(v, start[0][k]) and torch.equal(v, start[client_id][k]) for k, v in kept_state.items()
+            )
+        assert any(not torch.equal(v, start[0][k]) for k, v in federation.shared.items())  # B trained and averaged
+    else:  # FedSa-LoRA: each client's B is its own
+        first, second = kept_by_client[0], kept_by_client[1]
+        assert any(not torch.equal(first[k], second[k]) for k in first)

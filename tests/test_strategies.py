@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from comigs_hf.hub import check_hub_strategy
 from comigs_hf.strategies import (
     STRATEGIES,
     Strategy,
@@ -120,7 +121,11 @@ PRESETS = {
     "fedavg_moe_train": ({"generalist", "specialist"}, "train"),
     "fedavg_all": ({"generalist", "specialist", "router"}, "validation"),
     "centralized": (set(), "none"),
+    "ffa_lora": ({"generalist", "specialist"}, "none"),
+    "fedsa_lora": ({"generalist", "specialist"}, "none"),
 }
+# the federated-LoRA baselines that send one factor: (shared_factors, frozen_factors); the others send both
+ONE_FACTOR = {"ffa_lora": ({"lora_B"}, {"lora_A"}), "fedsa_lora": ({"lora_A"}, set())}
 
 
 def test_presets_are_as_documented():
@@ -132,6 +137,9 @@ def test_presets_are_as_documented():
     assert [name for name, s in STRATEGIES.items() if s.pool_clients] == ["centralized"]
     assert all(strategy.aggregation == "weighted_mean" for strategy in STRATEGIES.values())
     assert all(strategy.weighting == "train_tokens" for strategy in STRATEGIES.values())
+    for name, strategy in STRATEGIES.items():
+        factors = ONE_FACTOR.get(name, ({"lora_A", "lora_B"}, set()))
+        assert (strategy.shared_factors, strategy.frozen_factors) == factors, name
 
 
 def test_strategy_is_frozen_hashable_and_freezes_its_roles():
@@ -151,6 +159,9 @@ def test_strategy_is_frozen_hashable_and_freezes_its_roles():
             {"shared_roles": set(), "weighting": "by_size"},
             "unknown weighting 'by_size'; known: train_tokens, capped_train_tokens, uniform",
         ),
+        ({"shared_roles": set(), "shared_factors": {"lora_C"}}, r"shared_factors contains \['lora_C'\]"),
+        ({"shared_roles": {"generalist"}, "shared_factors": set()}, "shares roles but no LoRA factor of them"),
+        ({"shared_roles": set(), "frozen_factors": {"lora_A", "lora_B"}}, "freezes both LoRA factors"),
     ],
 )
 def test_strategy_rejects_unknown_values(kwargs, message):
@@ -181,3 +192,18 @@ def test_weights_follow_train_tokens_unless_uniform():
     assert aggregation_weights(get_strategy("comigs"), [100, 300]) == [100.0, 300.0]
     uniform = Strategy("uniform", {"generalist"}, weighting="uniform")
     assert aggregation_weights(uniform, [100, 300]) == [1.0, 1.0]
+
+
+def test_a_strategy_sharing_one_lora_factor_partitions_by_factor_and_the_hub_refuses_it():
+    state = {
+        "model.model.transformer.h.0.mlp.base_mlp.c_fc.lora_A.generalist_0.weight": torch.zeros(1),
+        "model.model.transformer.h.0.mlp.base_mlp.c_fc.lora_B.generalist_0.weight": torch.zeros(1),
+        "model.model.transformer.h.0.mlp.router.weight": torch.zeros(1),
+    }
+    names = list(state)
+    shared, private = partition_state_dict(state, get_strategy("ffa_lora"))
+    assert list(shared) == [names[1]] and list(private) == [names[0], names[2]]
+    shared, private = partition_state_dict(state, get_strategy("fedsa_lora"))
+    assert list(shared) == [names[0]] and list(private) == [names[1], names[2]]
+    with pytest.raises(ValueError, match="publish whole PEFT adapters, but strategy 'b_only' shares only lora_B"):
+        check_hub_strategy(Strategy(name="b_only", shared_roles={"generalist"}, shared_factors={"lora_B"}))

@@ -28,9 +28,9 @@ from .client import (
     run_hub_client_round,
     seed_hub_rounds,
 )
-from .federation import MANIFEST_NAME, FederationManifest, read_manifest
+from .federation import MANIFEST_NAME, FederationManifest, check_client_id, read_manifest
 from .repo import check_hub_strategy, pull_global, push_client_model_to_hub, push_generalist_to_hub, round_tag
-from .updates import check_client_id, submit_update, update_folder
+from .updates import submit_update, update_folder
 
 __all__ = [
     "MANIFEST_NAME",

@@ -258,7 +258,14 @@ def run_hub_client_round(
         _check_saved(saved, expected, client.state_path)
         state = ClientState.from_checkpoint(saved["state"])
     else:
-        state = initial_client_state(model, client.client_id, data.name, client.num_specialists, client.seed)
+        state = initial_client_state(
+            model,
+            client.client_id,
+            data.name,
+            client.num_specialists,
+            client.seed,
+            frozen_factors=client.strategy.frozen_factors,
+        )
 
     if done == round_index:
         # trained and saved by an earlier call whose upload may not have landed: put its update back into the model

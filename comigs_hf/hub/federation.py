@@ -31,7 +31,6 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
 from ..adapters import quote_untrusted, read_untrusted_json
 from .repo import _tag_target, round_tag, with_retries
-from .updates import check_client_id
 
 logger = logging.getLogger("comigs_hf.hub")
 
@@ -40,6 +39,23 @@ MANIFEST_FORMAT = "comigs-federation-v1"
 MAX_CLIENTS = 10_000
 # Hub user and organisation names: letters, digits, '-', '_', '.', at most 96 characters
 _HUB_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+# client ids name update folders: the same conservative characters, matched whole (no trailing newline)
+_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def check_client_id(client_id: object) -> str:
+    """`client_id` if it can name a client's update folder: 1-96 letters, digits, `.`, `_`, `-`, starting with a
+    letter or digit (nothing else, not even a trailing newline).
+
+    Raises:
+        `ValueError`: naming the rule.
+    """
+    if not isinstance(client_id, str) or _CLIENT_ID.fullmatch(client_id) is None:
+        raise ValueError(
+            f"`client_id` must be 1-96 letters, digits, '.', '_' or '-' starting with a letter or digit, "
+            f"got {client_id!r}."
+        )
+    return client_id
 
 
 def _check_user(value: Any, field: str) -> str:
@@ -240,6 +256,7 @@ def delete_forged_tag(api: HfApi, repo_id: str, tag: str, error: ForgedRound, to
 
 __all__ = [
     "MANIFEST_NAME",
+    "check_client_id",
     "FederationManifest",
     "ForgedRound",
     "check_aggregator_identity",

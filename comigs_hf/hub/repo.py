@@ -26,7 +26,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from ..adapters import ADAPTER_CONFIG_NAME, export_generalist, load_generalist
 from ..modeling_comigs import CoMiGSForCausalLM, check_publication_confirmed
-from ..strategies import Strategy
+from ..strategies import LORA_FACTORS, Strategy
 from .cards import README_NAME, EvalResults, render_client_model_card, render_generalist_card
 
 logger = logging.getLogger("comigs_hf.hub")
@@ -337,6 +337,11 @@ def check_hub_strategy(strategy: Strategy, num_generalists: int | None = None) -
         raise ValueError(
             f"Hub rounds share the generalist only (as a PEFT adapter), but strategy {strategy.name!r} shares "
             f"{shared}: specialists and routers never leave a client."
+        )
+    if strategy.shared_factors != LORA_FACTORS:
+        raise ValueError(
+            f"Hub rounds publish whole PEFT adapters, but strategy {strategy.name!r} shares only "
+            f"{', '.join(sorted(strategy.shared_factors))} of them: run it over Accelerate."
         )
     if num_generalists is not None and num_generalists != 1:
         raise ValueError(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from ..adapters import (
 from ..modeling_comigs import CoMiGSForCausalLM
 from ..server import MAX_TRAIN_TOKENS
 from ..trainer import ClientUpdate
+from .federation import ForgedRound, check_client_id, read_manifest, trusted_round_commit
 from .repo import _generalist_files, round_tag, with_retries
 
 logger = logging.getLogger("comigs_hf.hub")
@@ -43,27 +43,11 @@ UPDATE_NAME = "update.json"
 UPDATES_FOLDER = "updates"
 # LoRA fields that change what a tensor means: updates are only averaged when they agree on all of them
 _LORA_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "target_modules")
-_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
 def update_folder(round: int, client_id: str) -> str:
     """Path of a client's update for round `round` in the shared repo: `updates/round-<t>/<client_id>`."""
     return f"{UPDATES_FOLDER}/{round_tag(round)}/{client_id}"
-
-
-def check_client_id(client_id: object) -> str:
-    """`client_id` if it can name a client's update folder: 1-96 letters, digits, `.`, `_`, `-`, starting with a
-    letter or digit (nothing else, not even a trailing newline).
-
-    Raises:
-        `ValueError`: naming the rule.
-    """
-    if not isinstance(client_id, str) or _CLIENT_ID.fullmatch(client_id) is None:
-        raise ValueError(
-            f"`client_id` must be 1-96 letters, digits, '.', '_' or '-' starting with a letter or digit, "
-            f"got {client_id!r}."
-        )
-    return client_id
 
 
 def submit_update(
@@ -136,8 +120,6 @@ def submit_update(
 
 def _round_closed(api: HfApi, repo_id: str, round: int, token: str | bool | None) -> bool:
     # only a publication the federation trusts closes a round: a tag another writer made does not block submits
-    from .federation import ForgedRound, read_manifest, trusted_round_commit
-
     try:
         return trusted_round_commit(api, repo_id, round + 1, read_manifest(api, repo_id, token), token) is not None
     except ForgedRound as forged:
@@ -185,8 +167,10 @@ def _parse_update(folder: str, paths: Mapping[str, Path], round: int) -> _Candid
     if not isinstance(update, dict):
         raise _Rejected(f"{UPDATE_NAME} is not a JSON object.")
     client_id, update_round, num_tokens = update.get("client_id"), update.get("round"), update.get("num_tokens")
-    if not isinstance(client_id, str) or _CLIENT_ID.fullmatch(client_id) is None:
-        raise _Rejected(f"{UPDATE_NAME} client_id is not a client id (1-96 letters, digits, '.', '_', '-').")
+    try:
+        check_client_id(client_id)
+    except ValueError:
+        raise _Rejected(f"{UPDATE_NAME} client_id is not a client id (1-96 letters, digits, '.', '_', '-').") from None
     if update_round != round or not isinstance(update_round, int) or isinstance(update_round, bool):
         raise _Rejected(f"{UPDATE_NAME} is for round {quote_untrusted(update_round)}, not round {round}.")
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 1 <= num_tokens <= MAX_TRAIN_TOKENS:
