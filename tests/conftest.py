@@ -38,12 +38,12 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = VOCAB) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, hidden_size: int = 32, intermediate_size: int = 64) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

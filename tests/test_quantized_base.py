@@ -3,9 +3,9 @@ reloads quantised the same way from an adapter-only checkpoint."""
 
 import pytest
 import torch
-from conftest import VOCAB
+from conftest import VOCAB, tiny_llama
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from comigs_hf import CoMiGSForCausalLM, parameter_role
 
@@ -21,20 +21,8 @@ QUANTISATIONS = {
 @pytest.fixture(params=sorted(QUANTISATIONS))
 def quantised(request, tmp_path):
     make_config, layer_class, atol = QUANTISATIONS[request.param]
-    torch.manual_seed(0)
     # widths of 64 and more: bitsandbytes' 4-bit CPU kernels quantise in blocks of 64 input features
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
     return tmp_path / "base", make_config, layer_class, atol
 
 

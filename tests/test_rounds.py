@@ -28,6 +28,20 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "federated.py"
 
 
+@pytest.fixture
+def exchanged(monkeypatch) -> list[list[ClientUpdate]]:
+    """What every round's exchange gave every rank, appended as the rounds run."""
+    seen = []
+    exchange = rounds_module._exchange
+
+    def audited(accelerator, updates):
+        seen.append(exchange(accelerator, updates))
+        return seen[-1]
+
+    monkeypatch.setattr(rounds_module, "_exchange", audited)
+    return seen
+
+
 def config(world, output_dir, **extra):
     return load_config(None, tiny_overrides(*world, output_dir, **extra))
 
@@ -219,15 +233,7 @@ def test_a_run_killed_mid_round_resumes_to_the_same_final_metrics(world, tmp_pat
     assert_same_metrics(client_metrics(tmp_path / "clean"), client_metrics(tmp_path / "killed"))
 
 
-def test_clients_are_weighted_by_the_tokens_of_their_training_split(world, tmp_path, monkeypatch):
-    exchanged = []
-    exchange = rounds_module._exchange
-
-    def audited(accelerator, updates):
-        exchanged.append(exchange(accelerator, updates))
-        return exchanged[-1]
-
-    monkeypatch.setattr(rounds_module, "_exchange", audited)
+def test_clients_are_weighted_by_the_tokens_of_their_training_split(world, tmp_path, exchanged):
     caps = [32, 64, 96, 128]  # tokens: whole blocks of 16
     cfg = config(world, tmp_path / "out", strategy="fedavg", **{"data.max_train_tokens": str(caps)})
     federation = setup_federation(cfg, Accelerator(cpu=True))
@@ -352,16 +358,8 @@ def test_a_missing_pointer_resumes_from_the_newest_round_and_a_fresh_start_never
     ("strategy", "sent", "kept"), [("ffa_lora", "lora_B", "lora_A"), ("fedsa_lora", "lora_A", "lora_B")]
 )
 def test_single_factor_strategies_send_one_factor_and_ffa_lora_never_trains_its_shared_a(
-    world, tmp_path, monkeypatch, strategy, sent, kept
+    world, tmp_path, exchanged, strategy, sent, kept
 ):
-    exchanged = []
-    exchange = rounds_module._exchange
-
-    def audited(accelerator, updates):
-        exchanged.append(exchange(accelerator, updates))
-        return exchanged[-1]
-
-    monkeypatch.setattr(rounds_module, "_exchange", audited)
     one_expert = {"model.num_specialists": 0, "model.top_k": 1, "model.attention_lora": True}  # the papers' runs
     cfg = config(world, tmp_path / "out", strategy=strategy, **one_expert)
     federation = setup_federation(cfg, Accelerator(cpu=True))

@@ -47,7 +47,7 @@ from ..trainer import (
     initial_client_state,
     run_client_round,
 )
-from .federation import MANIFEST_NAME, FederationManifest, read_manifest, trusted_round_commit
+from .federation import MANIFEST_NAME, FederationManifest, published_round_commit
 from .repo import check_hub_strategy, push_generalist_to_hub, round_tag
 from .updates import submit_update
 
@@ -202,9 +202,7 @@ def _round_revision(client: HubClient, round_index: int) -> str:
     Raises:
         `ValueError`: the tag names a commit the federation's aggregator did not make.
     """
-    api = HfApi()
-    manifest = read_manifest(api, client.repo_id, client.token)
-    return trusted_round_commit(api, client.repo_id, round_index, manifest, client.token) or round_tag(round_index)
+    return published_round_commit(HfApi(), client.repo_id, round_index, client.token) or round_tag(round_index)
 
 
 def _check_round(client: HubClient, round_index: Any) -> None:

@@ -224,6 +224,11 @@ def check_aggregator_identity(api: HfApi, manifest: FederationManifest | None, t
         )
 
 
+def published_round_commit(api: HfApi, repo_id: str, round: int, token: str | bool | None) -> str | None:
+    """[`trusted_round_commit`] under the repo's own manifest ([`read_manifest`])."""
+    return trusted_round_commit(api, repo_id, round, read_manifest(api, repo_id, token), token)
+
+
 def client_commits(
     api: HfApi, repo_id: str, head: str, round: int, manifest: FederationManifest, token: str | bool | None
 ) -> dict[str, str]:
@@ -263,6 +268,7 @@ __all__ = [
     "client_commits",
     "commit_author",
     "first_author",
+    "published_round_commit",
     "delete_forged_tag",
     "read_manifest",
     "trusted_round_commit",

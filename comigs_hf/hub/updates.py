@@ -34,7 +34,7 @@ from ..adapters import (
 from ..modeling_comigs import CoMiGSForCausalLM
 from ..server import MAX_TRAIN_TOKENS
 from ..trainer import ClientUpdate
-from .federation import ForgedRound, check_client_id, read_manifest, trusted_round_commit
+from .federation import ForgedRound, check_client_id, published_round_commit
 from .repo import _generalist_files, round_tag, with_retries
 
 logger = logging.getLogger("comigs_hf.hub")
@@ -121,7 +121,7 @@ def submit_update(
 def _round_closed(api: HfApi, repo_id: str, round: int, token: str | bool | None) -> bool:
     # only a publication the federation trusts closes a round: a tag another writer made does not block submits
     try:
-        return trusted_round_commit(api, repo_id, round + 1, read_manifest(api, repo_id, token), token) is not None
+        return published_round_commit(api, repo_id, round + 1, token) is not None
     except ForgedRound as forged:
         logger.warning("%s", forged)
         return False
