@@ -13,7 +13,16 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["AGGREGATORS", "aggregate_trimmed_mean", "aggregate_weighted_mean", "get_aggregator"]
+__all__ = [
+    "AGGREGATORS",
+    "aggregate_norm_weighted_mean",
+    "aggregate_product_svd",
+    "aggregate_trimmed_mean",
+    "aggregate_weighted_mean",
+    "get_aggregator",
+    "lora_pairs",
+    "trust_weights",
+]
 
 
 def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -163,9 +172,134 @@ def aggregate_trimmed_mean(
     return result
 
 
+def lora_pairs(keys: Sequence[str]) -> dict[str, str]:
+    """Each LoRA `lora_A` key of `keys` with its `lora_B` partner (the same name with `.lora_B.` in place of
+    `.lora_A.`), for the rules that act on the product `B @ A` of one adapter; keys without a partner are left out.
+    """
+    present = set(keys)
+    return {
+        key: partner
+        for key in keys
+        if ".lora_A." in key and (partner := key.replace(".lora_A.", ".lora_B.", 1)) in present
+    }
+
+
+def aggregate_product_svd(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """FlexLoRA (Bai et al., 2024): averages each adapter's full update `B @ A` and factorises the mean again by a
+    truncated SVD, so that clients of any rank contribute their whole update and each takes back its best rank-r
+    approximation.
+
+    For every `lora_A` key with its `lora_B` partner (see [`lora_pairs`]): `M = sum_i w_i B_i @ A_i` (weights
+    normalised), `M = U S V^T`, and the result is `A = V^T[:r]`, `B = U[:, :r] S[:r]` with `r` the factors' rank.
+    Clients of a lower rank are zero-padded to `r`; their leading `r_i` rows of `A` and columns of `B` are the
+    rank-`r_i` truncation of the same SVD, which is what `comigs_hf.trainer` gives them. The LoRA scaling is common
+    to all clients, so it cancels from the mean and the factorisation. Every other key (a router) gets the weighted
+    mean.
+
+    `M` is never formed: with `B_cat = [w_1 B_1, ..., w_n B_n]` and `A_cat = [A_1; ...; A_n]`, `M = B_cat A_cat`,
+    and two QR decompositions reduce its SVD to one of an `(n r) x (n r)` matrix.
+
+    Args:
+        states (`Sequence[Mapping[str, torch.Tensor]]`): one state dict per client, LoRA factors zero-padded to one
+            rank.
+        weights (`Sequence[float]`): one non-negative weight per client (FlexLoRA: its training tokens).
+
+    Returns:
+        `dict[str, torch.Tensor]`: new tensors in the first client's dtype and device, keyed in its order.
+
+    Raises:
+        `ValueError`: any of the checks of [`aggregate_weighted_mean`].
+    """
+    keys = _check_states(states)
+    normalised = _normalise_weights(weights, len(states))
+    result = aggregate_weighted_mean(states, weights)
+    for key_a, key_b in lora_pairs(keys).items():
+        first_a, first_b = states[0][key_a], states[0][key_b]
+        dtype, rank = _accumulation_dtype(first_a), first_a.shape[0]
+        kept = [(w, s) for w, s in zip(normalised, states) if w > 0]
+        # (O, n*R) and (n*R, I): the mean update is their product
+        stacked_b = torch.cat([w * s[key_b].to(first_b.device, dtype) for w, s in kept], dim=1)
+        stacked_a = torch.cat([s[key_a].to(first_a.device, dtype) for _, s in kept], dim=0)
+        q_b, r_b = torch.linalg.qr(stacked_b)  # (O, m), (m, n*R)
+        q_a, r_a = torch.linalg.qr(stacked_a.T)  # (I, m'), (m', n*R)
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)  # the core (m, m'): M = q_b core q_a^T
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+        lead_a, lead_b = vh @ q_a.T, (q_b @ u) * s  # (<=R, I), (O, <=R)
+        # fewer singular values than the rank (a small layer or rank-deficient mean): the rest is a zero update
+        a = torch.zeros(first_a.shape, dtype=dtype, device=first_a.device)
+        b = torch.zeros(first_b.shape, dtype=dtype, device=first_b.device)
+        a[: lead_a.shape[0]], b[:, : lead_b.shape[1]] = lead_a, lead_b
+        result[key_a], result[key_b] = a.to(first_a.dtype), b.to(first_b.dtype)
+    return result
+
+
+def aggregate_norm_weighted_mean(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """HetLoRA's sparsity-weighted aggregation (Cho et al., 2024): each adapter's zero-padded factors are averaged
+    with client `i` weighted by the Frobenius norm of its update, `||B_i @ A_i||_F`, normalised over the clients.
+
+    Clients of lower rank hold zeros beyond it, so the mean is HetLoRA's zero-padded aggregation, and a client whose
+    update shrank (rank self-pruning) counts for less. The norm is taken of the product (the update the client
+    applies), as published; the reference code weights `A` and `B` each by its own norm. When every client's update
+    of an adapter is zero (round 1, every `B` still zero), `weights` decide instead; every other key (a router) gets
+    the `weights`-weighted mean.
+
+    The weights follow the clients' own values: a client can buy weight by inflating its update, so a federation
+    that does not trust its clients bounds updates with the strategy's `max_update_norm`.
+
+    Args:
+        states (`Sequence[Mapping[str, torch.Tensor]]`): one state dict per client, LoRA factors zero-padded to one
+            rank.
+        weights (`Sequence[float]`): one non-negative weight per client, used where the norms give none.
+
+    Returns:
+        `dict[str, torch.Tensor]`: new tensors in the first client's dtype and device, keyed in its order.
+
+    Raises:
+        `ValueError`: any of the checks of [`aggregate_weighted_mean`].
+    """
+    keys = _check_states(states)
+    _normalise_weights(weights, len(states))
+    result = aggregate_weighted_mean(states, weights)
+    for key_a, key_b in lora_pairs(keys).items():
+        norms = []
+        for state in states:
+            a, b = (state[key].to(_accumulation_dtype(state[key])) for key in (key_a, key_b))
+            # ||B A||_F^2 = trace((B^T B)(A A^T)): two (R, R) products instead of the (O, I) update
+            norms.append(float((b.T @ b).mul_(a @ a.T).sum().clamp_min(0.0)) ** 0.5)
+        if sum(norms) > 0:
+            pair = [{key: state[key] for key in (key_a, key_b)} for state in states]
+            result.update(aggregate_weighted_mean(pair, norms))
+    return result
+
+
+def trust_weights(perplexities: Sequence[float]) -> list[float]:
+    """PCL's trust weights of one client: `softmax(-perplexity)` over every client's shared tensors scored on its own
+    validation split, so the tensors that fit its data best weigh most (a perplexity lower by 1 weighs e times more).
+
+    A non-finite perplexity (a diverged client) gets weight 0; the softmax subtracts the largest score first, so no
+    perplexity overflows it.
+
+    Raises:
+        `ValueError`: no perplexity, or none finite.
+    """
+    scores = [-float(p) if math.isfinite(float(p)) else -math.inf for p in perplexities]
+    if not scores or max(scores) == -math.inf:
+        raise ValueError(f"Trust weights need at least one finite perplexity, got {list(perplexities)}.")
+    top = max(scores)
+    exponentials = [math.exp(score - top) for score in scores]
+    total = sum(exponentials)
+    return [value / total for value in exponentials]
+
+
 AGGREGATORS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "weighted_mean": aggregate_weighted_mean,
     "trimmed_mean": aggregate_trimmed_mean,
+    "product_svd": aggregate_product_svd,
+    "norm_weighted_mean": aggregate_norm_weighted_mean,
 }
 
 

@@ -93,6 +93,13 @@ class RecipeConfig(RoundsConfig):
             "None: only each value is bounded."
         },
     )
+    rank_pruning_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "HetLoRA's regulariser on the tail a rank self-pruning cuts (the paper sweeps 0.05, 0.005, "
+            "0.0005); None: the strategy's own."
+        },
+    )
     trackers: list[str] = field(
         default_factory=lambda: ["tensorboard"],
         metadata={"help": f"Accelerate trackers: {', '.join(KNOWN_TRACKERS)}."},
@@ -159,6 +166,7 @@ def build_strategy(cfg: RecipeConfig) -> Strategy:
         weighting=cfg.weighting,
         aggregation_kwargs=cfg.aggregation_kwargs,
         max_update_norm=cfg.max_update_norm,
+        rank_pruning_coef=cfg.rank_pruning_coef,
     )
 
 
@@ -207,6 +215,7 @@ def check_client_layout(cfg: RecipeConfig, num_clients: int | None = None) -> li
         if isinstance(cfg.model.num_specialists, int):
             return None  # one count for all: only the number of clients is unknown yet
         raise
+    cfg.model.client_lora_ranks(len(counts))
     strategy = build_strategy(cfg)
     if strategy.requires_equal_experts and len(set(counts)) > 1:
         why = (

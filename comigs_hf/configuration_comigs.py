@@ -4,6 +4,8 @@ This file travels with saved models as remote code: it imports only the standard
 (huggingface_hub is a hard dependency of transformers).
 """
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -95,6 +97,9 @@ class CoMiGSConfig(PreTrainedConfig):
             On a float16 or bfloat16 base, keep the experts, the attention adapter and the routers in float32 (as
             PEFT's `autocast_adapter_dtype` does): their updates are small, and half-precision optimiser steps on them
             round away. `False`: the base's dtype.
+        expert_weights (`list[float]`, *optional*):
+            With `expert_mixing="uniform"`, a fixed weight per expert (router order) in place of 1/E: every token gets
+            `sum_e expert_weights[e] * expert_e(x)` (FD-LoRA's fusion of its global and local adapters).
         router_init_std (`float`, defaults to 0.02):
             Standard deviation of the routers' initial weights.
     """
@@ -124,6 +129,7 @@ class CoMiGSConfig(PreTrainedConfig):
     recompute_activation: bool = True
     upcast_adapters: bool = True
     router_init_std: int | float = 0.02
+    expert_weights: list[float] | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -200,6 +206,16 @@ class CoMiGSConfig(PreTrainedConfig):
                 f"`router_aux_loss_variant` must be one of {ROUTER_AUX_LOSS_VARIANTS}, got "
                 f"{self.router_aux_loss_variant!r}."
             )
+        if self.expert_weights is not None:
+            weights = self.expert_weights
+            if self.expert_mixing != "uniform":
+                raise ValueError(
+                    f"`expert_weights` {weights} need `expert_mixing='uniform'`, got {self.expert_mixing!r}."
+                )
+            if len(weights) != self.num_experts or not all(math.isfinite(float(w)) for w in weights):
+                raise ValueError(
+                    f"`expert_weights` must hold one finite weight per expert ({self.num_experts}), got {weights}."
+                )
         if self.target_modules is not None and len(self.target_modules) < 2:
             raise ValueError(
                 f"`target_modules` needs at least an input and an output projection of the MLP, "

@@ -57,6 +57,8 @@ class CoMiGSRoutingState:
 
     def __init__(self):
         self.forced_expert: int | None = None
+        # fixed per-expert weights of uniform mixing (FD-LoRA's fusion); None: 1/E each
+        self.expert_weights: list[float] | None = None
         self.records: list[CoMiGSRouting] = []
         # decoder blocks' outputs of this pass, kept only while the reference balancing loss needs them
         self.block_outputs: list[torch.Tensor] | None = None
@@ -67,7 +69,8 @@ class CoMiGSRouter(nn.Module):
 
     With `top_k > 1` the weights are a softmax over the k chosen logits. With `top_k == 1` the weight is the chosen
     expert's softmax probability over all experts, so the LM loss still sends a gradient into the router. With
-    `mixing="uniform"` every expert is chosen with weight 1/E and the scores are unused (a mixture without router).
+    `mixing="uniform"` every expert is chosen with weight 1/E, or the given `expert_weights`, and the scores are
+    unused (a mixture without router).
     """
 
     def __init__(
@@ -78,7 +81,12 @@ class CoMiGSRouter(nn.Module):
         self.mixing = mixing
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
 
-    def forward(self, hidden_states: torch.Tensor, forced_expert: int | None = None) -> CoMiGSRouting:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        forced_expert: int | None = None,
+        expert_weights: list[float] | None = None,
+    ) -> CoMiGSRouting:
         router_logits = F.linear(hidden_states.to(self.weight.dtype), self.weight)  # (B, T, E)
         if forced_expert is not None:
             index = torch.full((*router_logits.shape[:-1], 1), forced_expert, device=router_logits.device)
@@ -87,8 +95,12 @@ class CoMiGSRouter(nn.Module):
         if self.mixing == "uniform":
             num_experts = self.weight.shape[0]
             index = torch.arange(num_experts, device=router_logits.device).expand(*router_logits.shape[:-1], -1)
-            weight = torch.full(index.shape, 1.0 / num_experts, dtype=hidden_states.dtype, device=index.device)
-            return CoMiGSRouting(router_logits.detach(), index, weight)  # (B, T, E) copies, equal weights
+            if expert_weights is None:
+                weight = torch.full(index.shape, 1.0 / num_experts, dtype=hidden_states.dtype, device=index.device)
+            else:  # fixed fusion weights, the same for every token
+                fixed = torch.tensor(expert_weights, dtype=hidden_states.dtype, device=index.device)  # (E,)
+                weight = fixed.expand(index.shape)
+            return CoMiGSRouting(router_logits.detach(), index, weight)  # (B, T, E) copies
         # routing decisions in float32: bf16 logits make near-ties flip and softmax lose mass
         logits32 = router_logits.float()
         top_logits, index = logits32.topk(self.top_k, dim=-1)  # (B, T, K)
@@ -320,7 +332,7 @@ class CoMiGSMoeMLP(nn.Module):
         self.router = router
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        routing = self.router(hidden_states, self._state.forced_expert)
+        routing = self.router(hidden_states, self._state.forced_expert, self._state.expert_weights)
         self._state.records.append(routing)
         for projection in self._projections:
             projection.routing = routing

@@ -53,7 +53,13 @@ class ModelConfig:
         default=1,
         metadata={"help": "Specialist experts per layer: one count for all clients, or a list with one per client."},
     )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank of every expert (PEFT's `r`)."})
+    lora_r: int | list[int] = field(
+        default=8,
+        metadata={
+            "help": "LoRA rank of the experts (PEFT's `r`): one for all clients, or a list with one per client "
+            "(FlexLoRA, HetLoRA); the model holds the largest, a lower-ranked client zeros beyond its rank."
+        },
+    )
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator (PEFT's `lora_alpha`)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
     use_rslora: bool = field(default=True, metadata={"help": "Scale by lora_alpha / sqrt(r) instead of / r."})
@@ -123,6 +129,11 @@ class ModelConfig:
             problems.append(f"base_dropout must be in [0, 1) or null (keep the base's), got {self.base_dropout}.")
         if self.dtype not in KNOWN_DTYPES:
             problems.append(f"dtype: unknown dtype {self.dtype!r}; known: {', '.join(KNOWN_DTYPES)}.")
+        # one rank: the architecture's check below; a list: each entry here, the largest is the model's
+        ranks = self.lora_r if isinstance(self.lora_r, int) else list(self.lora_r)
+        if not isinstance(ranks, int) and (not ranks or min(ranks) < 1):
+            problems.append(f"lora_r must be a non-empty list of ranks >= 1 (one per client) or an int, got {ranks}.")
+            ranks = None
         counts = [self.num_specialists] if isinstance(self.num_specialists, int) else list(self.num_specialists)
         if not counts:
             problems.append("num_specialists is an empty list; give one count per client or a single int.")
@@ -133,7 +144,7 @@ class ModelConfig:
         ]
         if negative:
             problems.append(f"specialist counts must be >= 0: {'; '.join(negative)}.")
-        else:
+        elif ranks is not None:
             # the architecture's own checks, once per distinct count, naming the clients that have it
             for count in dict.fromkeys(counts):
                 try:
@@ -147,6 +158,19 @@ class ModelConfig:
         if problems:
             raise ValueError("\n".join(problems))
 
+    @property
+    def max_lora_r(self) -> int:
+        """The rank the model holds: `lora_r`, or the largest of the clients' ranks."""
+        return self.lora_r if isinstance(self.lora_r, int) else max(self.lora_r)
+
+    def client_lora_ranks(self, num_clients: int) -> list[int]:
+        """Each client's expert rank, in client order.
+
+        Raises:
+            `ValueError`: a per-client list without one entry per client.
+        """
+        return _per_client(self.lora_r, "lora_r", "rank", num_clients)
+
     def client_num_specialists(self, num_clients: int, source: str | None = None) -> list[int]:
         """One specialist count per client, in client order.
 
@@ -158,14 +182,7 @@ class ModelConfig:
         Raises:
             `ValueError`: a per-client list without one entry per client.
         """
-        if isinstance(self.num_specialists, int):
-            return [self.num_specialists] * num_clients
-        if len(self.num_specialists) != num_clients:
-            raise ValueError(
-                f"model.num_specialists has {len(self.num_specialists)} entries {list(self.num_specialists)} but "
-                f"{source or f'there are {num_clients} clients'}; give one count per client or a single int."
-            )
-        return list(self.num_specialists)
+        return _per_client(self.num_specialists, "num_specialists", "count", num_clients, source)
 
     def client_top_k(self, num_specialists: int) -> int:
         """Experts mixed per token by a client with `num_specialists` specialists: `top_k`, capped at its expert
@@ -185,7 +202,7 @@ class ModelConfig:
         return {
             "num_generalists": self.num_generalists,
             "num_specialists": num_specialists,
-            "lora_r": self.lora_r,
+            "lora_r": self.max_lora_r,
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
             "use_rslora": self.use_rslora,
@@ -206,6 +223,18 @@ class ModelConfig:
         """A `CoMiGSConfig` of these settings (on a default base config): raises its `ValueError` when they are
         inconsistent."""
         return CoMiGSConfig(**self.comigs_kwargs(num_specialists))
+
+
+def _per_client(value: int | list[int], key: str, what: str, num_clients: int, source: str | None = None) -> list[int]:
+    """A model key given once for every client or as one entry per client, as one entry per client."""
+    if isinstance(value, int):
+        return [value] * num_clients
+    if len(value) != num_clients:
+        raise ValueError(
+            f"model.{key} has {len(value)} entries {list(value)} but "
+            f"{source or f'there are {num_clients} clients'}; give one {what} per client or a single int."
+        )
+    return list(value)
 
 
 def load_base(cfg: ModelConfig, progress: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:

@@ -217,6 +217,7 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
         self.model = base_model if base_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         _check_causal_lm(self.model)
         self._routing_state = CoMiGSRoutingState()
+        self._routing_state.expert_weights = config.expert_weights
         self.mixtures: list[CoMiGSMoeMLP] = []
         self._wrap_base()
         if config.upcast_adapters:  # loading a checkpoint in float16/bfloat16 keeps the adapters in float32
@@ -554,6 +555,23 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
             if isinstance(module, (CoMiGSRouter, CoMiGSLoraLinear)):
                 self._init_weights(module)
 
+    def set_expert_weights(self, weights: list[float] | None) -> None:
+        """Fix the weight of each expert under uniform mixing (FD-LoRA's fusion); `None` restores 1/E each. Saved
+        with the config, so a reloaded model mixes the same way.
+
+        Raises:
+            `ValueError`: weights without uniform mixing, or not one finite weight per expert.
+        """
+        weights = [float(w) for w in weights] if weights is not None else None
+        config = self.config
+        previous, config.expert_weights = config.expert_weights, weights
+        try:
+            config.validate_experts()
+        except ValueError:
+            config.expert_weights = previous
+            raise
+        self._routing_state.expert_weights = weights
+
     def set_num_specialists(self, num_specialists: int, num_experts_per_tok: int | None = None) -> None:
         """Resize every mixture to `num_specialists` specialists (existing experts are kept, new ones start fresh).
 
@@ -574,6 +592,8 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
                 f"{config.num_generalists + max(num_specialists, 0)} experts per token."
             )
         old_names = config.expert_names
+        if num_specialists != config.num_specialists:  # fusion weights belong to one expert count
+            self.set_expert_weights(None)
         config.num_specialists, config.num_experts_per_tok = num_specialists, top_k
         for mixture in self.mixtures:
             mixture.set_experts(old_names, config.expert_names, init_router=self._init_weights, top_k=top_k)

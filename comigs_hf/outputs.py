@@ -12,7 +12,9 @@ from accelerate.logging import get_logger
 
 from .adapters import export_generalist
 from .config import RecipeConfig, config_to_dict
+from .modeling_comigs import CoMiGSForCausalLM, is_attention_adapter
 from .rounds import Federation
+from .strategies import Strategy, lora_factor, payload_parameters
 from .trainer import activate_client, client_folder_name
 
 logger = get_logger(__name__)
@@ -42,11 +44,43 @@ CURVE_FIELDS = [
 ]
 
 
+def client_parameter_counts(
+    model: CoMiGSForCausalLM, strategy: Strategy, num_specialists: int, top_k: int, lora_rank: int
+) -> dict[str, int]:
+    """A client's `trainable_params` (what its optimisers step) and `active_params` (the adapter and router weights
+    one token runs through: `top_k` experts, every expert under uniform mixing), at its expert rank `lora_rank`.
+
+    Counted from the model's own tensors (one expert's adapters, the attention adapter, one router row per expert),
+    so that budgets can be matched across layouts as the paper does (Table 2: equal active or total parameters).
+    """
+    expert, attention, router_row = 0, 0, 0
+    for name, param in model.named_parameters():
+        if is_attention_adapter(name):
+            attention += param.numel()
+        elif ".generalist_0." in name and lora_factor(name) is not None:
+            frozen = lora_factor(name) in strategy.frozen_factors
+            expert += (
+                0
+                if frozen
+                else payload_parameters({name: param}, {name.replace(".lora_B.", ".lora_A."): lora_rank})["total"]
+            )
+        elif name.endswith("router.weight"):
+            router_row += param.shape[1]
+    experts = model.config.num_generalists + num_specialists
+    router = router_row * experts if strategy.router_training != "none" else 0
+    mixed = experts if strategy.expert_mixing == "uniform" else top_k
+    return {
+        "trainable_params": experts * expert + attention + router,
+        "active_params": mixed * expert + attention + router,
+    }
+
+
 def summarise(records: list[dict], federation: Federation, cfg: RecipeConfig) -> dict:
     """`results.json`: per-client final metrics and totals over all rounds."""
     final = {row["client_id"]: row for row in records[-1]["clients"]}
     clients = []
     top_k = federation.top_k or [federation.model.config.num_experts_per_tok] * len(federation.clients)
+    ranks = federation.lora_ranks or [federation.model.config.lora_r] * len(federation.clients)
     for client_id, data in enumerate(federation.clients):
         rows = [row for record in records for row in record["clients"] if row["client_id"] == client_id]
         clients.append(
@@ -56,6 +90,14 @@ def summarise(records: list[dict], federation: Federation, cfg: RecipeConfig) ->
                 "num_generalists": federation.model.config.num_generalists,
                 "num_specialists": federation.num_specialists[client_id],
                 "top_k": top_k[client_id],
+                "lora_r": ranks[client_id],
+                **client_parameter_counts(
+                    federation.model,
+                    federation.strategy,
+                    federation.num_specialists[client_id],
+                    top_k[client_id],
+                    ranks[client_id],
+                ),
                 "train_tokens": final[client_id]["train_tokens"],  # the pooled split under centralized
                 "tokens_seen": sum(row["tokens_seen"] for row in rows),
                 "test_loss": None,  # null when the last round was not evaluated
@@ -66,6 +108,7 @@ def summarise(records: list[dict], federation: Federation, cfg: RecipeConfig) ->
                 "expert_params_sent": sum(row["expert_params_sent"] for row in rows),
                 "bytes_received": sum(row["bytes_received"] for row in rows),
                 "routing": final[client_id].get("routing"),
+                "fusion_weights": final[client_id].get("fusion_weights"),  # FD-LoRA's, else null
             }
         )
     ppls = [c["test_ppl"] for c in clients if c["test_ppl"] is not None]
@@ -116,6 +159,8 @@ def write_outputs(federation: Federation, cfg: RecipeConfig, accelerator: Accele
             and "generalist" in federation.strategy.shared_roles
         ):
             activate_client(federation.model, federation.states[0], federation.shared)
+            # the global itself, not client 0's slices of it when its rank is below the model's
+            federation.model.load_role_state_dict(federation.shared)
             for index in range(federation.model.config.num_generalists):
                 suffix = "" if federation.model.config.num_generalists == 1 else f"/generalist_{index}"
                 export_generalist(federation.model, output / f"global_generalist{suffix}", index=index)

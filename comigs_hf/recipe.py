@@ -38,7 +38,7 @@ from .config import (
     load_config,
 )
 from .data import build_client_data, build_client_datasets, mixed_test_splits, pool_client_data
-from .evaluation import check_paper_protocol
+from .evaluation import check_paper_protocol, require_nevergrad
 from .hub import (
     FederationManifest,
     HubClient,
@@ -80,6 +80,8 @@ def setup_federation(cfg: RecipeConfig, accelerator: Accelerator) -> Federation:
     """Build the model, load and split every client's data, and initialise (or resume) this rank's client states."""
     strategy = build_strategy(cfg)
     check_accelerator(accelerator, cfg.training)  # before any download or build
+    if strategy.fusion_budget:
+        require_nevergrad()
     with accelerator.main_process_first():
         base, tokenizer, base_name = load_base(cfg.model, progress=accelerator.is_main_process)
         clients = build_client_datasets(cfg.data, tokenizer, cfg.seed)
@@ -103,6 +105,7 @@ def setup_federation(cfg: RecipeConfig, accelerator: Accelerator) -> Federation:
     federation = Federation(
         model, tokenizer, clients, counts, strategy, training, cfg, top_k, cfg.evaluation, mixed_test, pooled
     )
+    federation.lora_ranks = cfg.model.client_lora_ranks(len(clients))
     federation.identity = config_to_dict(cfg)  # a resume checks it against the checkpoint's
     return start_federation(federation, accelerator)
 
@@ -217,8 +220,20 @@ def _hub_client(
     check_accelerator(accelerator, cfg.training, model)
     data = build_client_data(cfg.data, tokenizer, cfg.seed, client_id)
     check_paper_protocol([data.test], [data.name], cfg.evaluation)
+    ranks = cfg.model.lora_r
+    rank = None if isinstance(ranks, int) else ranks[client_id]  # a list was checked against the client count
     client = HubClient(
-        repo_id, client_id, count, state_dir, strategy, cfg.training, cfg.rounds, cfg.seed, token, cfg.evaluation
+        repo_id,
+        client_id,
+        count,
+        state_dir,
+        strategy,
+        cfg.training,
+        cfg.rounds,
+        cfg.seed,
+        token,
+        cfg.evaluation,
+        lora_rank=rank,
     )
     return model, data, client, accelerator
 

@@ -8,7 +8,9 @@ for its turn. Each round:
    global shared tensors; it returns a `ClientUpdate` holding only the strategy's shared tensors;
 2. `_exchange`, the only collective carrying tensors, gives every rank every client's update, in client order;
 3. every rank runs the server step, `server.aggregate_updates` (checks, then the strategy's rule and weighting), so
-   all hold the same new global state and P does not change the numbers;
+   all hold the same new global state and P does not change the numbers; a strategy without a server (PCL,
+   `aggregator: clients`) has each client combine the updates itself (`server.combine_for_client`) instead, and
+   FD-LoRA's clients fuse their experts after the last round (`evaluation.fusion_weights`);
 4. clients are evaluated every `eval_every` rounds and after the last, right after their local steps (before the
    server aggregates, the reference code's point) and with the new global state; the round is checkpointed
    atomically.
@@ -23,7 +25,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,17 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import ClientData
-from .evaluation import EvaluationConfig, evaluate_client, evaluation_seed
+from .evaluation import (
+    EvaluationConfig,
+    client_trust_weights,
+    evaluate_client,
+    evaluation_seed,
+    fusion_seed,
+    fusion_weights,
+)
 from .modeling_comigs import CoMiGSForCausalLM
-from .server import aggregate_updates
-from .strategies import Strategy, partition_state_dict, payload_bytes, payload_parameters
+from .server import aggregate_updates, combine_for_client
+from .strategies import Strategy, lora_ranks, partition_state_dict, payload_bytes, payload_parameters
 from .trainer import (
     ClientState,
     ClientUpdate,
@@ -103,6 +112,7 @@ class Federation:
     # the run's configuration minus what a resume may change (see `differing_keys`): stored with each checkpoint,
     # a resume under another one is refused naming the keys; `None` checks nothing
     identity: dict[str, Any] | None = None
+    lora_ranks: list[int] | None = None  # each client's expert rank; None: the model's lora_r for every client
 
 
 def local_client_ids(num_clients: int, accelerator: Accelerator) -> list[int]:
@@ -136,6 +146,7 @@ def start_federation(federation: Federation, accelerator: Accelerator) -> Federa
         logger.warning("resume=true, but %s holds no checkpoint: starting at round 1.", plan.output_dir)
     model, counts = federation.model, federation.num_specialists
     top_k = federation.top_k or [None] * len(counts)
+    ranks = federation.lora_ranks or [None] * len(counts)
     trainers = training_data(federation)
     if plan.init_from is None:
         federation.shared = initial_shared_state(model, federation.strategy, counts[0], plan.seed, top_k[0])
@@ -143,6 +154,8 @@ def start_federation(federation: Federation, accelerator: Accelerator) -> Federa
         saved = Path(plan.init_from) / client_folder_name(0, trainers[0].name)
         reference = saved_client_parameters(saved, fresh_parameters(model, counts[0], plan.seed, top_k[0]), model)
         federation.shared = partition_state_dict(reference, federation.strategy)[0]
+    if federation.strategy.aggregator == "clients":  # no global state: every client starts from its own draw
+        federation.shared = {}
     for client_id in local_client_ids(len(trainers), accelerator):
         name = trainers[client_id].name
         state = initial_client_state(
@@ -153,6 +166,7 @@ def start_federation(federation: Federation, accelerator: Accelerator) -> Federa
             plan.seed,
             top_k[client_id],
             frozen_factors=federation.strategy.frozen_factors,
+            lora_rank=ranks[client_id],
         )
         if plan.init_from is not None:
             folder = Path(plan.init_from) / client_folder_name(client_id, name)
@@ -196,28 +210,72 @@ def run_round(federation: Federation, round_index: int, accelerator: Accelerator
         wanted = federation.evaluation.before_aggregation or not strategy.shared_roles
         if due and wanted and federation.pooled is None:
             before[client_id] = _evaluate_held(federation, client_id, round_index, accelerator)
-    everyone = _exchange(accelerator, updates)
-    if strategy.shared_roles:
-        federation.shared = aggregate_updates(strategy, everyone, federation.shared)
-    received = payload_bytes(federation.shared) if strategy.shared_roles else 0
-    rows = [_round_row(update, received) for update in everyone]
+    if strategy.aggregator == "clients":
+        rows = _combine_on_clients(federation, round_index, updates, accelerator)
+    else:
+        everyone = _exchange(accelerator, updates)
+        if strategy.shared_roles:
+            federation.shared = aggregate_updates(strategy, everyone, federation.shared)
+        rows = [_round_row(update, federation.shared if strategy.shared_roles else {}) for update in everyone]
     if federation.pooled is not None:  # one model trained for everyone: each client's row carries its figures
         rows = [{**rows[0], "client_id": client_id} for client_id in range(len(federation.clients))]
+    if round_index == plan.rounds and strategy.fusion_budget:  # FD-LoRA: each client fuses its experts once
+        for client_id in local_ids:
+            state = federation.states[client_id]
+            activate_client(federation.model, state, federation.shared)
+            weights, _ = fusion_weights(
+                federation.model,
+                trainers[client_id].validation,
+                strategy,
+                federation.evaluation,
+                accelerator,
+                fusion_seed(plan.seed, client_id),
+            )
+            state.expert_weights = weights
     if due:
         for row, metrics in zip(rows, evaluate_clients(federation, round_index, accelerator, before)):
             row.update({k: v for k, v in metrics.items() if k != "client_id"})
     return {"round": round_index, "clients": rows}
 
 
-def _round_row(update: ClientUpdate, bytes_received: int) -> dict:
-    """A client's row of the round's record: its training metrics and what it sent (bytes, parameters)."""
-    parameters = payload_parameters(update.shared)
+def _combine_on_clients(
+    federation: Federation, round_index: int, updates: list[ClientUpdate], accelerator: Accelerator
+) -> list[dict]:
+    """PCL's round end (`strategy.aggregator == "clients"`): no server average. In a combination round every rank
+    receives every client's update, and each of its clients replaces its own shared tensors with their mean under
+    its trust weights (scored on its own validation split); in the other rounds only the metrics travel and every
+    client keeps what it trained. Returns the round's rows."""
+    strategy = federation.strategy
+    for update in updates:  # without a global state, a client's shared tensors are its own until combined
+        federation.states[update.client_id].parameters.update(update.shared)
+    if not strategy.combines_in_round(round_index):
+        everyone = _exchange(accelerator, [replace(update, shared={}) for update in updates])
+        return [_round_row(update, {}) for update in everyone]
+    everyone = _exchange(accelerator, updates)
+    for update in updates:
+        state, data = federation.states[update.client_id], federation.clients[update.client_id]
+        weights, _ = client_trust_weights(
+            federation.model, state, data.validation, everyone, federation.evaluation, accelerator
+        )
+        state.parameters.update(combine_for_client(strategy, everyone, update.shared, weights))
+    rows = [_round_row(update, {}) for update in everyone]
+    for row in rows:  # each client received every other client's tensors
+        row["bytes_received"] = sum(other["bytes_sent"] for other in rows if other["client_id"] != row["client_id"])
+    return rows
+
+
+def _round_row(update: ClientUpdate, received: dict[str, torch.Tensor]) -> dict:
+    """A client's row of the round's record: its training metrics and what it sent and receives (bytes,
+    parameters), counted at the ranks its adapters use (a client below the model's rank sends and takes back the
+    leading slices only)."""
+    ranks = lora_ranks(update.shared)
+    parameters = payload_parameters(update.shared, ranks)
     return {
         "client_id": update.client_id,
         "train_tokens": update.train_tokens,
         **update.metrics,
-        "bytes_sent": payload_bytes(update.shared),
-        "bytes_received": bytes_received,
+        "bytes_sent": payload_bytes(update.shared, ranks),
+        "bytes_received": payload_bytes(received, ranks),
         "params_sent": parameters["total"],
         "expert_params_sent": parameters["experts"],
     }
@@ -255,6 +313,8 @@ def evaluate_clients(
             activate_client(federation.model, federation.states[trainer], federation.shared)
             after = _evaluate_held(federation, client_id, round_index, accelerator)
         row = {"client_id": client_id, **after}
+        if federation.states[trainer].expert_weights is not None:
+            row["fusion_weights"] = list(federation.states[trainer].expert_weights)
         if federation.evaluation.before_aggregation:
             # without sharing, the state after aggregation is the one right after the local steps
             trained = before.get(client_id, after if not shares else {})

@@ -122,4 +122,31 @@ def aggregate_updates(
     return result
 
 
-__all__ = ["MAX_ABS_VALUE", "MAX_TRAIN_TOKENS", "InvalidUpdate", "aggregate_updates", "check_update"]
+def combine_for_client(
+    strategy: Strategy, updates: Sequence[ClientUpdate], own: Mapping[str, torch.Tensor], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """PCL's step, which each client runs for itself (`strategy.aggregator == "clients"`): every client's update is
+    checked against the client's own shared tensors `own` as [`check_update`] checks against a global, then combined
+    by the strategy's rule with the client's `weights` (its trust weights) in place of the strategy's weighting.
+
+    Raises:
+        [`InvalidUpdate`]: an update does not fit the client's own layout or values.
+        `ValueError`: no update, or a weight count that differs from the update count.
+    """
+    if not updates or len(weights) != len(updates):
+        raise ValueError(f"Got {len(weights)} trust weights for {len(updates)} updates; need one per update.")
+    for update in updates:
+        check_update(update, own, strategy.max_update_norm)
+    rule = get_aggregator(strategy.aggregation)
+    combined = rule([update.shared for update in updates], list(weights), **strategy.aggregation_kwargs)
+    return {key: combined[key].to(expected.dtype) for key, expected in own.items()}
+
+
+__all__ = [
+    "MAX_ABS_VALUE",
+    "MAX_TRAIN_TOKENS",
+    "InvalidUpdate",
+    "aggregate_updates",
+    "check_update",
+    "combine_for_client",
+]

@@ -9,6 +9,7 @@ decides what may leave a client.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,7 @@ __all__ = [
     "get_strategy",
     "lora_factor",
     "partition_state_dict",
+    "lora_ranks",
     "payload_bytes",
     "payload_parameters",
 ]
@@ -45,6 +47,8 @@ TOKEN_CAP_MEDIANS = 2.0
 # train split (CoMiGS-tr), jointly with the experts in one optimiser (pFedMoE, Local-MoE), or not at all (no router:
 # the experts' outputs are averaged)
 ROUTER_TRAININGS = ("validation", "train", "joint", "none")
+# who combines the updates: the server into one global state every round, or (PCL) each client for itself
+AGGREGATORS_OF_UPDATES = ("server", "clients")
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,37 @@ class Strategy:
         frozen_factors (`frozenset[str]`, *optional*, defaults to none):
             LoRA factors that never train. They start equal on every client, drawn once from the federation's seed
             as the shared tensors are (FFA-LoRA freezes every `lora_A` at one shared initialisation).
+        rank_pruning (`float`, *optional*):
+            HetLoRA's rank self-pruning strength `gamma` in (0, 1): after its local steps, a client cuts an expert
+            adapter of rank `r` to rank `int(gamma * r)` when the norm of its tail, `||B[:, k:r]|| ||A[k:r]||` with
+            `k = int(gamma * r)`, fell below the tail of the tensors it started the round from. `None`: ranks never
+            change.
+        rank_pruning_coef (`float`, *optional*, defaults to 0):
+            Weight of the tail norms above added to the training loss (HetLoRA's regulariser, which drives the
+            tails toward zero so that pruning loses little); needs `rank_pruning`.
+        aggregator (`str`, *optional*, defaults to `"server"`):
+            `"server"`: the server combines the updates into one global shared state each round. `"clients"`:
+            personalised collaborative learning (PCL), no server average: in the rounds `combine_from_round`,
+            `combine_from_round + combine_every`, ... every client receives every client's shared tensors, scores
+            each on its own validation split and replaces its own with their mean under trust weights
+            `softmax(-validation perplexity)` (see [`~comigs_hf.aggregation.trust_weights`]); in the other rounds
+            nothing is sent. This reveals every client's shared tensors (under the `pcl` preset its whole model) to
+            every other client, so neither secure aggregation nor a trusted server can hide them: use it only among
+            clients that may see each other's models.
+        combine_from_round (`int`, *optional*, defaults to 5):
+            With `aggregator="clients"`, the first round whose updates are combined (the reference: round 5).
+        combine_every (`int`, *optional*, defaults to 2):
+            With `aggregator="clients"`, rounds between combinations (the reference: every 2).
+        fusion_budget (`int`, *optional*, defaults to 0):
+            FD-LoRA's adaptive fusion: after the last round each client chooses fixed weights for its experts
+            (`w` in `[-fusion_bound, fusion_bound]` per expert, its global and local adapter under the `fd_lora`
+            preset) on its validation loss plus `fusion_l1 * ||w||_1`, with nevergrad's NGOpt and this many
+            evaluations (see [`~comigs_hf.evaluation.fusion_weights`]); needs uniform mixing
+            (`router_training="none"`). 0: no fusion.
+        fusion_l1 (`float`, *optional*, defaults to 0.05):
+            The L1 penalty of the fusion weights.
+        fusion_bound (`float`, *optional*, defaults to 1.0):
+            The fusion weights' bound.
         pool_clients (`bool`, *optional*, defaults to `False`):
             Centralised training, the upper bound without privacy: one model trains on the union of all clients'
             train and validation splits, with all their batches in one (`num_clients` x `batch_size` sequences per
@@ -103,12 +138,28 @@ class Strategy:
     max_update_norm: float | None = None
     shared_factors: frozenset[str] = LORA_FACTORS
     frozen_factors: frozenset[str] = frozenset()
+    rank_pruning: float | None = None
+    rank_pruning_coef: float = 0.0
+    aggregator: str = "server"
+    combine_from_round: int = 5
+    combine_every: int = 2
+    fusion_budget: int = 0
+    fusion_l1: float = 0.05
+    fusion_bound: float = 1.0
     requires_equal_experts: bool = field(init=False)
 
     @property
     def expert_mixing(self) -> str:
         """The model's `expert_mixing`: `"uniform"` without a router, else `"router"`."""
         return "uniform" if self.router_training == "none" else "router"
+
+    def combines_in_round(self, round_index: int) -> bool:
+        """Whether the updates of round `round_index` are combined: every round with a server, the PCL schedule
+        (`combine_from_round`, then every `combine_every` rounds) with `aggregator="clients"`."""
+        if self.aggregator == "server":
+            return True
+        start = self.combine_from_round
+        return round_index >= start and (round_index - start) % self.combine_every == 0
 
     def __post_init__(self) -> None:
         # frozen dataclass: normalise through object.__setattr__
@@ -145,6 +196,40 @@ class Strategy:
             raise ValueError(
                 f"Strategy {self.name!r}: max_update_norm must be a positive number or null, not {bound}."
             )
+        strength, coef = self.rank_pruning, self.rank_pruning_coef
+        if strength is not None and (isinstance(strength, bool) or not 0 < strength < 1):
+            raise ValueError(f"Strategy {self.name!r}: rank_pruning must be in (0, 1) or null, not {strength}.")
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < math.inf:
+            raise ValueError(f"Strategy {self.name!r}: rank_pruning_coef must be a finite number >= 0, not {coef}.")
+        if coef > 0 and strength is None:
+            raise ValueError(
+                f"Strategy {self.name!r}: rank_pruning_coef={coef} regularises the tail that rank_pruning cuts, "
+                "but rank_pruning is null."
+            )
+        if self.aggregator not in AGGREGATORS_OF_UPDATES:
+            raise ValueError(
+                f"Strategy {self.name!r}: unknown aggregator {self.aggregator!r}; known: "
+                f"{', '.join(AGGREGATORS_OF_UPDATES)}."
+            )
+        for key in ("combine_from_round", "combine_every"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Strategy {self.name!r}: {key} must be an integer >= 1, not {value!r}.")
+        budget = self.fusion_budget
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise ValueError(f"Strategy {self.name!r}: fusion_budget must be an integer >= 0, not {budget!r}.")
+        if budget and self.router_training != "none":
+            raise ValueError(
+                f"Strategy {self.name!r}: fusion_budget={budget} fixes the experts' mixing weights, but the router "
+                f"mixes them (router_training={self.router_training!r}); fusion needs router_training 'none'."
+            )
+        if not (0 <= self.fusion_l1 < math.inf and 0 < self.fusion_bound < math.inf):
+            raise ValueError(
+                f"Strategy {self.name!r}: fusion_l1 must be finite and >= 0 and fusion_bound finite and > 0, got "
+                f"{self.fusion_l1} and {self.fusion_bound}."
+            )
+        if self.aggregator == "clients" and not self.shared_roles:
+            raise ValueError(f"Strategy {self.name!r}: aggregator 'clients' combines shared tensors, but none are.")
         if self.router_training not in ROUTER_TRAININGS:
             raise ValueError(
                 f"Strategy {self.name!r}: unknown router_training {self.router_training!r}; "
@@ -164,7 +249,8 @@ class Strategy:
         if self.pool_clients and self.shared_roles:
             raise ValueError(f"Strategy {self.name!r} pools the clients into one, so it has nobody to share with.")
         # one pooled model serves every client: they must agree on its layout
-        equal = bool(self.shared_roles & {"specialist", "router"}) or self.pool_clients
+        # (and each client scores every client's tensors in its own model under PCL)
+        equal = bool(self.shared_roles & {"specialist", "router"}) or self.pool_clients or self.aggregator == "clients"
         object.__setattr__(self, "requires_equal_experts", equal)
 
 
@@ -201,6 +287,29 @@ STRATEGIES: dict[str, Strategy] = {
     "fedsa_lora": Strategy(
         name="fedsa_lora", shared_roles=_EXPERTS, router_training="none", shared_factors=frozenset({"lora_A"})
     ),
+    # FlexLoRA (Bai et al., 2024): clients of different ranks (model.lora_r, one per client); the server averages
+    # the full updates B @ A weighted by training tokens and each client takes back the truncated SVD at its rank.
+    # The paper's runs: one expert (num_specialists 0), top-1.
+    "flexlora": Strategy(name="flexlora", shared_roles=_GENERALIST, router_training="none", aggregation="product_svd"),
+    # HetLoRA (Cho et al., 2024): zero-padded factors averaged with weights ||B_i @ A_i||_F, each client keeps the
+    # leading slices of its rank, and rank self-pruning (strength 0.99; the paper's regulariser sweep 0.05, 0.005,
+    # 0.0005 is the recipe key rank_pruning_coef)
+    "hetlora": Strategy(
+        name="hetlora",
+        shared_roles=_GENERALIST,
+        router_training="none",
+        aggregation="norm_weighted_mean",
+        rank_pruning=0.99,
+        rank_pruning_coef=0.005,
+    ),
+    # PCL (personalised collaborative learning): no server average; from round 5, every 2 rounds, each client
+    # replaces its experts with the mean of every client's under trust weights softmax(-its validation perplexity
+    # of them). The reference's runs: two experts (1G1S layout), no router, no balancing loss.
+    "pcl": Strategy(name="pcl", shared_roles=_EXPERTS, router_training="none", aggregator="clients"),
+    # FD-LoRA (Qi et al., 2024): a global adapter (the generalist, averaged) and a local one (the specialist) mixed
+    # equally in training; after the last round each client fuses them with weights in [-1, 1]^2 chosen on its
+    # validation loss with an L1 penalty 0.05, by nevergrad's NGOpt with 10 evaluations
+    "fd_lora": Strategy(name="fd_lora", shared_roles=_GENERALIST, router_training="none", fusion_budget=10),
     # pFedMoE: the generalist averaged, router trained with the experts on the train split, one optimiser
     "pfedmoe": Strategy(name="pfedmoe", shared_roles=_GENERALIST, router_training="joint"),
     # Local-MoE and FedAvg-MoE: a private router trained jointly with the experts, or alternating on the train split
@@ -222,6 +331,7 @@ def get_strategy(
     weighting: str | None = None,
     aggregation_kwargs: Mapping[str, Any] | None = None,
     max_update_norm: float | None = None,
+    rank_pruning_coef: float | None = None,
 ) -> Strategy:
     """Returns the preset strategy called `name`, with the given aggregation settings in place of its own.
 
@@ -232,6 +342,7 @@ def get_strategy(
         aggregation_kwargs (`Mapping[str, Any]`, *optional*): arguments of the rule; empty or `None` keeps the
             preset's.
         max_update_norm (`float`, *optional*): see [`Strategy`]; `None` keeps the preset's.
+        rank_pruning_coef (`float`, *optional*): see [`Strategy`]; `None` keeps the preset's.
 
     Raises:
         `ValueError`: for an unknown name (listing the known ones), rule or weighting, or arguments the rule rejects.
@@ -246,6 +357,7 @@ def get_strategy(
         weighting=weighting if weighting is not None else preset.weighting,
         aggregation_kwargs=aggregation_kwargs or preset.aggregation_kwargs,
         max_update_norm=max_update_norm if max_update_norm is not None else preset.max_update_norm,
+        rank_pruning_coef=rank_pruning_coef if rank_pruning_coef is not None else preset.rank_pruning_coef,
     )
 
 
@@ -298,14 +410,38 @@ def lora_factor(name: str) -> str | None:
     return None
 
 
-def payload_bytes(state: Mapping[str, torch.Tensor]) -> int:
+def lora_ranks(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """The rank each LoRA adapter of `state` actually uses, keyed by its `lora_A` name: its factors' rank minus the
+    trailing ranks where both `A`'s row and `B`'s column are zero (the padding of a client whose rank is below the
+    model's, see `comigs_hf.trainer.truncate_to_ranks`). Adapters with one factor in `state` are left out."""
+    ranks = {}
+    for name, tensor in state.items():
+        partner = name.replace(".lora_A.", ".lora_B.", 1)
+        if partner == name or partner not in state:
+            continue
+        used = tensor.ne(0).any(dim=1) | state[partner].ne(0).any(dim=0)  # (R,)
+        ranks[name] = int(used.nonzero().max()) + 1 if bool(used.any()) else 0
+    return ranks
+
+
+def _sent_numel(name: str, tensor: torch.Tensor, ranks: Mapping[str, int]) -> int:
+    rank = ranks.get(name.replace(".lora_B.", ".lora_A.", 1))
+    if rank is None or tensor.dim() != 2:
+        return tensor.numel()
+    return rank * (tensor.shape[1] if lora_factor(name) == "lora_A" else tensor.shape[0])
+
+
+def payload_bytes(state: Mapping[str, torch.Tensor], ranks: Mapping[str, int] | None = None) -> int:
     """Returns the number of bytes the tensors of `state` occupy (`numel * element_size` summed), for communication
-    accounting."""
-    return sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+    accounting; with `ranks` (see [`lora_ranks`]) an adapter counts its leading `rank` rows of `A` and columns of
+    `B` only, what a client of that rank sends or receives."""
+    ranks = ranks or {}
+    return sum(_sent_numel(name, tensor, ranks) * tensor.element_size() for name, tensor in state.items())
 
 
-def payload_parameters(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Returns the number of parameters in `state` by kind, for communication accounting.
+def payload_parameters(state: Mapping[str, torch.Tensor], ranks: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Returns the number of parameters in `state` by kind, for communication accounting (with `ranks`, as in
+    [`payload_bytes`]).
 
     Returns:
         `dict[str, int]`: `experts` (the experts' LoRA factors), `attention` (the attention adapter), `router`, and
@@ -316,7 +452,7 @@ def payload_parameters(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
         role = parameter_role(name)
         kind = "router" if role == "router" else "attention" if is_attention_adapter(name) else "experts"
         if role != "base":
-            counts[kind] += tensor.numel()
+            counts[kind] += _sent_numel(name, tensor, ranks or {})
     return {**counts, "total": sum(counts.values())}
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from .data import ClientData
-from .modeling_comigs import EXPERT_ROLES, ROLES, CoMiGSForCausalLM, read_adapter_tensors
+from .modeling_comigs import (
+    EXPERT_ROLES,
+    ROLES,
+    CoMiGSForCausalLM,
+    is_attention_adapter,
+    parameter_role,
+    read_adapter_tensors,
+)
 from .strategies import Strategy, lora_factor, partition_state_dict
 
 
@@ -114,6 +122,11 @@ class ClientState:
         top_k (`int`, *optional*): experts it mixes per token; `None` keeps the model's.
         leaked_gradients (`dict[str, torch.Tensor]`): with `reference_gradient_leak`, the gradients its last round
             left behind, summed into its next steps as the reference code does.
+        lora_ranks (`dict[str, int]`): the expert adapters whose rank is below the model's, keyed by their `lora_A`
+            parameter name: the client's own rank (`model.lora_r` per client) or a rank HetLoRA's self-pruning cut
+            (see [`truncate_to_ranks`]).
+        expert_weights (`list[float]`, *optional*): FD-LoRA's fusion weights of its experts, chosen after the last
+            round; `None`: the model's mixing (training always starts from it again).
     """
 
     client_id: int
@@ -127,6 +140,8 @@ class ClientState:
     generator: torch.Tensor | None = None
     top_k: int | None = None
     leaked_gradients: dict[str, torch.Tensor] = field(default_factory=dict)
+    lora_ranks: dict[str, int] = field(default_factory=dict)
+    expert_weights: list[float] | None = None
 
     def to_checkpoint(self) -> dict:
         return dict(vars(self))
@@ -198,16 +213,93 @@ def initial_client_state(
     seed: int,
     top_k: int | None = None,
     frozen_factors: frozenset[str] = frozenset(),
+    lora_rank: int | None = None,
 ) -> ClientState:
     """Client `client_id`'s state before round 1: seeded by its id, whatever process or transport holds it; the
     LoRA factors in `frozen_factors` (the strategy's, never trained) drawn as the shared tensors are, so that every
-    client holds the same."""
+    client holds the same. A `lora_rank` below the model's keeps every expert adapter to that rank (see
+    [`truncate_to_ranks`]).
+
+    Raises:
+        `ValueError`: a `lora_rank` above the model's `lora_r` or below 1.
+    """
+    full = model.config.lora_r
+    if lora_rank is not None and not 1 <= lora_rank <= full:
+        raise ValueError(
+            f"Client {client_id}: lora_rank must be in [1, {full}] (the model's lora_r), got {lora_rank}."
+        )
     parameters = fresh_parameters(model, num_specialists, derived_seed(seed, 0, client_id), top_k)
     if frozen_factors:
         common = fresh_parameters(model, num_specialists, derived_seed(seed, 0, -1), top_k)
         parameters |= {k: v for k, v in common.items() if lora_factor(k) in frozen_factors}
+    ranks = {}
+    if lora_rank is not None and lora_rank < full:
+        ranks = {key: lora_rank for key in expert_adapter_keys(parameters)}
+        parameters = truncate_to_ranks(parameters, ranks)
     generator = torch.Generator().manual_seed(derived_seed(seed, -1, client_id))
-    return ClientState(client_id, name, num_specialists, parameters, generator=generator.get_state(), top_k=top_k)
+    return ClientState(
+        client_id, name, num_specialists, parameters, generator=generator.get_state(), top_k=top_k, lora_ranks=ranks
+    )
+
+
+# ---- heterogeneous ranks -------------------------------------------------------------------------------------------
+# One model serves every client, so it holds the largest rank; a client of rank r keeps its experts' A rows and B
+# columns beyond r at zero. Training keeps them there (their gradients are zero: each multiplies the other), the LoRA
+# scaling is the model's for every client, and the leading r slices of an SVD-factorised global are its best rank-r
+# approximation (FlexLoRA).
+def expert_adapter_keys(names: Iterable[str]) -> list[str]:
+    """The `lora_A` parameter names of the experts' adapters among `names` (not the attention adapter's): one per
+    adapter, the keys of [`ClientState`]'s `lora_ranks`."""
+    return [
+        n
+        for n in names
+        if lora_factor(n) == "lora_A" and parameter_role(n) in EXPERT_ROLES and not is_attention_adapter(n)
+    ]
+
+
+def truncate_to_ranks(tensors: dict[str, torch.Tensor], ranks: dict[str, int]) -> dict[str, torch.Tensor]:
+    """`tensors` with each adapter in `ranks` cut to its rank: rows of `lora_A` and columns of `lora_B` from the
+    rank on are zero (copies; the other tensors are passed through)."""
+    result = dict(tensors)
+    for key_a, rank in ranks.items():
+        key_b = key_a.replace(".lora_A.", ".lora_B.", 1)
+        if key_a in result:
+            result[key_a] = result[key_a].clone()
+            result[key_a][rank:] = 0
+        if key_b in result:
+            result[key_b] = result[key_b].clone()
+            result[key_b][:, rank:] = 0
+    return result
+
+
+def _tail_norm(a: torch.Tensor, b: torch.Tensor, rank: int, strength: float) -> torch.Tensor:
+    """HetLoRA's tail of a rank-`rank` adapter: `||A[k:rank]|| ||B[:, k:rank]||` with `k = int(strength * rank)`."""
+    cut = int(strength * rank)
+    return torch.linalg.vector_norm(a[cut:rank]) * torch.linalg.vector_norm(b[:, cut:rank])
+
+
+def prune_ranks(
+    trained: dict[str, torch.Tensor],
+    start: dict[str, torch.Tensor],
+    ranks: dict[str, int],
+    full_rank: int,
+    strength: float,
+) -> dict[str, int]:
+    """HetLoRA's rank self-pruning: the new ranks after a round, each expert adapter cut from rank `r` to
+    `int(strength * r)` (never below 1) when its tail (see `_tail_norm`) in `trained` is smaller than in `start`, the
+    tensors the client began the round with."""
+    pruned = dict(ranks)
+    for key_a in expert_adapter_keys(trained):
+        key_b = key_a.replace(".lora_A.", ".lora_B.", 1)
+        rank = ranks.get(key_a, full_rank)
+        cut = int(strength * rank)
+        if cut < 1:
+            continue
+        after = _tail_norm(trained[key_a], trained[key_b], rank, strength)
+        before = _tail_norm(start[key_a], start[key_b], rank, strength)
+        if after < before:
+            pruned[key_a] = cut
+    return pruned
 
 
 def client_folder_name(client_id: int, name: str) -> str:
@@ -256,10 +348,32 @@ def saved_client_parameters(
     return {key: state[key].to(dtype=value.dtype, device=value.device) for key, value in fresh.items()}
 
 
+def rank_pruning_penalty(
+    model: CoMiGSForCausalLM, ranks: dict[str, int], strategy: Strategy
+) -> Callable[[], torch.Tensor]:
+    """HetLoRA's regulariser: `strategy.rank_pruning_coef` times the sum of every expert adapter's tail norm (see
+    `_tail_norm`) at its current rank in `ranks` (the model's `lora_r` where absent), as a function of the model's
+    live parameters."""
+    params = dict(model.named_parameters_by_role(*EXPERT_ROLES))
+    full, strength, coef = model.config.lora_r, strategy.rank_pruning, strategy.rank_pruning_coef
+    pairs = [
+        (params[key_a], params[key_a.replace(".lora_A.", ".lora_B.", 1)], ranks.get(key_a, full))
+        for key_a in expert_adapter_keys(params)
+    ]
+
+    def penalty() -> torch.Tensor:
+        return coef * sum(_tail_norm(a, b, rank, strength) for a, b, rank in pairs)
+
+    return penalty
+
+
 def activate_client(model: CoMiGSForCausalLM, state: ClientState, shared: dict[str, torch.Tensor]) -> None:
-    """Swap a client into the model: its expert count and top-k, its private tensors, then the global shared ones."""
+    """Swap a client into the model: its expert count and top-k, its private tensors, then the global shared ones,
+    each adapter cut to the client's rank (the leading slices of the global's factors)."""
     model.set_num_specialists(state.num_specialists, state.top_k)
-    model.load_role_state_dict({**state.parameters, **shared})
+    model.load_role_state_dict(truncate_to_ranks({**state.parameters, **shared}, state.lora_ranks))
+    if model.config.expert_mixing == "uniform":
+        model.set_expert_weights(state.expert_weights)
 
 
 # ---- local training ------------------------------------------------------------------------------------------------
@@ -330,8 +444,9 @@ def check_accelerator(accelerator: Accelerator, cfg: TrainingConfig, model: CoMi
         raise ValueError("\n".join(problems))
 
 
-def _accumulated_step(model, optimizer, params, blocks, cfg, accelerator, generator) -> float:
-    """One optimiser step over `batch_size` sequences as micro-batches; returns the mean loss.
+def _accumulated_step(model, optimizer, params, blocks, cfg, accelerator, generator, penalty=None) -> float:
+    """One optimiser step over `batch_size` sequences as micro-batches; returns the mean loss. `penalty` (a
+    regulariser of the parameters alone, such as HetLoRA's tail norms) is added once per step, not reported.
 
     Under fp16 `accelerator.backward` scales the loss: the gradients are unscaled before clipping, and a step whose
     gradients overflowed is skipped (the scaler lowers its scale), as a prepared optimiser would do.
@@ -344,6 +459,8 @@ def _accumulated_step(model, optimizer, params, blocks, cfg, accelerator, genera
             loss = model(micro, labels=micro).loss / len(micro_batches)
         accelerator.backward(loss)
         total += loss.item()
+    if penalty is not None:
+        accelerator.backward(penalty())
     scaler = accelerator.scaler
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -373,9 +490,11 @@ def train_client_round(
     accelerator: Accelerator,
     router_training: str = "validation",
     frozen_factors: frozenset[str] = frozenset(),
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float | None]:
     """The local steps of one round; the model must hold the client (see [`activate_client`]). LoRA factors in
-    `frozen_factors` (the strategy's) take no step and no gradient.
+    `frozen_factors` (the strategy's) take no step and no gradient; `penalty`, a regulariser of the experts'
+    parameters (see `rank_pruning_penalty`), is added to every expert step's loss.
 
     With `router_training` `"validation"` or `"train"`, expert steps (router frozen) alternate with router phases on
     that split (experts frozen); `"joint"` steps experts and router together on the train split in one optimiser;
@@ -415,7 +534,7 @@ def train_client_round(
         for group, peak in zip(expert_optimizer.param_groups, (cfg.learning_rate, cfg.router_learning_rate)):
             group["lr"] = peak * factor
         expert_losses.append(
-            _accumulated_step(model, expert_optimizer, expert_params, data.train, cfg, accelerator, generator)
+            _accumulated_step(model, expert_optimizer, expert_params, data.train, cfg, accelerator, generator, penalty)
         )
         state.expert_steps += 1
         if alternating and state.expert_steps % cfg.router_update_every == 0:
@@ -476,13 +595,22 @@ def run_client_round(
     Returns:
         [`ClientUpdate`]: the shared tensors (on CPU), the training split's token count and the round's metrics.
     """
+    state.expert_weights = None  # fusion weights are chosen after the last round: training mixes as the model does
     activate_client(model, state, shared)
+    start = truncate_to_ranks({**state.parameters, **shared}, state.lora_ranks)
     torch.manual_seed(derived_seed(seed, round_index, state.client_id))
     total_steps = total_rounds * cfg.local_steps
+    penalty = rank_pruning_penalty(model, state.lora_ranks, strategy) if strategy.rank_pruning_coef > 0 else None
     metrics = train_client_round(
-        model, state, data, cfg, total_steps, accelerator, strategy.router_training, strategy.frozen_factors
+        model, state, data, cfg, total_steps, accelerator, strategy.router_training, strategy.frozen_factors, penalty
     )
     trained = {k: v.cpu() for k, v in model.role_state_dict(*ROLES).items()}
+    if strategy.rank_pruning is not None:
+        ranks = prune_ranks(trained, start, state.lora_ranks, model.config.lora_r, strategy.rank_pruning)
+        if ranks != state.lora_ranks:  # the cut tails leave the model too: what it evaluates is what it sends
+            state.lora_ranks = ranks
+            trained = truncate_to_ranks(trained, ranks)
+            model.load_role_state_dict(trained)
     shared_after, private = partition_state_dict(trained, strategy)
     state.parameters = {**state.parameters, **private}
     return ClientUpdate(
@@ -503,10 +631,14 @@ __all__ = [
     "client_folder_name",
     "cosine_learning_rate",
     "derived_seed",
+    "expert_adapter_keys",
     "fresh_parameters",
     "initial_client_state",
     "initial_shared_state",
+    "prune_ranks",
+    "rank_pruning_penalty",
     "run_client_round",
     "saved_client_parameters",
     "train_client_round",
+    "truncate_to_ranks",
 ]

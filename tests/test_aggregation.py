@@ -1,7 +1,17 @@
+import math
+
 import pytest
 import torch
 
-from comigs_hf.aggregation import AGGREGATORS, aggregate_trimmed_mean, aggregate_weighted_mean, get_aggregator
+from comigs_hf.aggregation import (
+    AGGREGATORS,
+    aggregate_norm_weighted_mean,
+    aggregate_product_svd,
+    aggregate_trimmed_mean,
+    aggregate_weighted_mean,
+    get_aggregator,
+    trust_weights,
+)
 
 
 def test_weighted_mean_matches_hand_computation():
@@ -155,5 +165,72 @@ def test_registry_holds_both_rules():
 
 
 def test_unknown_rule_lists_the_known_ones():
-    with pytest.raises(ValueError, match="Unknown aggregation 'median'; known: trimmed_mean, weighted_mean"):
+    with pytest.raises(
+        ValueError, match="Unknown aggregation 'median'; known: norm_weighted_mean, product_svd, trimmed"
+    ):
         get_aggregator("median")
+
+
+def _adapter(a: list[list[float]], b: list[list[float]]) -> dict[str, torch.Tensor]:
+    return {"m.lora_A.e.weight": torch.tensor(a), "m.lora_B.e.weight": torch.tensor(b)}
+
+
+def test_product_svd_refactorises_the_weighted_mean_update_by_hand():
+    # client 0: B A = [[2, 0], [0, 0]]; client 1 (rank 1 of 2, zero-padded): B A = [[0, 0], [0, 4]]
+    first = _adapter([[1.0, 0.0], [0.0, 0.0]], [[2.0, 0.0], [0.0, 0.0]])
+    second = _adapter([[0.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [4.0, 0.0]])
+    result = aggregate_product_svd([first, second], weights=[3, 1])
+    a, b = result["m.lora_A.e.weight"], result["m.lora_B.e.weight"]
+    # mean 0.75 * [[2, 0], [0, 0]] + 0.25 * [[0, 0], [0, 4]] = diag(1.5, 1): singular values 1.5 then 1
+    torch.testing.assert_close(b @ a, torch.tensor([[1.5, 0.0], [0.0, 1.0]]))
+    torch.testing.assert_close(a @ a.T, torch.eye(2))  # A = V^T: orthonormal rows
+    # a rank-1 client takes the leading slices: the best rank-1 approximation, diag(1.5, 0)
+    torch.testing.assert_close(b[:, :1] @ a[:1], torch.tensor([[1.5, 0.0], [0.0, 0.0]]))
+
+
+def test_product_svd_keeps_rank_and_averages_other_keys():
+    torch.manual_seed(0)
+    states = [
+        {**_adapter(torch.randn(3, 6).tolist(), torch.randn(5, 3).tolist()), "router.weight": torch.full((2, 2), v)}
+        for v in (1.0, 3.0)
+    ]
+    result = aggregate_product_svd(states, weights=[1, 1])
+    assert result["m.lora_A.e.weight"].shape == (3, 6) and result["m.lora_B.e.weight"].shape == (5, 3)
+    torch.testing.assert_close(result["router.weight"], torch.full((2, 2), 2.0))
+    mean = sum(s["m.lora_B.e.weight"] @ s["m.lora_A.e.weight"] for s in states) / 2
+    u, s, vh = torch.linalg.svd(mean)
+    best = (u[:, :3] * s[:3]) @ vh[:3]  # the mean has rank up to 5, the result its best rank-3 approximation
+    torch.testing.assert_close(result["m.lora_B.e.weight"] @ result["m.lora_A.e.weight"], best)
+
+
+def test_norm_weighted_mean_weights_by_the_update_norm_by_hand():
+    # ||B A||_F: client 0 has B A = [[3]] (norm 3), client 1 [[1]] (norm 1): weights 0.75 and 0.25
+    first = _adapter([[1.0]], [[3.0]])
+    second = _adapter([[1.0]], [[1.0]])
+    result = aggregate_norm_weighted_mean([first, second], weights=[1, 100])
+    torch.testing.assert_close(result["m.lora_A.e.weight"], torch.tensor([[1.0]]))
+    torch.testing.assert_close(result["m.lora_B.e.weight"], torch.tensor([[0.75 * 3 + 0.25 * 1]]))
+
+
+def test_norm_weighted_mean_zero_pads_lower_ranks_and_falls_back_on_zero_updates():
+    # client 1 has rank 1 of 2: its second row of A and column of B are zero, so they pull the mean toward zero
+    first = _adapter([[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0]])
+    second = _adapter([[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0]])
+    result = aggregate_norm_weighted_mean([first, second], weights=[1, 1])
+    norm_0, norm_1 = 2**0.5, 1.0
+    w0 = norm_0 / (norm_0 + norm_1)
+    torch.testing.assert_close(result["m.lora_B.e.weight"], torch.tensor([[1.0, w0]]))
+    # round 1: every B is zero, so no update has a norm and the given weights decide
+    zero_b = [_adapter([[2.0]], [[0.0]]), _adapter([[4.0]], [[0.0]])]
+    torch.testing.assert_close(
+        aggregate_norm_weighted_mean(zero_b, [1, 3])["m.lora_A.e.weight"], torch.tensor([[3.5]])
+    )
+
+
+def test_trust_weights_are_the_softmax_of_minus_the_perplexities_by_hand():
+    # softmax(-[10, 11, inf]): e^0 / (1 + e^-1) and e^-1 / (1 + e^-1); a diverged client weighs nothing
+    weights = trust_weights([10.0, 11.0, float("inf")])
+    assert weights == pytest.approx([1 / (1 + math.exp(-1)), math.exp(-1) / (1 + math.exp(-1)), 0.0])
+    assert trust_weights([1e6, 1e6 + 1]) == pytest.approx([1 / (1 + math.exp(-1)), 1 - 1 / (1 + math.exp(-1))])
+    with pytest.raises(ValueError, match="at least one finite perplexity"):
+        trust_weights([float("nan")])

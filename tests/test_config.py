@@ -291,7 +291,13 @@ def test_override_below_a_plain_value_is_rejected():
             ["trackers=[tensorboard, neptune]"],
             ["trackers: unknown tracker(s) ['neptune']", "tensorboard, wandb, trackio"],
         ),
-        (["aggregation=median"], ["strategy:", "unknown aggregation 'median'; known: trimmed_mean, weighted_mean"]),
+        (
+            ["aggregation=median"],
+            [
+                "strategy:",
+                "unknown aggregation 'median'; known: norm_weighted_mean, product_svd, trimmed_mean, weighted_mean",
+            ],
+        ),
         (
             ["weighting=by_size"],
             ["strategy:", "unknown weighting 'by_size'; known: train_tokens, capped_train_tokens, uniform"],

@@ -60,9 +60,13 @@ def global_at(round_index: int) -> dict[str, torch.Tensor]:
         {},
         {"model.num_specialists": "[0,1,2,3]", "model.top_k": 1},
         {"aggregation": "trimmed_mean", "aggregation_kwargs": "{trim_ratio: 0.25}", "weighting": "uniform"},
+        {"strategy": "flexlora", "model.num_specialists": 0, "model.top_k": 1, "model.lora_r": "[2,4,4,4]"},
+        {"strategy": "hetlora", "model.num_specialists": 0, "model.top_k": 1, "model.lora_r": "[2,4,4,4]"},
+        {"strategy": "fd_lora"},
     ],
-    # fresh per-client models vs one model resized client after client; the registry's other rule
-    ids=["1g1s", "heterogeneous-0123-top1", "trimmed-mean"],
+    # fresh per-client models vs one model resized client after client; the registry's other rules; clients of
+    # different ranks, each taking back its leading slices of the one published adapter
+    ids=["1g1s", "heterogeneous-0123-top1", "trimmed-mean", "flexlora-2444", "hetlora-2444", "fd-lora-fused"],
 )
 def test_hub_rounds_give_the_accelerate_run_s_global_generalist_and_test_losses(world, hub, tmp_path, layout):
     cfg = load_config(None, overrides(world, tmp_path / "accelerate", **layout))
@@ -100,6 +104,7 @@ def test_hub_rounds_give_the_accelerate_run_s_global_generalist_and_test_losses(
         )
         assert metrics["name"] == expected["name"]
         assert metrics["test_loss"] == pytest.approx(expected["test_loss"], rel=1e-6, abs=1e-7)  # as the tensors
+        assert metrics.get("fusion_weights") == expected["fusion_weights"]  # FD-LoRA fuses the same way
 
 
 def test_a_rerun_round_reuploads_the_saved_update_and_refused_rounds_leave_the_state_alone(

@@ -459,3 +459,40 @@ def test_set_num_specialists_can_change_the_top_k_with_the_expert_count(make_bas
     model.set_num_specialists(0, num_experts_per_tok=1)  # the same layout again is a no-op
     model.set_num_specialists(1, num_experts_per_tok=2)
     assert all(mixture.router.top_k == 2 and mixture.router.weight.shape[0] == 2 for mixture in model.mixtures)
+
+
+def test_fixed_expert_weights_mix_expert_outputs_and_survive_a_reload(input_ids, tmp_path):
+    model = CoMiGSForCausalLM.from_base(tiny_gpt2(), num_specialists=1, expert_mixing="uniform").eval()
+    perturb_experts(model)
+    with model.route_all_to("generalist_0"):
+        generalist = model(input_ids).logits
+    with model.route_all_to("specialist_0"):
+        specialist = model(input_ids).logits
+    uniform = model(input_ids).logits
+    model.set_expert_weights([1.0, 0.0])  # the generalist alone
+    torch.testing.assert_close(model(input_ids).logits, generalist)
+    model.set_expert_weights([0.0, 1.0])
+    torch.testing.assert_close(model(input_ids).logits, specialist)
+    model.set_expert_weights([0.7, -0.4])
+    fused = model(input_ids).logits
+    model.save_pretrained(tmp_path / "fused")
+    reloaded = CoMiGSForCausalLM.from_pretrained(tmp_path / "fused").eval()
+    assert reloaded.config.expert_weights == [0.7, -0.4]
+    torch.testing.assert_close(reloaded(input_ids).logits, fused)
+    model.set_expert_weights(None)
+    torch.testing.assert_close(model(input_ids).logits, uniform)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "weights", "message"),
+    [
+        ({"expert_mixing": "router"}, [0.5, 0.5], "need `expert_mixing='uniform'`"),
+        ({"expert_mixing": "uniform"}, [1.0], "one finite weight per expert"),
+        ({"expert_mixing": "uniform"}, [1.0, float("nan")], "one finite weight per expert"),
+    ],
+)
+def test_bad_expert_weights_are_refused_and_leave_the_mixing_alone(kwargs, weights, message):
+    model = CoMiGSForCausalLM.from_base(tiny_gpt2(), num_specialists=1, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        model.set_expert_weights(weights)
+    assert model.config.expert_weights is None

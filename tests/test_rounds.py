@@ -22,7 +22,7 @@ from comigs_hf import rounds as rounds_module
 from comigs_hf.config import load_config
 from comigs_hf.recipe import run, setup_federation
 from comigs_hf.strategies import get_strategy
-from comigs_hf.trainer import ClientUpdate, activate_client, client_folder_name, train_client_round
+from comigs_hf.trainer import ClientUpdate, activate_client, client_folder_name, prune_ranks, train_client_round
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "federated.py"
@@ -379,3 +379,179 @@ def test_single_factor_strategies_send_one_factor_and_ffa_lora_never_trains_its_
     else:  # FedSa-LoRA: each client's B is its own
         first, second = kept_by_client[0], kept_by_client[1]
         assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+# ---- heterogeneous ranks: FlexLoRA and HetLoRA -----------------------------------------------------------------
+RANKED = {"model.num_specialists": 0, "model.top_k": 1, "model.lora_r": "[2,4,4,4]"}  # the papers' runs: one expert
+
+
+def expert_factors(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.role_state_dict("generalist").items() if ".lora_" in k}
+
+
+@pytest.mark.parametrize("strategy", ["flexlora", "hetlora", "fedavg"])
+def test_clients_of_lower_rank_train_send_and_take_back_their_leading_slices_only(world, tmp_path, strategy):
+    federation = setup_federation(config(world, tmp_path / "out", strategy=strategy, **RANKED), Accelerator(cpu=True))
+    assert federation.model.config.lora_r == 4
+    for round_index in (1, 2):
+        record = rounds_module.run_round(federation, round_index, Accelerator(cpu=True))
+    rows = record["clients"]
+    # rank 2 of 4 sends half of each A and B (the router is not shared: no router)
+    assert rows[0]["params_sent"] * 2 == rows[1]["params_sent"]
+    assert rows[0]["bytes_received"] * 2 == rows[1]["bytes_received"]
+    state = federation.states[0]
+    assert set(state.lora_ranks.values()) <= {1, 2}  # HetLoRA may have pruned 2 to int(0.99 * 2) = 1
+    activate_client(federation.model, state, federation.shared)
+    held = expert_factors(federation.model)
+    for key_a, rank in state.lora_ranks.items():
+        key_b = key_a.replace(".lora_A.", ".lora_B.")
+        assert not held[key_a][rank:].any() and not held[key_b][:, rank:].any()
+        torch.testing.assert_close(held[key_a][:rank], federation.shared[key_a][:rank])
+    if strategy == "flexlora":  # the global's leading slices: the best rank-2 approximation of its product
+        key_a = next(iter(state.lora_ranks))
+        key_b = key_a.replace(".lora_A.", ".lora_B.")
+        full = federation.shared[key_b] @ federation.shared[key_a]
+        u, s, vh = torch.linalg.svd(full)
+        torch.testing.assert_close(held[key_b] @ held[key_a], (u[:, :2] * s[:2]) @ vh[:2], atol=1e-5, rtol=1e-4)
+
+
+def test_results_record_each_clients_rank_and_its_trainable_and_active_parameters(world, tmp_path):
+    cfg = config(world, tmp_path / "out", strategy="flexlora", rounds=1, save_models=False, **RANKED)
+    results = run(cfg, Accelerator(cpu=True))
+    clients = results["clients"]
+    assert [c["lora_r"] for c in clients] == [2, 4, 4, 4]
+    # one expert, no router: trainable = active, twice as many at rank 4 as at rank 2
+    assert clients[0]["trainable_params"] == clients[0]["active_params"]
+    assert clients[1]["trainable_params"] == 2 * clients[0]["trainable_params"]
+    assert clients[1]["params_sent"] == clients[1]["trainable_params"]  # everything it trains is shared, once
+
+
+def test_hetlora_self_pruning_shrinks_the_rank_of_a_tail_that_fell_below_the_global(world, tmp_path):
+    extra = {**RANKED, "model.lora_r": 4, "rank_pruning_coef": 5.0}  # a strong regulariser drives the tails down
+    federation = setup_federation(config(world, tmp_path / "out", strategy="hetlora", **extra), Accelerator(cpu=True))
+    for round_index in (1, 2, 3):
+        rounds_module.run_round(federation, round_index, Accelerator(cpu=True))
+    ranks = [rank for state in federation.states.values() for rank in state.lora_ranks.values()]
+    assert ranks and max(ranks) < 4  # round 1 never prunes (the global's B is zero), rounds 2 and 3 cut 4 to 3 to 2
+    for state in federation.states.values():  # a cut rank stays cut: the client never takes the global's tail back
+        activate_client(federation.model, state, federation.shared)
+        held = expert_factors(federation.model)
+        assert all(not held[key_a][rank:].any() for key_a, rank in state.lora_ranks.items())
+
+
+def test_prune_ranks_cuts_an_adapter_whose_tail_shrank_by_hand():
+    key_a, key_b = "m.mlp.base_mlp.c_fc.lora_A.generalist_0.weight", "m.mlp.base_mlp.c_fc.lora_B.generalist_0.weight"
+    start = {key_a: torch.ones(4, 3), key_b: torch.ones(5, 4)}
+    shrunk = {key_a: torch.ones(4, 3), key_b: torch.ones(5, 4)}
+    shrunk[key_b][:, 3] = 0.5  # the tail at strength 0.75: rank index 3 (int(0.75 * 4) = 3)
+    assert prune_ranks(shrunk, start, {}, 4, 0.75) == {key_a: 3}
+    assert prune_ranks(start, start, {}, 4, 0.75) == {}  # an unchanged tail stays
+    assert prune_ranks(shrunk, start, {key_a: 1}, 4, 0.75) == {key_a: 1}  # int(0.75 * 1) = 0: never below rank 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {**RANKED, "strategy": "flexlora", "rounds": 2},
+        {**RANKED, "strategy": "hetlora", "rounds": 2},
+        {"strategy": "pcl", "rounds": 5},  # PCL first combines in round 5
+        {"strategy": "fd_lora", "rounds": 2},
+        {"strategy": "ffa_lora", "rounds": 2, "model.num_specialists": 0, "model.top_k": 1},
+        {"strategy": "fedsa_lora", "rounds": 2, "model.num_specialists": 0, "model.top_k": 1},
+    ],
+    ids=["flexlora", "hetlora", "pcl", "fd_lora", "ffa_lora", "fedsa_lora"],
+)
+def test_federated_lora_baselines_give_the_same_metrics_on_one_and_two_processes(world, tmp_path, extra):
+    extra = {**extra, "save_models": False}
+    finished(launch(world, tmp_path / "p1", num_processes=1, **extra))
+    finished(launch(world, tmp_path / "p2", num_processes=2, **extra))
+    assert_same_metrics(client_metrics(tmp_path / "p1"), client_metrics(tmp_path / "p2"))
+
+
+# ---- PCL: each client combines every client's update itself ---------------------------------------------------
+def test_pcl_combines_only_on_its_schedule_with_each_clients_own_trust_weights(
+    world, tmp_path, exchanged, monkeypatch
+):
+    federation = setup_federation(config(world, tmp_path / "out", strategy="pcl", rounds=4), Accelerator(cpu=True))
+    assert federation.shared == {}  # no global state, ever
+    federation.strategy = dataclasses.replace(federation.strategy, combine_from_round=2, combine_every=2)
+    scored = []
+    trust = rounds_module.client_trust_weights
+
+    def recorded(model, state, validation, updates, cfg, accelerator):
+        scored.append((state.client_id, trust(model, state, validation, updates, cfg, accelerator)))
+        return scored[-1][1]
+
+    monkeypatch.setattr(rounds_module, "client_trust_weights", recorded)
+    rows = {}
+    for round_index in (1, 2, 3, 4):
+        rows[round_index] = rounds_module.run_round(federation, round_index, Accelerator(cpu=True))["clients"]
+    # rounds 1 and 3 send nothing; rounds 2 and 4 every client's experts, each received by the 3 others
+    assert [bool(u.shared) for updates in exchanged for u in updates] == [False] * 4 + [True] * 4 + [False] * 4 + [
+        True
+    ] * 4
+    assert all(row["bytes_sent"] == 0 == row["bytes_received"] for row in rows[1] + rows[3])
+    assert all(row["bytes_received"] == 3 * row["bytes_sent"] > 0 for row in rows[2] + rows[4])
+    assert [client_id for client_id, _ in scored] == [0, 1, 2, 3] * 2
+    for client_id, (weights, perplexities) in scored:
+        assert sum(weights) == pytest.approx(1.0)
+        # its own experts fit its own validation split best: the largest weight is its own
+        assert max(range(4), key=lambda j: weights[j]) == client_id
+        assert perplexities.index(min(perplexities)) == client_id
+    # after round 4 each client holds the trust-weighted mean of the four updates, with its own weights
+    last = exchanged[-1]
+    for client_id, (weights, _) in scored[-4:]:
+        key = next(k for k in last[0].shared if ".lora_B." in k)
+        expected = sum(w * update.shared[key].double() for w, update in zip(weights, last))
+        torch.testing.assert_close(federation.states[client_id].parameters[key].double(), expected)
+
+
+def test_pcl_and_the_hub_refuse_each_other_saying_why(world, tmp_path):
+    from comigs_hf.hub import check_hub_strategy
+
+    with pytest.raises(ValueError, match="has none: each client combines every client's tensors itself"):
+        check_hub_strategy(get_strategy("pcl"))
+
+
+# ---- FD-LoRA: a global and a local adapter, fused after the last round ---------------------------------------
+def test_fd_lora_fuses_each_clients_experts_once_after_the_last_round(world, tmp_path, exchanged):
+    cfg = config(world, tmp_path / "out", strategy="fd_lora", rounds=2)
+    results = run(cfg, Accelerator(cpu=True))
+    assert all(
+        set(update.shared) and all(".generalist_0." in k for k in update.shared) for u in exchanged for update in u
+    )
+    for client in results["clients"]:
+        weights = client["fusion_weights"]
+        assert len(weights) == 2 and all(-1.0 <= w <= 1.0 for w in weights)
+    # the saved client model mixes with its fusion weights, and evaluates to the reported figure
+    client = results["clients"][0]
+    saved = json.loads(
+        (tmp_path / "out" / "clients" / client_folder_name(0, client["name"]) / "config.json").read_text()
+    )
+    assert saved["expert_weights"] == client["fusion_weights"]
+
+
+def test_fd_lora_fusion_is_deterministic_under_a_seed_and_never_worse_than_training_mixing(world, tmp_path):
+    from comigs_hf.evaluation import evaluate_full_split, fusion_weights
+
+    federation = setup_federation(config(world, tmp_path / "out", strategy="fd_lora"), Accelerator(cpu=True))
+    rounds_module.run_round(federation, 1, Accelerator(cpu=True))
+    state, data, strategy = federation.states[0], federation.clients[0], federation.strategy
+    searches = []
+    for seed in (7, 7):
+        activate_client(federation.model, state, federation.shared)
+        searches.append(
+            fusion_weights(
+                federation.model, data.validation, strategy, federation.evaluation, Accelerator(cpu=True), seed
+            )
+        )
+    assert searches[0] == searches[1]
+    weights, objective = searches[0]
+    activate_client(federation.model, state, federation.shared)  # mixing 1/2 each, as in training
+    federation.model.eval()
+    uniform = evaluate_full_split(federation.model, data.validation, federation.evaluation, Accelerator(cpu=True))
+    assert objective <= uniform["test_loss"] + strategy.fusion_l1 * 1.0 + 1e-9
+    federation.model.set_expert_weights(weights)
+    fused = evaluate_full_split(federation.model, data.validation, federation.evaluation, Accelerator(cpu=True))
+    assert objective == pytest.approx(fused["test_loss"] + strategy.fusion_l1 * sum(abs(w) for w in weights))

@@ -7,8 +7,10 @@ from comigs_hf.strategies import (
     Strategy,
     aggregation_weights,
     get_strategy,
+    lora_ranks,
     partition_state_dict,
     payload_bytes,
+    payload_parameters,
 )
 
 GENERALIST_A = "model.transformer.h.0.mlp.c_fc.lora_A.generalist_0.weight"
@@ -123,7 +125,13 @@ PRESETS = {
     "centralized": (set(), "none"),
     "ffa_lora": ({"generalist", "specialist"}, "none"),
     "fedsa_lora": ({"generalist", "specialist"}, "none"),
+    "flexlora": ({"generalist"}, "none"),
+    "hetlora": ({"generalist"}, "none"),
+    "pcl": ({"generalist", "specialist"}, "none"),
+    "fd_lora": ({"generalist"}, "none"),
 }
+# the baselines with their own server rule; the others average
+RULES = {"flexlora": "product_svd", "hetlora": "norm_weighted_mean"}
 # the federated-LoRA baselines that send one factor: (shared_factors, frozen_factors); the others send both
 ONE_FACTOR = {"ffa_lora": ({"lora_B"}, {"lora_A"}), "fedsa_lora": ({"lora_A"}, set())}
 
@@ -135,7 +143,19 @@ def test_presets_are_as_documented():
         assert STRATEGIES[name].expert_mixing == ("uniform" if router_training == "none" else "router")
     assert not any("router" in s.shared_roles for s in STRATEGIES.values() if s.name != "fedavg_all")
     assert [name for name, s in STRATEGIES.items() if s.pool_clients] == ["centralized"]
-    assert all(strategy.aggregation == "weighted_mean" for strategy in STRATEGIES.values())
+    assert {name: s.aggregation for name, s in STRATEGIES.items() if s.aggregation != "weighted_mean"} == RULES
+    # PCL alone has no server: from round 5, every 2 rounds, each client combines every client's experts
+    assert {
+        name: (s.combine_from_round, s.combine_every) for name, s in STRATEGIES.items() if s.aggregator != "server"
+    } == {"pcl": (5, 2)}
+    assert [r for r in range(1, 12) if STRATEGIES["pcl"].combines_in_round(r)] == [5, 7, 9, 11]
+    assert all(STRATEGIES["comigs"].combines_in_round(r) for r in range(1, 12))
+    assert {
+        name: (s.fusion_budget, s.fusion_l1, s.fusion_bound) for name, s in STRATEGIES.items() if s.fusion_budget
+    } == {"fd_lora": (10, 0.05, 1.0)}
+    assert {name: (s.rank_pruning, s.rank_pruning_coef) for name, s in STRATEGIES.items() if s.rank_pruning} == {
+        "hetlora": (0.99, 0.005)
+    }
     assert all(strategy.weighting == "train_tokens" for strategy in STRATEGIES.values())
     for name, strategy in STRATEGIES.items():
         factors = ONE_FACTOR.get(name, ({"lora_A", "lora_B"}, set()))
@@ -154,7 +174,10 @@ def test_strategy_is_frozen_hashable_and_freezes_its_roles():
     ("kwargs", "message"),
     [
         ({"shared_roles": {"base"}}, r"shared_roles contains \['base'\]"),
-        ({"shared_roles": set(), "aggregation": "median"}, "unknown aggregation 'median'; known: trimmed_mean"),
+        (
+            {"shared_roles": set(), "aggregation": "median"},
+            "unknown aggregation 'median'; known: norm_weighted_mean, product_svd, trimmed_mean",
+        ),
         (
             {"shared_roles": set(), "weighting": "by_size"},
             "unknown weighting 'by_size'; known: train_tokens, capped_train_tokens, uniform",
@@ -172,7 +195,7 @@ def test_strategy_rejects_unknown_values(kwargs, message):
 def test_unknown_strategy_lists_the_known_ones():
     with pytest.raises(
         ValueError,
-        match="Unknown strategy 'fedprox'; known: centralized, comigs, comigs_2s, comigs_tr, fedavg, fedavg_all, ",
+        match="Unknown strategy 'fedprox'; known: centralized, comigs, comigs_2s, comigs_tr, fd_lora, fedavg, ",
     ):
         get_strategy("fedprox")
 
@@ -207,3 +230,41 @@ def test_a_strategy_sharing_one_lora_factor_partitions_by_factor_and_the_hub_ref
     assert list(shared) == [names[0]] and list(private) == [names[1], names[2]]
     with pytest.raises(ValueError, match="publish whole PEFT adapters, but strategy 'b_only' shares only lora_B"):
         check_hub_strategy(Strategy(name="b_only", shared_roles={"generalist"}, shared_factors={"lora_B"}))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"rank_pruning": 1.0}, "rank_pruning must be in"),
+        ({"rank_pruning": 0}, "rank_pruning must be in"),
+        ({"rank_pruning": 0.9, "rank_pruning_coef": -1}, "rank_pruning_coef must be a finite number"),
+        ({"rank_pruning": 0.9, "rank_pruning_coef": float("inf")}, "rank_pruning_coef must be a finite number"),
+        ({"rank_pruning_coef": 0.1}, "but rank_pruning is null"),
+        ({"aggregator": "peers"}, "unknown aggregator 'peers'; known: server, clients"),
+        ({"fusion_budget": 10}, "fusion needs router_training 'none'"),
+        ({"fusion_budget": -1, "router_training": "none"}, "fusion_budget must be an integer >= 0"),
+        ({"fusion_l1": -0.1}, "fusion_l1 must be finite and >= 0"),
+        ({"aggregator": "clients", "combine_every": 0}, "combine_every must be an integer >= 1"),
+    ],
+)
+def test_bad_rank_pruning_settings_fail_at_construction(fields, message):
+    with pytest.raises(ValueError, match=message):
+        Strategy("custom", {"generalist"}, **fields)
+
+
+def test_recipe_sweeps_hetlora_regulariser_through_get_strategy():
+    assert get_strategy("hetlora", rank_pruning_coef=0.05).rank_pruning_coef == 0.05
+    assert get_strategy("hetlora").rank_pruning_coef == 0.005
+
+
+def test_lora_ranks_count_the_leading_slices_a_client_uses():
+    a, b = torch.ones(4, 3), torch.ones(5, 4)
+    a[2:], b[:, 2:] = 0, 0
+    state = {GENERALIST_A: a, GENERALIST_B: b, ROUTER: torch.ones(2, 3)}
+    assert lora_ranks(state) == {GENERALIST_A: 2}
+    # rank 2 of 4: 2 x 3 of A and 5 x 2 of B, the router whole
+    assert payload_parameters(state, lora_ranks(state))["total"] == 6 + 10 + 6
+    assert payload_bytes(state, lora_ranks(state)) == 4 * (6 + 10 + 6)
+    assert payload_parameters(state)["total"] == 12 + 20 + 6
+    # one factor alone (FFA-LoRA's B) is counted whole: its zeros say nothing about the rank
+    assert lora_ranks({GENERALIST_B: b}) == {}

@@ -37,9 +37,9 @@ from huggingface_hub import HfApi
 
 from ..adapters import read_generalist
 from ..data import ClientData
-from ..evaluation import EvaluationConfig, evaluate_client, evaluation_seed
+from ..evaluation import EvaluationConfig, evaluate_client, evaluation_seed, fusion_seed, fusion_weights
 from ..modeling_comigs import CoMiGSForCausalLM
-from ..strategies import Strategy, payload_bytes
+from ..strategies import Strategy, lora_ranks, payload_bytes
 from ..trainer import (
     ClientState,
     TrainingConfig,
@@ -53,7 +53,7 @@ from .updates import submit_update
 
 STATE_FORMAT = "comigs-hub-client-v2"
 # a client's state must come from the same federation: these values change what a round computes
-_RUN_KEYS = ("repo_id", "seed", "rounds", "name", "num_specialists")
+_RUN_KEYS = ("repo_id", "seed", "rounds", "name", "num_specialists", "lora_rank")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ class HubClient:
         token (`str` or `bool`, *optional*): Hub token; defaults to `HF_TOKEN` or the stored login.
         evaluation ([`~comigs_hf.evaluation.EvaluationConfig`], *optional*): what an evaluation measures (in
             distribution only: a Hub client holds no other client's test data).
+        lora_rank (`int`, *optional*): its experts' rank when below the model's (FlexLoRA, HetLoRA); `None`: the
+            model's `lora_r`.
     """
 
     repo_id: str
@@ -84,6 +86,7 @@ class HubClient:
     seed: int
     token: str | bool | None = None
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    lora_rank: int | None = None
 
     @property
     def state_path(self) -> Path:
@@ -156,6 +159,7 @@ def _run_values(client: HubClient, name: str) -> dict[str, Any]:
         "rounds": client.rounds,
         "name": name,
         "num_specialists": client.num_specialists,
+        "lora_rank": client.lora_rank,
     }
 
 
@@ -263,6 +267,7 @@ def run_hub_client_round(
             client.num_specialists,
             client.seed,
             frozen_factors=client.strategy.frozen_factors,
+            lora_rank=client.lora_rank,
         )
 
     if done == round_index:
@@ -291,7 +296,7 @@ def run_hub_client_round(
             "name": data.name,
             "train_tokens": update.train_tokens,
             **update.metrics,
-            "bytes_sent": payload_bytes(update.shared),
+            "bytes_sent": payload_bytes(update.shared, lora_ranks(update.shared)),
         }
         _save_atomically(
             client.state_path,
@@ -344,9 +349,20 @@ def evaluate_hub_client(
         model, client.repo_id, revision=_round_revision(client, round_index + 1), token=client.token
     )
     activate_client(model, ClientState.from_checkpoint(saved["state"]), shared)
+    fused = {}
+    if client.strategy.fusion_budget and round_index == client.rounds:  # FD-LoRA, as the Accelerate rounds fuse
+        weights, _ = fusion_weights(
+            model,
+            data.validation,
+            client.strategy,
+            client.evaluation,
+            accelerator,
+            fusion_seed(client.seed, client.client_id),
+        )
+        fused = {"fusion_weights": weights}
     seed = evaluation_seed(client.seed, round_index, client.client_id)
     metrics = evaluate_client(model, data.test, client.evaluation, accelerator, seed=seed)
-    return {"round": round_index, "client_id": client.client_id, "name": data.name, **metrics}
+    return {"round": round_index, "client_id": client.client_id, "name": data.name, **metrics, **fused}
 
 
 __all__ = [

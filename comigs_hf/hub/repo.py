@@ -332,6 +332,12 @@ def check_hub_strategy(strategy: Strategy, num_generalists: int | None = None) -
         `ValueError`: the strategy shares something else than the generalists (specialists and routers are not PEFT
         adapters of the base and never leave a client here), or the model has more than one generalist.
     """
+    if strategy.aggregator != "server":
+        raise ValueError(
+            f"Hub rounds publish one server aggregate per round, but strategy {strategy.name!r} has none: each client "
+            "combines every client's tensors itself (PCL), which a Hub repo would have to publish to every client. "
+            "Run it over Accelerate."
+        )
     if strategy.shared_roles != {"generalist"}:
         shared = ", ".join(sorted(strategy.shared_roles)) or "nothing"
         raise ValueError(
