@@ -15,6 +15,8 @@ import torch
 
 __all__ = [
     "AGGREGATORS",
+    "aggregate_coordinate_median",
+    "aggregate_krum",
     "aggregate_norm_weighted_mean",
     "aggregate_product_svd",
     "aggregate_trimmed_mean",
@@ -172,6 +174,84 @@ def aggregate_trimmed_mean(
     return result
 
 
+def _stacked(states: Sequence[Mapping[str, torch.Tensor]], key: str) -> torch.Tensor:
+    """`(n, *shape)`: client `i`'s tensor `key` in row `i`, in the accumulation dtype, on client 0's device."""
+    first = states[0][key]
+    return torch.stack([state[key].to(device=first.device, dtype=_accumulation_dtype(first)) for state in states])
+
+
+def aggregate_coordinate_median(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """Coordinate-wise median (Yin et al., 2018): per coordinate, the median of the clients' values (the mean of the
+    two middle ones for an even count), so fewer than half the clients, however far off, cannot move it past the
+    honest values.
+
+    Like [`aggregate_trimmed_mean`] it counts clients, not tokens: `weights` is accepted so every rule shares one
+    signature, and only its length is checked.
+
+    Raises:
+        `ValueError`: a weight count that differs from the client count, or any check of [`aggregate_weighted_mean`].
+    """
+    if len(weights) != len(states):
+        raise ValueError(f"Got {len(weights)} weights for {len(states)} client states.")
+    keys = _check_states(states)
+    lower, upper = (len(states) - 1) // 2, len(states) // 2
+    result = {}
+    for key in keys:
+        ordered = _stacked(states, key).sort(dim=0).values
+        result[key] = ((ordered[lower] + ordered[upper]) / 2).to(states[0][key].dtype)
+    return result
+
+
+def aggregate_krum(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    num_byzantine: int = 1,
+    num_selected: int = 1,
+) -> dict[str, torch.Tensor]:
+    """(Multi-)Krum (Blanchard et al., 2017): each client is scored by the summed squared distance, over all its
+    tensors, to its `n - num_byzantine - 2` nearest other clients; the `num_selected` lowest-scored clients are
+    averaged with their `weights` (Krum: the one most central client; Flower's `FedKrum` with `num_clients_to_keep`).
+
+    An outlier is far from everyone, so it scores high and is left out, as long as `n > 2 * num_byzantine + 2`.
+
+    Args:
+        states (`Sequence[Mapping[str, torch.Tensor]]`): one state dict per client.
+        weights (`Sequence[float]`): one non-negative weight per client, used among the selected ones.
+        num_byzantine (`int`, *optional*, defaults to 1): the number of clients the rule must withstand.
+        num_selected (`int`, *optional*, defaults to 1): how many clients are averaged.
+
+    Raises:
+        `ValueError`: fewer than `2 * num_byzantine + 3` clients, a `num_selected` outside `[1, n]`, or any check of
+        [`aggregate_weighted_mean`].
+    """
+    count = len(states)
+    for name, value, low in (("num_byzantine", num_byzantine, 0), ("num_selected", num_selected, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+    # no client fails as every rule does; one (the Strategy's probe, a round with a single update) is the mean
+    if count <= 1:
+        return aggregate_weighted_mean(states, weights)
+    if count < 2 * num_byzantine + 3:
+        raise ValueError(
+            f"Krum with num_byzantine={num_byzantine} needs at least {2 * num_byzantine + 3} clients, got {count}."
+        )
+    if num_selected > count:
+        raise ValueError(f"num_selected={num_selected} exceeds the {count} clients.")
+    keys = _check_states(states)
+    _normalise_weights(weights, count)
+    distances = torch.zeros(count, count, dtype=torch.float64)
+    for key in keys:
+        flat = _stacked(states, key).flatten(1).double().cpu()  # (n, numel)
+        distances += torch.cdist(flat, flat).square()
+    neighbours = count - num_byzantine - 2
+    # each row's smallest entries after its own zero on the diagonal
+    scores = distances.sort(dim=1).values[:, 1 : neighbours + 1].sum(dim=1)
+    selected = sorted(scores.argsort()[:num_selected].tolist())
+    return aggregate_weighted_mean([states[i] for i in selected], [weights[i] for i in selected])
+
+
 def lora_pairs(keys: Sequence[str]) -> dict[str, str]:
     """Each LoRA `lora_A` key of `keys` with its `lora_B` partner (the same name with `.lora_B.` in place of
     `.lora_A.`), for the rules that act on the product `B @ A` of one adapter; keys without a partner are left out.
@@ -300,6 +380,8 @@ AGGREGATORS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "trimmed_mean": aggregate_trimmed_mean,
     "product_svd": aggregate_product_svd,
     "norm_weighted_mean": aggregate_norm_weighted_mean,
+    "coordinate_median": aggregate_coordinate_median,
+    "krum": aggregate_krum,
 }
 
 

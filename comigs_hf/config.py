@@ -93,6 +93,13 @@ class RecipeConfig(RoundsConfig):
             "None: only each value is bounded."
         },
     )
+    max_client_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "The largest share of an aggregate any one client may have, in (0, 1] (the excess goes to the "
+            "others); None: the strategy's own (no cap)."
+        },
+    )
     rank_pruning_coef: float | None = field(
         default=None,
         metadata={
@@ -167,6 +174,7 @@ def build_strategy(cfg: RecipeConfig) -> Strategy:
         aggregation_kwargs=cfg.aggregation_kwargs,
         max_update_norm=cfg.max_update_norm,
         rank_pruning_coef=cfg.rank_pruning_coef,
+        max_client_weight=cfg.max_client_weight,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,6 +29,7 @@ __all__ = [
     "Strategy",
     "LORA_FACTORS",
     "aggregation_weights",
+    "capped_shares",
     "get_strategy",
     "lora_factor",
     "partition_state_dict",
@@ -78,6 +79,10 @@ class Strategy:
             The server step refuses an update whose shared tensors lie farther than this (L2 norm over all of them)
             from the global state the round started from; `None` bounds only each value (see
             `comigs_hf.server.MAX_ABS_VALUE`).
+        max_client_weight (`float`, *optional*):
+            The largest share of the aggregate any one client may have, in (0, 1]: after `weighting`, a heavier
+            client is cut to it and the excess goes to the others in proportion to their weights (with fewer than
+            `1 / max_client_weight` clients, each weighs `1 / n`). `None`: no cap.
         shared_factors (`frozenset[str]`, *optional*, defaults to `{"lora_A", "lora_B"}`):
             Which LoRA factors of the shared roles' adapters leave the client (router weights, not LoRA, follow
             `shared_roles` alone): `{"lora_B"}` for FFA-LoRA, `{"lora_A"}` for FedSa-LoRA.
@@ -136,6 +141,7 @@ class Strategy:
     router_training: str = "validation"
     pool_clients: bool = False
     max_update_norm: float | None = None
+    max_client_weight: float | None = None
     shared_factors: frozenset[str] = LORA_FACTORS
     frozen_factors: frozenset[str] = frozenset()
     rank_pruning: float | None = None
@@ -230,6 +236,9 @@ class Strategy:
             )
         if self.aggregator == "clients" and not self.shared_roles:
             raise ValueError(f"Strategy {self.name!r}: aggregator 'clients' combines shared tensors, but none are.")
+        cap = self.max_client_weight
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap <= 1):
+            raise ValueError(f"Strategy {self.name!r}: max_client_weight must be in (0, 1] or null, not {cap}.")
         if self.router_training not in ROUTER_TRAININGS:
             raise ValueError(
                 f"Strategy {self.name!r}: unknown router_training {self.router_training!r}; "
@@ -308,7 +317,8 @@ STRATEGIES: dict[str, Strategy] = {
     "pcl": Strategy(name="pcl", shared_roles=_EXPERTS, router_training="none", aggregator="clients"),
     # FD-LoRA (Qi et al., 2024): a global adapter (the generalist, averaged) and a local one (the specialist) mixed
     # equally in training; after the last round each client fuses them with weights in [-1, 1]^2 chosen on its
-    # validation loss with an L1 penalty 0.05, by nevergrad's NGOpt with 10 evaluations
+    # validation loss with an L1 penalty 0.05, by nevergrad's NGOpt with 10 evaluations. The weights mix the two
+    # experts' MLP outputs; the paper adds the weighted adapters inside one MLP (equal on its linear output projection)
     "fd_lora": Strategy(name="fd_lora", shared_roles=_GENERALIST, router_training="none", fusion_budget=10),
     # pFedMoE: the generalist averaged, router trained with the experts on the train split, one optimiser
     "pfedmoe": Strategy(name="pfedmoe", shared_roles=_GENERALIST, router_training="joint"),
@@ -332,6 +342,7 @@ def get_strategy(
     aggregation_kwargs: Mapping[str, Any] | None = None,
     max_update_norm: float | None = None,
     rank_pruning_coef: float | None = None,
+    max_client_weight: float | None = None,
 ) -> Strategy:
     """Returns the preset strategy called `name`, with the given aggregation settings in place of its own.
 
@@ -343,6 +354,7 @@ def get_strategy(
             preset's.
         max_update_norm (`float`, *optional*): see [`Strategy`]; `None` keeps the preset's.
         rank_pruning_coef (`float`, *optional*): see [`Strategy`]; `None` keeps the preset's.
+        max_client_weight (`float`, *optional*): see [`Strategy`]; `None` keeps the preset's.
 
     Raises:
         `ValueError`: for an unknown name (listing the known ones), rule or weighting, or arguments the rule rejects.
@@ -358,6 +370,7 @@ def get_strategy(
         aggregation_kwargs=aggregation_kwargs or preset.aggregation_kwargs,
         max_update_norm=max_update_norm if max_update_norm is not None else preset.max_update_norm,
         rank_pruning_coef=rank_pruning_coef if rank_pruning_coef is not None else preset.rank_pruning_coef,
+        max_client_weight=max_client_weight if max_client_weight is not None else preset.max_client_weight,
     )
 
 
@@ -465,13 +478,42 @@ def aggregation_weights(strategy: Strategy, train_tokens: Iterable[int]) -> list
 
     Returns:
         `list[float]`: the token counts as floats for `"train_tokens"`, capped at `TOKEN_CAP_MEDIANS` times their
-        median for `"capped_train_tokens"`, all ones for `"uniform"`; the aggregation rules normalise them.
+        median for `"capped_train_tokens"`, all ones for `"uniform"`; the aggregation rules normalise them. With
+        `strategy.max_client_weight`, the shares after [`capped_shares`].
     """
     counts = [float(count) for count in train_tokens]
     if strategy.weighting == "uniform":
-        return [1.0] * len(counts)
-    if strategy.weighting == "capped_train_tokens" and counts:
+        weights = [1.0] * len(counts)
+    elif strategy.weighting == "capped_train_tokens" and counts:
         # the lower median: with two clients the plain median is their mean, which a huge claim drags along
         cap = TOKEN_CAP_MEDIANS * statistics.median_low(counts)
-        return [min(count, cap) for count in counts]
-    return counts
+        weights = [min(count, cap) for count in counts]
+    else:
+        weights = counts
+    if strategy.max_client_weight is not None and weights and sum(weights) > 0:
+        weights = capped_shares(weights, strategy.max_client_weight)
+    return weights
+
+
+def capped_shares(weights: Sequence[float], cap: float) -> list[float]:
+    """`weights` as shares summing to 1 with none above `cap` (at least `1 / n`): each client over the cap is cut
+    to it and the excess goes to the others in proportion to their weights, until none is over.
+
+    Example: weights 8, 1, 1 at cap 0.5 give 0.5, 0.25, 0.25.
+    """
+    cap = max(cap, 1.0 / len(weights))
+    total = sum(weights)
+    shares = [w / total for w in weights]
+    fixed: set[int] = set()
+    while True:
+        over = [i for i, share in enumerate(shares) if share > cap * (1 + 1e-12) and i not in fixed]
+        if not over:
+            return shares
+        fixed.update(over)
+        free = [i for i in range(len(shares)) if i not in fixed]
+        rest = sum(weights[i] for i in free)
+        left = 1.0 - cap * len(fixed)
+        shares = [
+            cap if i in fixed else (weights[i] / rest * left if rest > 0 else left / len(free))
+            for i in range(len(shares))
+        ]

@@ -5,6 +5,8 @@ import torch
 
 from comigs_hf.aggregation import (
     AGGREGATORS,
+    aggregate_coordinate_median,
+    aggregate_krum,
     aggregate_norm_weighted_mean,
     aggregate_product_svd,
     aggregate_trimmed_mean,
@@ -12,6 +14,7 @@ from comigs_hf.aggregation import (
     get_aggregator,
     trust_weights,
 )
+from comigs_hf.strategies import aggregation_weights, capped_shares, get_strategy
 
 
 def test_weighted_mean_matches_hand_computation():
@@ -166,7 +169,8 @@ def test_registry_holds_both_rules():
 
 def test_unknown_rule_lists_the_known_ones():
     with pytest.raises(
-        ValueError, match="Unknown aggregation 'median'; known: norm_weighted_mean, product_svd, trimmed"
+        ValueError,
+        match="Unknown aggregation 'median'; known: coordinate_median, krum, norm_weighted_mean, product_svd",
     ):
         get_aggregator("median")
 
@@ -234,3 +238,44 @@ def test_trust_weights_are_the_softmax_of_minus_the_perplexities_by_hand():
     assert trust_weights([1e6, 1e6 + 1]) == pytest.approx([1 / (1 + math.exp(-1)), 1 - 1 / (1 + math.exp(-1))])
     with pytest.raises(ValueError, match="at least one finite perplexity"):
         trust_weights([float("nan")])
+
+
+# ---- robust rules: one malicious client among honest ones ----------------------------------------------------
+HONEST = [1.0, 2.0, 3.0, 4.0]  # four honest clients' values of one coordinate
+ATTACK = 1000.0  # the fifth client's
+
+
+def _clients(values: list[float]) -> list[dict[str, torch.Tensor]]:
+    return [{"w": torch.tensor([value, -value])} for value in values]
+
+
+def test_coordinate_median_ignores_one_far_client_by_hand():
+    # median of 1, 2, 3, 4, 1000 is 3 (the weighted mean would be 202); of the four honest values, (2 + 3) / 2
+    result = aggregate_coordinate_median(_clients([*HONEST, ATTACK]), weights=[1, 1, 1, 1, 100])
+    torch.testing.assert_close(result["w"], torch.tensor([3.0, -3.0]))
+    torch.testing.assert_close(aggregate_coordinate_median(_clients(HONEST), [1] * 4)["w"], torch.tensor([2.5, -2.5]))
+
+
+def test_krum_selects_the_most_central_clients_and_never_the_attacker_by_hand():
+    states = _clients([*HONEST, ATTACK])
+    # n = 5, f = 1: each client's score sums its 2 nearest squared distances (per coordinate pair: 2 * d^2);
+    # client 1 (value 2): neighbours 1 and 3, 2 * (1 + 1) = 4; client 2 (value 3): 2 and 4, also 4; clients 0 and
+    # 3: 2 * (1 + 4) = 10; the attacker: 2 * (996^2 + 997^2). Krum keeps client 1 (the first of the ties)
+    torch.testing.assert_close(aggregate_krum(states, [1] * 5, num_byzantine=1)["w"], torch.tensor([2.0, -2.0]))
+    # multi-Krum: the 3 lowest scores (clients 1, 2 and 0 or 3) averaged with their weights
+    three = aggregate_krum(states, [1, 1, 3, 1, 1], num_byzantine=1, num_selected=3)["w"]
+    assert three[0] < 4 and three[0] > 1  # an honest mean, far from the attacker's 1000
+    with pytest.raises(ValueError, match="needs at least 5 clients, got 4"):
+        aggregate_krum(_clients(HONEST), [1] * 4, num_byzantine=1)
+
+
+def test_client_weight_cap_shares_the_excess_by_hand():
+    # 8 : 1 : 1 capped at one half: 0.5, then the other half split 1 : 1
+    assert capped_shares([8, 1, 1], 0.5) == pytest.approx([0.5, 0.25, 0.25])
+    # a cap under 1 / n cannot hold: everyone weighs 1 / n
+    assert capped_shares([8, 1, 1], 0.1) == pytest.approx([1 / 3] * 3)
+    # cutting the first pushes the second over: both capped, the rest split by weight
+    assert capped_shares([10, 5, 1, 1], 0.4) == pytest.approx([0.4, 0.4, 0.1, 0.1])
+    strategy = get_strategy("fedavg", max_client_weight=0.3)
+    attacker_claims = aggregation_weights(strategy, [100, 100, 100, 100_000])
+    assert attacker_claims[3] == pytest.approx(0.3)

@@ -295,7 +295,7 @@ def test_override_below_a_plain_value_is_rejected():
             ["aggregation=median"],
             [
                 "strategy:",
-                "unknown aggregation 'median'; known: norm_weighted_mean, product_svd, trimmed_mean, weighted_mean",
+                "unknown aggregation 'median'; known: coordinate_median, krum, norm_weighted_mean, product_svd",
             ],
         ),
         (

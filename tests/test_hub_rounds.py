@@ -63,10 +63,19 @@ def global_at(round_index: int) -> dict[str, torch.Tensor]:
         {"strategy": "flexlora", "model.num_specialists": 0, "model.top_k": 1, "model.lora_r": "[2,4,4,4]"},
         {"strategy": "hetlora", "model.num_specialists": 0, "model.top_k": 1, "model.lora_r": "[2,4,4,4]"},
         {"strategy": "fd_lora"},
+        {"aggregation": "krum", "aggregation_kwargs": "{num_byzantine: 0, num_selected: 2}", "max_client_weight": 0.3},
     ],
     # fresh per-client models vs one model resized client after client; the registry's other rules; clients of
     # different ranks, each taking back its leading slices of the one published adapter
-    ids=["1g1s", "heterogeneous-0123-top1", "trimmed-mean", "flexlora-2444", "hetlora-2444", "fd-lora-fused"],
+    ids=[
+        "1g1s",
+        "heterogeneous-0123-top1",
+        "trimmed-mean",
+        "flexlora-2444",
+        "hetlora-2444",
+        "fd-lora-fused",
+        "multi-krum-capped",
+    ],
 )
 def test_hub_rounds_give_the_accelerate_run_s_global_generalist_and_test_losses(world, hub, tmp_path, layout):
     cfg = load_config(None, overrides(world, tmp_path / "accelerate", **layout))

@@ -176,7 +176,7 @@ def test_strategy_is_frozen_hashable_and_freezes_its_roles():
         ({"shared_roles": {"base"}}, r"shared_roles contains \['base'\]"),
         (
             {"shared_roles": set(), "aggregation": "median"},
-            "unknown aggregation 'median'; known: norm_weighted_mean, product_svd, trimmed_mean",
+            "unknown aggregation 'median'; known: coordinate_median, krum, norm_weighted_mean, product_svd",
         ),
         (
             {"shared_roles": set(), "weighting": "by_size"},
