@@ -27,15 +27,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/comigs table --config recipes/tables/demo.yaml --output $(DEMO_OUT)
 
-# -n auto: one pytest-xdist worker per core (the tests are single-threaded, see tests/conftest.py)
+# -n auto: one pytest-xdist worker per core (the tests are single-threaded, see tests/conftest.py); loadgroup: the
+# tests marked with one xdist_group (the two-process launches) run on one worker, in turn
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m "not slow"
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto -m slow
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m slow
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/benchmark.py --json outputs/benchmark.json

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -139,6 +140,13 @@ def run_overrides(table: TableConfig, column: TableColumn, seed: int, output: Pa
     return [*table.overrides, *column.overrides, *extra, f"seed={seed}", f"output_dir={output}", "resume=true"]
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for the process group of a job launched with several processes."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _launch(table: TableConfig, overrides: list[str]) -> None:
     if table.num_processes == 1 and table.mixed_precision == "no":
         from .recipe import main as recipe_main  # in this process: no second start-up
@@ -147,7 +155,11 @@ def _launch(table: TableConfig, overrides: list[str]) -> None:
         return
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
     command += ["--num_processes", str(table.num_processes), "--mixed_precision", table.mixed_precision]
-    command += ["--dynamo_backend", "no", *(["--multi_gpu"] if table.num_processes > 1 else [])]
+    command += ["--dynamo_backend", "no"]
+    if table.num_processes > 1:
+        # a port of its own: two tables run at once would otherwise meet at accelerate's default 29500 and join each
+        # other's process group
+        command += ["--multi_gpu", "--main_process_port", str(free_port())]
     command += ["--module", "comigs_hf.recipe", "--config", table.recipe, *overrides]
     subprocess.run(command, check=True)
 

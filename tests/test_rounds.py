@@ -22,6 +22,7 @@ from comigs_hf import rounds as rounds_module
 from comigs_hf.config import load_config
 from comigs_hf.recipe import run, setup_federation
 from comigs_hf.strategies import get_strategy
+from comigs_hf.tables import free_port
 from comigs_hf.trainer import ClientUpdate, activate_client, client_folder_name, prune_ranks, train_client_round
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,9 @@ def launch(world, output_dir, num_processes=1, direct=False, **extra) -> subproc
         str(num_processes),
     ]
     if num_processes > 1:
-        launcher.append("--multi_gpu")  # with Accelerator(cpu=True): N CPU processes on gloo
+        # with Accelerator(cpu=True): N CPU processes on gloo. Each job on its own port: two jobs launched at once
+        # by two test workers would otherwise meet at the default 29500 and join each other's process group
+        launcher += ["--multi_gpu", "--main_process_port", str(free_port())]
     if direct:
         launcher = [sys.executable]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
@@ -207,6 +210,7 @@ def test_impossible_combinations_are_rejected_before_training(world, tmp_path, c
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_process_launches")  # one worker runs them in turn: never two gloo jobs at once
 def test_one_and_two_processes_give_the_same_metrics(world, tmp_path):
     one = launch(world, tmp_path / "p1", num_processes=1, **{"model.num_specialists": "[0,1,2,1]", "model.top_k": 1})
     finished(one)
@@ -450,6 +454,7 @@ def test_prune_ranks_cuts_an_adapter_whose_tail_shrank_by_hand():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_process_launches")
 @pytest.mark.parametrize(
     "extra",
     [
@@ -464,7 +469,8 @@ def test_prune_ranks_cuts_an_adapter_whose_tail_shrank_by_hand():
 )
 def test_federated_lora_baselines_give_the_same_metrics_on_one_and_two_processes(world, tmp_path, extra):
     extra = {**extra, "save_models": False}
-    finished(launch(world, tmp_path / "p1", num_processes=1, **extra))
+    # one process in this one (a launch costs a fresh interpreter), two through `accelerate launch`
+    run(config(world, tmp_path / "p1", **extra), Accelerator(cpu=True))
     finished(launch(world, tmp_path / "p2", num_processes=2, **extra))
     assert_same_metrics(client_metrics(tmp_path / "p1"), client_metrics(tmp_path / "p2"))
 
