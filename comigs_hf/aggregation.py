@@ -23,6 +23,7 @@ __all__ = [
     "aggregate_weighted_mean",
     "get_aggregator",
     "lora_pairs",
+    "lora_partner",
     "trust_weights",
 ]
 
@@ -252,16 +253,20 @@ def aggregate_krum(
     return aggregate_weighted_mean([states[i] for i in selected], [weights[i] for i in selected])
 
 
+def lora_partner(key: str) -> str:
+    """The other factor of `key`'s LoRA adapter: the `lora_B` name of a `lora_A` key and back (the same name with
+    `.lora_B.` in place of `.lora_A.`); any other key is returned as it is."""
+    if ".lora_A." in key:
+        return key.replace(".lora_A.", ".lora_B.", 1)
+    return key.replace(".lora_B.", ".lora_A.", 1)
+
+
 def lora_pairs(keys: Sequence[str]) -> dict[str, str]:
-    """Each LoRA `lora_A` key of `keys` with its `lora_B` partner (the same name with `.lora_B.` in place of
-    `.lora_A.`), for the rules that act on the product `B @ A` of one adapter; keys without a partner are left out.
+    """Each LoRA `lora_A` key of `keys` with its `lora_B` partner (see [`lora_partner`]), for the rules that act on
+    the product `B @ A` of one adapter; keys without a partner are left out.
     """
     present = set(keys)
-    return {
-        key: partner
-        for key in keys
-        if ".lora_A." in key and (partner := key.replace(".lora_A.", ".lora_B.", 1)) in present
-    }
+    return {key: lora_partner(key) for key in keys if ".lora_A." in key and lora_partner(key) in present}
 
 
 def aggregate_product_svd(

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 
 from .adapters import export_generalist
+from .aggregation import lora_partner
 from .config import RecipeConfig, config_to_dict
 from .modeling_comigs import CoMiGSForCausalLM, is_attention_adapter
 from .rounds import Federation
@@ -53,19 +54,17 @@ def client_parameter_counts(
     Counted from the model's own tensors (one expert's adapters, the attention adapter, one router row per expert),
     so that budgets can be matched across layouts as the paper does (Table 2: equal active or total parameters).
     """
-    expert, attention, router_row = 0, 0, 0
+    one_expert, attention, router_row = {}, 0, 0
     for name, param in model.named_parameters():
         if is_attention_adapter(name):
             attention += param.numel()
-        elif ".generalist_0." in name and lora_factor(name) is not None:
-            frozen = lora_factor(name) in strategy.frozen_factors
-            expert += (
-                0
-                if frozen
-                else payload_parameters({name: param}, {name.replace(".lora_B.", ".lora_A."): lora_rank})["total"]
-            )
+        elif ".generalist_0." in name and lora_factor(name) not in (None, *strategy.frozen_factors):
+            one_expert[name] = param
         elif name.endswith("router.weight"):
             router_row += param.shape[1]
+    # keyed by each adapter's lora_A name, as `lora_ranks` is, even where only its B trains (FFA-LoRA)
+    ranks = {name if lora_factor(name) == "lora_A" else lora_partner(name): lora_rank for name in one_expert}
+    expert = payload_parameters(one_expert, ranks)["total"]
     experts = model.config.num_generalists + num_specialists
     router = router_row * experts if strategy.router_training != "none" else 0
     mixed = experts if strategy.expert_mixing == "uniform" else top_k

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import modeling_comigs
-from .aggregation import AGGREGATORS
+from .aggregation import AGGREGATORS, lora_partner
 from .modeling_comigs import is_attention_adapter, parameter_role
 
 __all__ = [
@@ -429,8 +429,8 @@ def lora_ranks(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
     model's, see `comigs_hf.trainer.truncate_to_ranks`). Adapters with one factor in `state` are left out."""
     ranks = {}
     for name, tensor in state.items():
-        partner = name.replace(".lora_A.", ".lora_B.", 1)
-        if partner == name or partner not in state:
+        partner = lora_partner(name)
+        if ".lora_A." not in name or partner not in state:
             continue
         used = tensor.ne(0).any(dim=1) | state[partner].ne(0).any(dim=0)  # (R,)
         ranks[name] = int(used.nonzero().max()) + 1 if bool(used.any()) else 0
@@ -438,7 +438,7 @@ def lora_ranks(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
 
 
 def _sent_numel(name: str, tensor: torch.Tensor, ranks: Mapping[str, int]) -> int:
-    rank = ranks.get(name.replace(".lora_B.", ".lora_A.", 1))
+    rank = ranks.get(name if lora_factor(name) == "lora_A" else lora_partner(name))
     if rank is None or tensor.dim() != 2:
         return tensor.numel()
     return rank * (tensor.shape[1] if lora_factor(name) == "lora_A" else tensor.shape[0])

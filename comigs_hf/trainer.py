@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from .aggregation import lora_partner
 from .data import ClientData
 from .modeling_comigs import (
     EXPERT_ROLES,
@@ -262,7 +263,7 @@ def truncate_to_ranks(tensors: dict[str, torch.Tensor], ranks: dict[str, int]) -
     rank on are zero (copies; the other tensors are passed through)."""
     result = dict(tensors)
     for key_a, rank in ranks.items():
-        key_b = key_a.replace(".lora_A.", ".lora_B.", 1)
+        key_b = lora_partner(key_a)
         if key_a in result:
             result[key_a] = result[key_a].clone()
             result[key_a][rank:] = 0
@@ -290,7 +291,7 @@ def prune_ranks(
     tensors the client began the round with."""
     pruned = dict(ranks)
     for key_a in expert_adapter_keys(trained):
-        key_b = key_a.replace(".lora_A.", ".lora_B.", 1)
+        key_b = lora_partner(key_a)
         rank = ranks.get(key_a, full_rank)
         cut = int(strength * rank)
         if cut < 1:
@@ -357,8 +358,7 @@ def rank_pruning_penalty(
     params = dict(model.named_parameters_by_role(*EXPERT_ROLES))
     full, strength, coef = model.config.lora_r, strategy.rank_pruning, strategy.rank_pruning_coef
     pairs = [
-        (params[key_a], params[key_a.replace(".lora_A.", ".lora_B.", 1)], ranks.get(key_a, full))
-        for key_a in expert_adapter_keys(params)
+        (params[key_a], params[lora_partner(key_a)], ranks.get(key_a, full)) for key_a in expert_adapter_keys(params)
     ]
 
     def penalty() -> torch.Tensor:
