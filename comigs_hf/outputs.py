@@ -144,7 +144,7 @@ def write_outputs(federation: Federation, cfg: RecipeConfig, accelerator: Accele
     """Write everything; every rank saves its own clients' models, the main process the rest."""
     output = Path(cfg.output_dir)
     records = federation.records
-    results = summarise(records, federation, cfg)
+    results = {**summarise(records, federation, cfg), "num_processes": accelerator.num_processes}
     if cfg.save_models:
         for client_id, state in federation.states.items():
             activate_client(federation.model, state, federation.shared)

@@ -6,8 +6,9 @@ Launched as `recipes/federated.py` (a thin script around `main`) or `comigs run`
     accelerate launch --num_processes 2 recipes/federated.py --config recipes/configs/demo.yaml \
         strategy=fedavg rounds=5
 
-On a CPU-only machine, `accelerate launch --multi_gpu --num_processes 2 ...` gives two processes on gloo. Clients are
-spread over the processes; every process holds one frozen base. Outputs land in `output_dir` (see the README).
+On a CPU-only machine, `accelerate launch --multi_gpu --num_processes 2 ...` gives two processes on gloo (see
+`default_accelerator`). Clients are spread over the processes; every process holds one frozen base. Outputs land in
+`output_dir` (see the README).
 
 This module is where a config becomes objects: the base and the CoMiGS model (`comigs_hf.model`), the clients' data
 (`comigs_hf.data`), the strategy; the transports (`comigs_hf.rounds`, `comigs_hf.hub`) take those objects, never the
@@ -26,6 +27,7 @@ from typing import Any
 
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.state import AcceleratorState
 from accelerate.tracking import get_available_trackers
 from huggingface_hub import HfApi
 
@@ -71,8 +73,29 @@ __all__ = [
 
 def default_accelerator(**kwargs: Any) -> Accelerator:
     """An `Accelerator` of the user's accelerate config (device, processes, mixed precision) and environment;
-    `kwargs` (trackers, project folder) choose no device or precision."""
-    return Accelerator(**kwargs)
+    `kwargs` (trackers, project folder) choose no device or precision.
+
+    A launch of several processes on a machine without an accelerator (`accelerate launch --multi_gpu
+    --num_processes 2` on a CPU-only machine; Accelerate 1.15 refuses `--cpu` beside `--multi_gpu`, and `--cpu`
+    alone starts one process) leaves Accelerate with no backend: each process would run alone, repeating every
+    client's rounds and writing the same checkpoints as the others. The processes join one gloo group on the CPU
+    instead."""
+    accelerator = Accelerator(**kwargs)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)  # nothing was set up: no group, no device
+        accelerator = Accelerator(cpu=True, **kwargs)
+        logger.warning(
+            "no accelerator device for the %d launched processes: they join one gloo group on the CPU.",
+            launched,
+            main_process_only=True,
+        )
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"accelerate launched {launched} processes but they formed a group of {accelerator.num_processes}; "
+            "check the accelerate config (accelerate env) and the launch flags."
+        )
+    return accelerator
 
 
 # ---- Accelerate ----------------------------------------------------------------------------------------------------

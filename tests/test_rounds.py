@@ -84,8 +84,10 @@ def finished(process: subprocess.Popen) -> str:
     return output
 
 
-def client_metrics(output_dir: Path) -> list[tuple]:
+def client_metrics(output_dir: Path, num_processes: int = 1) -> list[tuple]:
     results = json.loads((output_dir / "results.json").read_text())
+    # processes that never joined one group would each run every client, and still agree on every metric
+    assert results["num_processes"] == num_processes
     return [(c["name"], c["test_loss"], c["bytes_sent"], c["train_tokens"]) for c in results["clients"]]
 
 
@@ -216,7 +218,7 @@ def test_one_and_two_processes_give_the_same_metrics(world, tmp_path):
     finished(one)
     two = launch(world, tmp_path / "p2", num_processes=2, **{"model.num_specialists": "[0,1,2,1]", "model.top_k": 1})
     finished(two)
-    assert_same_metrics(client_metrics(tmp_path / "p1"), client_metrics(tmp_path / "p2"))
+    assert_same_metrics(client_metrics(tmp_path / "p1"), client_metrics(tmp_path / "p2", num_processes=2))
 
 
 @pytest.mark.slow
@@ -472,7 +474,7 @@ def test_federated_lora_baselines_give_the_same_metrics_on_one_and_two_processes
     # one process in this one (a launch costs a fresh interpreter), two through `accelerate launch`
     run(config(world, tmp_path / "p1", **extra), Accelerator(cpu=True))
     finished(launch(world, tmp_path / "p2", num_processes=2, **extra))
-    assert_same_metrics(client_metrics(tmp_path / "p1"), client_metrics(tmp_path / "p2"))
+    assert_same_metrics(client_metrics(tmp_path / "p1"), client_metrics(tmp_path / "p2", num_processes=2))
 
 
 # ---- PCL: each client combines every client's update itself ---------------------------------------------------
