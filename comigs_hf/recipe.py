@@ -90,7 +90,7 @@ def default_accelerator(**kwargs: Any) -> Accelerator:
             launched,
             main_process_only=True,
         )
-    if accelerator.num_processes != launched:
+    if launched > 1 and accelerator.num_processes != launched:  # an MPI launch may set no WORLD_SIZE
         raise RuntimeError(
             f"accelerate launched {launched} processes but they formed a group of {accelerator.num_processes}; "
             "check the accelerate config (accelerate env) and the launch flags."
