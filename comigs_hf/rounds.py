@@ -45,8 +45,8 @@ from .evaluation import (
     fusion_weights,
 )
 from .modeling_comigs import CoMiGSForCausalLM
-from .server import aggregate_updates, combine_for_client
-from .strategies import Strategy, lora_ranks, partition_state_dict, payload_bytes, payload_parameters
+from .server import aggregate_updates, combine_for_client, round_row
+from .strategies import Strategy, partition_state_dict
 from .trainer import (
     ClientState,
     ClientUpdate,
@@ -216,7 +216,7 @@ def run_round(federation: Federation, round_index: int, accelerator: Accelerator
         everyone = _exchange(accelerator, updates)
         if strategy.shared_roles:
             federation.shared = aggregate_updates(strategy, everyone, federation.shared)
-        rows = [_round_row(update, federation.shared if strategy.shared_roles else {}) for update in everyone]
+        rows = [round_row(update, federation.shared if strategy.shared_roles else {}) for update in everyone]
     if federation.pooled is not None:  # one model trained for everyone: each client's row carries its figures
         rows = [{**rows[0], "client_id": client_id} for client_id in range(len(federation.clients))]
     if round_index == plan.rounds and strategy.fusion_budget:  # FD-LoRA: each client fuses its experts once
@@ -250,7 +250,7 @@ def _combine_on_clients(
         federation.states[update.client_id].parameters.update(update.shared)
     if not strategy.combines_in_round(round_index):
         everyone = _exchange(accelerator, [replace(update, shared={}) for update in updates])
-        return [_round_row(update, {}) for update in everyone]
+        return [round_row(update, {}) for update in everyone]
     everyone = _exchange(accelerator, updates)
     for update in updates:
         state, data = federation.states[update.client_id], federation.clients[update.client_id]
@@ -258,27 +258,10 @@ def _combine_on_clients(
             federation.model, state, data.validation, everyone, federation.evaluation, accelerator
         )
         state.parameters.update(combine_for_client(strategy, everyone, update.shared, weights))
-    rows = [_round_row(update, {}) for update in everyone]
+    rows = [round_row(update, {}) for update in everyone]
     for row in rows:  # each client received every other client's tensors
         row["bytes_received"] = sum(other["bytes_sent"] for other in rows if other["client_id"] != row["client_id"])
     return rows
-
-
-def _round_row(update: ClientUpdate, received: dict[str, torch.Tensor]) -> dict:
-    """A client's row of the round's record: its training metrics and what it sent and receives (bytes,
-    parameters), counted at the ranks its adapters use (a client below the model's rank sends and takes back the
-    leading slices only)."""
-    ranks = lora_ranks(update.shared)
-    parameters = payload_parameters(update.shared, ranks)
-    return {
-        "client_id": update.client_id,
-        "train_tokens": update.train_tokens,
-        **update.metrics,
-        "bytes_sent": payload_bytes(update.shared, ranks),
-        "bytes_received": payload_bytes(received, ranks),
-        "params_sent": parameters["total"],
-        "expert_params_sent": parameters["experts"],
-    }
 
 
 def _evaluate_held(federation: Federation, client_id: int, round_index: int, accelerator: Accelerator) -> dict:

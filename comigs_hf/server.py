@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .aggregation import get_aggregator
-from .strategies import Strategy, aggregation_weights
+from .strategies import Strategy, aggregation_weights, lora_ranks, payload_bytes, payload_parameters
 from .trainer import ClientUpdate
 
 # a token count above this is no honest training split (it would overflow the float weights' exact integers)
@@ -142,6 +142,23 @@ def combine_for_client(
     return {key: combined[key].to(expected.dtype) for key, expected in own.items()}
 
 
+def round_row(update: ClientUpdate, received: dict[str, torch.Tensor]) -> dict:
+    """A client's row of the round's record: its training metrics and what it sent and receives (bytes,
+    parameters), counted at the ranks its adapters use (a client below the model's rank sends and takes back the
+    leading slices only)."""
+    ranks = lora_ranks(update.shared)
+    parameters = payload_parameters(update.shared, ranks)
+    return {
+        "client_id": update.client_id,
+        "train_tokens": update.train_tokens,
+        **update.metrics,
+        "bytes_sent": payload_bytes(update.shared, ranks),
+        "bytes_received": payload_bytes(received, ranks),
+        "params_sent": parameters["total"],
+        "expert_params_sent": parameters["experts"],
+    }
+
+
 __all__ = [
     "MAX_ABS_VALUE",
     "MAX_TRAIN_TOKENS",
@@ -149,4 +166,5 @@ __all__ = [
     "aggregate_updates",
     "check_update",
     "combine_for_client",
+    "round_row",
 ]

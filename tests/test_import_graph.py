@@ -2,7 +2,7 @@
 
 ```
 4 face        config, recipe, cli, outputs, tables
-3 transports  rounds (Accelerate), hub/ (Hub)          never each other
+3 transports  rounds (Accelerate), hub/ (Hub), flower/  never each other
 2 protocol    trainer (client step), evaluation, server (server step)
 1 pieces      strategies, aggregation, data/, embedded/, metrics/, adapters, model
 0 model       configuration_comigs, layer_comigs, modeling_comigs: travel with saved models
@@ -34,13 +34,14 @@ LAYERS = {
     "server": 2,
     "rounds": 3,
     "hub": 3,
+    "flower": 3,
     "config": 4,
     "recipe": 4,
     "cli": 4,
     "outputs": 4,
     "tables": 4,
 }
-TRANSPORTS = {"rounds", "hub"}
+TRANSPORTS = {"rounds", "hub", "flower"}
 REMOTE_CODE = {"configuration_comigs", "layer_comigs", "modeling_comigs"}
 # what a model loaded with trust_remote_code may import: transformers' own model files import huggingface_hub
 # (`huggingface_hub.dataclasses.strict`), a hard dependency of transformers
