@@ -368,6 +368,23 @@ def _hub_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flower_sim(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is None:
+        raise _UsageError(None, "Flower is not installed: pip install 'comigs-hf[flower]'")
+    from .flower_app import run_flower_simulation
+    from .recipe import format_results
+
+    cfg = _recipe_config(args)
+    results = run_flower_simulation(
+        cfg, num_cpus_per_client=args.cpus_per_client, num_gpus_per_client=args.gpus_per_client
+    )
+    print(format_results(results))
+    print(f"outputs: {cfg.output_dir}")
+    return 0
+
+
 def _table(args: argparse.Namespace) -> int:
     from .tables import load_table_config, run_table, write_table
 
@@ -528,6 +545,19 @@ def build_parser() -> argparse.ArgumentParser:
     hub_client.set_defaults(handler=_hub_client)
 
     commands.add_parser("run", help="the federated recipe over Accelerate (comigs run --help)", add_help=False)
+
+    flower_sim = commands.add_parser(
+        "flower-sim", help="the federated recipe in Flower's simulation engine, one virtual SuperNode per client"
+    )
+    flower_sim.add_argument("--config", help=recipe_help)
+    flower_sim.add_argument(
+        "--cpus-per-client", type=float, default=1.0, help="CPU cores each client's Ray actor takes (default: 1)"
+    )
+    flower_sim.add_argument(
+        "--gpus-per-client", type=float, default=0.0, help="share of a GPU each client's Ray actor takes (default: 0)"
+    )
+    flower_sim.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+    flower_sim.set_defaults(handler=_flower_sim)
 
     table = commands.add_parser(
         "table", help="run every strategy x seed of a table config (skipping finished runs) and write its tables"

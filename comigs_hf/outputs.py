@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -74,28 +75,51 @@ def client_parameter_counts(
     }
 
 
-def summarise(records: list[dict], federation: Federation, cfg: RecipeConfig) -> dict:
+@dataclass(frozen=True)
+class RunLayout:
+    """What a run's outputs need besides its records, whatever transport ran it: the model (for parameter counts
+    and the global generalist's export), the strategy, and each client's name and layout, in client order."""
+
+    model: CoMiGSForCausalLM
+    strategy: Strategy
+    names: list[str]
+    num_specialists: list[int]
+    top_k: list[int]
+    lora_ranks: list[int]
+
+    @classmethod
+    def of(cls, federation: Federation) -> RunLayout:
+        config, count = federation.model.config, len(federation.clients)
+        return cls(
+            federation.model,
+            federation.strategy,
+            [data.name for data in federation.clients],
+            list(federation.num_specialists),
+            list(federation.top_k or [config.num_experts_per_tok] * count),
+            list(federation.lora_ranks or [config.lora_r] * count),
+        )
+
+
+def summarise(records: list[dict], layout: RunLayout, cfg: RecipeConfig) -> dict:
     """`results.json`: per-client final metrics and totals over all rounds."""
     final = {row["client_id"]: row for row in records[-1]["clients"]}
     clients = []
-    top_k = federation.top_k or [federation.model.config.num_experts_per_tok] * len(federation.clients)
-    ranks = federation.lora_ranks or [federation.model.config.lora_r] * len(federation.clients)
-    for client_id, data in enumerate(federation.clients):
+    for client_id, name in enumerate(layout.names):
         rows = [row for record in records for row in record["clients"] if row["client_id"] == client_id]
         clients.append(
             {
                 "id": client_id,
-                "name": data.name,
-                "num_generalists": federation.model.config.num_generalists,
-                "num_specialists": federation.num_specialists[client_id],
-                "top_k": top_k[client_id],
-                "lora_r": ranks[client_id],
+                "name": name,
+                "num_generalists": layout.model.config.num_generalists,
+                "num_specialists": layout.num_specialists[client_id],
+                "top_k": layout.top_k[client_id],
+                "lora_r": layout.lora_ranks[client_id],
                 **client_parameter_counts(
-                    federation.model,
-                    federation.strategy,
-                    federation.num_specialists[client_id],
-                    top_k[client_id],
-                    ranks[client_id],
+                    layout.model,
+                    layout.strategy,
+                    layout.num_specialists[client_id],
+                    layout.top_k[client_id],
+                    layout.lora_ranks[client_id],
                 ),
                 "train_tokens": final[client_id]["train_tokens"],  # the pooled split under centralized
                 "tokens_seen": sum(row["tokens_seen"] for row in rows),
@@ -118,33 +142,58 @@ def summarise(records: list[dict], federation: Federation, cfg: RecipeConfig) ->
     }
     return {
         "strategy": cfg.strategy,
-        "aggregation": federation.strategy.aggregation,
-        "weighting": federation.strategy.weighting,
+        "aggregation": layout.strategy.aggregation,
+        "weighting": layout.strategy.weighting,
         "rounds": cfg.rounds,
         "seed": cfg.seed,
         "clients": clients,
         "mean_test_ppl": sum(ppls) / len(ppls) if ppls else None,
         **means,
-        "shared_roles": sorted(federation.strategy.shared_roles),
+        "shared_roles": sorted(layout.strategy.shared_roles),
         "config": config_to_dict(cfg),
     }
 
 
-def write_curves(path: Path, records: list[dict], federation: Federation) -> None:
+def write_curves(path: Path, records: list[dict], names: list[str]) -> None:
     """One CSV row per (round, client): losses, perplexity where evaluated, tokens and bytes."""
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CURVE_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for record in records:
             for row in record["clients"]:
-                writer.writerow({"round": record["round"], "client": federation.clients[row["client_id"]].name, **row})
+                writer.writerow({"round": record["round"], "client": names[row["client_id"]], **row})
+
+
+def write_run_summary(
+    records: list[dict], layout: RunLayout, shared: dict, cfg: RecipeConfig, **extra: object
+) -> dict:
+    """What the server side of any transport writes into `cfg.output_dir`: `results.json` (with `extra` keys),
+    `curves.csv`, the global generalist (when the strategy shares it) and, with `cfg.plots`, the PNGs. Returns the
+    results."""
+    output = Path(cfg.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    results = {**summarise(records, layout, cfg), **extra}
+    if "generalist" in layout.strategy.shared_roles:
+        # client 0's layout holds the global itself, not a client's slices of it when its rank is below the model's
+        layout.model.set_num_specialists(layout.num_specialists[0], layout.top_k[0])
+        layout.model.load_role_state_dict(shared)
+        for index in range(layout.model.config.num_generalists):
+            suffix = "" if layout.model.config.num_generalists == 1 else f"/generalist_{index}"
+            export_generalist(layout.model, output / f"global_generalist{suffix}", index=index)
+    write_curves(output / "curves.csv", records, layout.names)
+    (output / "results.json").write_text(json.dumps(results, indent=2))
+    if cfg.plots and _have_matplotlib():
+        plot_curves(records, layout.names, output / "training_curves.png")
+        plot_routing(results, output / "routing.png")
+    return results
 
 
 def write_outputs(federation: Federation, cfg: RecipeConfig, accelerator: Accelerator) -> dict:
     """Write everything; every rank saves its own clients' models, the main process the rest."""
     output = Path(cfg.output_dir)
-    records = federation.records
-    results = {**summarise(records, federation, cfg), "num_processes": accelerator.num_processes}
+    layout = RunLayout.of(federation)
+    extra = {"transport": "accelerate", "num_processes": accelerator.num_processes}
+    results = {**summarise(federation.records, layout, cfg), **extra}
     if cfg.save_models:
         for client_id, state in federation.states.items():
             activate_client(federation.model, state, federation.shared)
@@ -152,22 +201,7 @@ def write_outputs(federation: Federation, cfg: RecipeConfig, accelerator: Accele
             federation.model.save_pretrained(directory, include_base=cfg.save_base)
             federation.tokenizer.save_pretrained(directory)
     if accelerator.is_main_process:
-        if (
-            federation.strategy.shared_roles
-            and 0 in federation.states
-            and "generalist" in federation.strategy.shared_roles
-        ):
-            activate_client(federation.model, federation.states[0], federation.shared)
-            # the global itself, not client 0's slices of it when its rank is below the model's
-            federation.model.load_role_state_dict(federation.shared)
-            for index in range(federation.model.config.num_generalists):
-                suffix = "" if federation.model.config.num_generalists == 1 else f"/generalist_{index}"
-                export_generalist(federation.model, output / f"global_generalist{suffix}", index=index)
-        write_curves(output / "curves.csv", records, federation)
-        (output / "results.json").write_text(json.dumps(results, indent=2))
-        if cfg.plots and _have_matplotlib():
-            plot_curves(records, federation, output / "training_curves.png")
-            plot_routing(results, output / "routing.png")
+        write_run_summary(federation.records, layout, federation.shared, cfg, **extra)
     accelerator.wait_for_everyone()
     return results
 
@@ -179,7 +213,7 @@ def _have_matplotlib() -> bool:
     return True
 
 
-def plot_curves(records: list[dict], federation: Federation, path: Path) -> None:
+def plot_curves(records: list[dict], names: list[str], path: Path) -> None:
     """Training loss per round and test perplexity at evaluated rounds, one line per client."""
     import matplotlib
 
@@ -187,11 +221,11 @@ def plot_curves(records: list[dict], federation: Federation, path: Path) -> None
     import matplotlib.pyplot as plt
 
     figure, (loss_axis, ppl_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for client_id, data in enumerate(federation.clients):
+    for client_id, name in enumerate(names):
         rows = [(r["round"], row) for r in records for row in r["clients"] if row["client_id"] == client_id]
-        loss_axis.plot([t for t, _ in rows], [row["train_loss"] for _, row in rows], label=data.name)
+        loss_axis.plot([t for t, _ in rows], [row["train_loss"] for _, row in rows], label=name)
         evaluated = [(t, row["test_ppl"]) for t, row in rows if "test_ppl" in row]
-        ppl_axis.plot([t for t, _ in evaluated], [p for _, p in evaluated], marker="o", label=data.name)
+        ppl_axis.plot([t for t, _ in evaluated], [p for _, p in evaluated], marker="o", label=name)
     loss_axis.set(title="training loss", xlabel="round", ylabel="loss")
     ppl_axis.set(title="test perplexity", xlabel="round", ylabel="perplexity")
     ppl_axis.legend()

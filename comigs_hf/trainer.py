@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -367,6 +368,18 @@ def rank_pruning_penalty(
     return penalty
 
 
+def save_state_atomically(path: Path, payload: dict) -> None:
+    """Write a client's private state next to `path`, flush it to disk, rename it over `path`: a kill at any point
+    leaves the previous state whole. Read it back with `torch.load(path, weights_only=True)`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(staging, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+
+
 def activate_client(model: CoMiGSForCausalLM, state: ClientState, shared: dict[str, torch.Tensor]) -> None:
     """Swap a client into the model: its expert count and top-k, its private tensors, then the global shared ones,
     each adapter cut to the client's rank (the leading slices of the global's factors)."""
@@ -638,6 +651,7 @@ __all__ = [
     "prune_ranks",
     "rank_pruning_penalty",
     "run_client_round",
+    "save_state_atomically",
     "saved_client_parameters",
     "train_client_round",
     "truncate_to_ranks",

@@ -30,8 +30,10 @@ def _update(client_id: int = 1, scale: float = 1.0) -> ClientUpdate:
 
 def test_reply_round_trips_the_update_exactly():
     update = _update()
-    received, name = update_from_reply(update_to_reply(update, "python"), REFERENCE, num_clients=4, round_index=2)
-    assert name == "python"
+    received, name, evaluation = update_from_reply(
+        update_to_reply(update, "python"), REFERENCE, num_clients=4, round_index=2
+    )
+    assert name == "python" and evaluation is None
     assert received.client_id == 1 and received.round == 2 and received.train_tokens == 4096
     assert received.metrics == update.metrics
     assert set(received.shared) == set(REFERENCE)
@@ -128,6 +130,6 @@ def test_an_object_array_is_never_unpickled():
 def test_infinite_values_reach_the_server_check():
     update = _update()
     update.shared[KEY][0, 0] = math.inf
-    received, _ = update_from_reply(update_to_reply(update, "python"), REFERENCE, 4, 2)
+    received, _, _ = update_from_reply(update_to_reply(update, "python"), REFERENCE, 4, 2)
     with pytest.raises(InvalidUpdate, match="NaN or Inf"):
         aggregate_updates(get_strategy("comigs"), [received], REFERENCE)

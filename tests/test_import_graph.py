@@ -40,6 +40,7 @@ LAYERS = {
     "cli": 4,
     "outputs": 4,
     "tables": 4,
+    "flower_app": 4,
 }
 TRANSPORTS = {"rounds", "hub", "flower"}
 REMOTE_CODE = {"configuration_comigs", "layer_comigs", "modeling_comigs"}

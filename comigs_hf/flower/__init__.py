@@ -1,9 +1,39 @@
 """The round protocol on Flower's Message API (the `flower` extra: `pip install 'comigs-hf[flower]'`).
 
-`messages` defines what a train reply carries and checks an untrusted one before the server step
-(`comigs_hf.server.aggregate_updates`) sees it.
+`messages` defines what travels and checks whatever arrives; `node` answers the server's messages for one client
+(the client step, its private state persisted on the node); `strategy` is the server (a Flower `Strategy` around the
+server step). `comigs_hf.flower_app` builds them from a recipe.
 """
 
-from .messages import arrays_to_shared, read_report, shared_to_arrays, update_from_reply, update_to_reply
+from .messages import (
+    arrays_to_shared,
+    evaluation_from_reply,
+    evaluation_to_reply,
+    global_from_message,
+    identity_from_reply,
+    identity_to_reply,
+    read_report,
+    shared_to_arrays,
+    update_from_reply,
+    update_to_reply,
+)
+from .node import STATE_FORMAT, FlowerNode, check_flower_strategy
+from .strategy import CoMiGSStrategy, FederationIncomplete
 
-__all__ = ["arrays_to_shared", "read_report", "shared_to_arrays", "update_from_reply", "update_to_reply"]
+__all__ = [
+    "STATE_FORMAT",
+    "CoMiGSStrategy",
+    "FederationIncomplete",
+    "FlowerNode",
+    "arrays_to_shared",
+    "check_flower_strategy",
+    "evaluation_from_reply",
+    "evaluation_to_reply",
+    "global_from_message",
+    "identity_from_reply",
+    "identity_to_reply",
+    "read_report",
+    "shared_to_arrays",
+    "update_from_reply",
+    "update_to_reply",
+]

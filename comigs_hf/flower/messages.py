@@ -6,7 +6,13 @@ A client's reply to a train message is one `RecordDict`:
   nothing else: specialists, router, optimiser and sampler state stay on the node;
 - `"metrics"`, a `MetricRecord`: `num-examples` (the training split's token count, FedAvg's weight), `client-id`
   and `round`;
-- `"report"`, a `ConfigRecord`: the client's name and its round metrics as JSON (floats round-trip exactly).
+- `"report"`, a `ConfigRecord`: the client's name, its round metrics and, in a round evaluated before aggregation,
+  its test metrics right after the local steps, as JSON (floats round-trip exactly).
+
+A reply to an evaluate message carries the same `"metrics"` (without `num-examples`) and a report whose metrics are
+the test figures; a reply to a query message (the server learning which client a node serves) carries only
+`client-id` and the name. The server's messages carry the global shared tensors as `"arrays"` and the round as a
+`ConfigRecord` `"config"`; a node checks those arrays against its own layout ([`global_from_message`]).
 
 A reply comes from another organisation's machine, so [`update_from_reply`] trusts nothing in it: every array's
 name, declared dtype and shape are checked against the round's reference before its bytes are read, its byte size is
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ..server import InvalidUpdate
+from ..server import MAX_ABS_VALUE, InvalidUpdate
 from ..trainer import ClientUpdate
 
 # an npy header is at most a few hundred bytes (numpy pads it to 64-byte multiples; 4 KiB bounds any version)
@@ -82,18 +88,58 @@ def arrays_to_shared(
     return shared
 
 
-def update_to_reply(update: ClientUpdate, name: str) -> RecordDict:
-    """The reply content of a client's train message: its update and its round metrics (see the module doc)."""
-    report = {"name": name, "metrics": update.metrics}
+def global_from_message(content: RecordDict, reference: Mapping[str, torch.Tensor]) -> tuple[int, dict]:
+    """The round and the global shared tensors of a server's train or evaluate message, checked against the node's
+    own layout `reference` as a reply is checked on the server (the server is another organisation's machine too).
+
+    Raises:
+        [`~comigs_hf.server.InvalidUpdate`]: naming `"server"` and what is wrong.
+    """
+    try:
+        round_index = content.config_records["config"]["round"]
+        arrays = content.array_records["arrays"]
+    except KeyError as error:
+        raise InvalidUpdate("server", f"the message lacks {error}.") from None
+    if isinstance(round_index, bool) or not isinstance(round_index, int) or round_index < 1:
+        raise InvalidUpdate("server", f"round must be an integer >= 1, got {round_index!r}.")
+    shared = arrays_to_shared(arrays, reference, "server")
+    for key, tensor in shared.items():
+        if not bool(torch.isfinite(tensor).all()) or (tensor.numel() and float(tensor.abs().max()) > MAX_ABS_VALUE):
+            raise InvalidUpdate("server", f"{key!r} holds NaN, Inf or values beyond +-{MAX_ABS_VALUE:g}.")
+    return round_index, shared
+
+
+def _report_record(name: str, metrics: Mapping[str, Any], **extra: Any) -> ConfigRecord:
+    return ConfigRecord({"json": json.dumps({"name": name, "metrics": dict(metrics), **extra}, allow_nan=False)})
+
+
+def update_to_reply(update: ClientUpdate, name: str, evaluation: Mapping[str, Any] | None = None) -> RecordDict:
+    """The reply content of a client's train message: its update, its round metrics and (`evaluation`) its test
+    metrics right after the local steps (see the module doc)."""
     return RecordDict(
         {
             "arrays": shared_to_arrays(update.shared),
             "metrics": MetricRecord(
                 {"num-examples": update.train_tokens, "client-id": int(update.client_id), "round": update.round}
             ),
-            "report": ConfigRecord({"json": json.dumps(report, allow_nan=False)}),
+            "report": _report_record(name, update.metrics, evaluation=dict(evaluation) if evaluation else None),
         }
     )
+
+
+def evaluation_to_reply(client_id: int, round_index: int, name: str, metrics: Mapping[str, Any]) -> RecordDict:
+    """The reply content of a client's evaluate message: its test metrics after round `round_index`'s aggregation."""
+    return RecordDict(
+        {
+            "metrics": MetricRecord({"client-id": client_id, "round": round_index}),
+            "report": _report_record(name, metrics),
+        }
+    )
+
+
+def identity_to_reply(client_id: int, name: str) -> RecordDict:
+    """The reply content of a query message: which client the node serves."""
+    return RecordDict({"metrics": MetricRecord({"client-id": client_id}), "report": _report_record(name, {})})
 
 
 def _check_report_value(value: Any, where: str, depth: int = 0) -> None:
@@ -149,8 +195,9 @@ def read_report(content: RecordDict, sender: int | str) -> dict[str, Any]:
 
 def update_from_reply(
     content: RecordDict, reference: Mapping[str, torch.Tensor], num_clients: int, round_index: int
-) -> tuple[ClientUpdate, str]:
-    """The [`ClientUpdate`] and client name of an untrusted train reply, every field checked (see the module doc).
+) -> tuple[ClientUpdate, str, dict | None]:
+    """The [`ClientUpdate`], client name and test metrics before aggregation (`None` when not evaluated) of an
+    untrusted train reply, every field checked (see the module doc).
 
     Args:
         content (`RecordDict`): the reply's content.
@@ -161,26 +208,66 @@ def update_from_reply(
     Raises:
         [`~comigs_hf.server.InvalidUpdate`]: naming the sender (its claimed id, or `"?"`) and what is wrong.
     """
+    client_id = _sender(content, num_clients, round_index)
+    try:
+        tokens = content.metric_records["metrics"]["num-examples"]
+    except KeyError as error:
+        raise InvalidUpdate(client_id, f"the reply lacks {error}.") from None
+    arrays = content.array_records.get("arrays")
+    if arrays is None:
+        raise InvalidUpdate(client_id, "the reply carries no 'arrays' record.")
+    shared = arrays_to_shared(arrays, reference, client_id)
+    report = read_report(content, client_id)
+    evaluation = report.get("evaluation")
+    if evaluation is not None and not isinstance(evaluation, dict):
+        raise InvalidUpdate(client_id, "unreadable report (its evaluation is not a mapping).")
+    update = ClientUpdate(client_id, round_index, shared, tokens, dict(report["metrics"]))
+    return update, report["name"], evaluation
+
+
+def _sender(content: RecordDict, num_clients: int, round_index: int | None) -> int:
+    # the client id a reply claims, in range, and (for a train or evaluate reply) the round it is for
     try:
         metrics = content.metric_records["metrics"]
-        client_id, tokens, round_claimed = metrics["client-id"], metrics["num-examples"], metrics["round"]
+        client_id = metrics["client-id"]
+        round_claimed = metrics["round"] if round_index is not None else None
     except KeyError as error:
         raise InvalidUpdate("?", f"the reply lacks {error}.") from None
     if isinstance(client_id, bool) or not isinstance(client_id, int) or not 0 <= client_id < num_clients:
         raise InvalidUpdate("?", f"client-id must be an integer in [0, {num_clients}), got {client_id!r}.")
     if round_claimed != round_index:
         raise InvalidUpdate(client_id, f"the reply is for round {round_claimed!r}, this is round {round_index}.")
-    arrays = content.array_records.get("arrays")
-    if arrays is None:
-        raise InvalidUpdate(client_id, "the reply carries no 'arrays' record.")
-    shared = arrays_to_shared(arrays, reference, client_id)
+    return client_id
+
+
+def evaluation_from_reply(content: RecordDict, num_clients: int, round_index: int) -> tuple[int, str, dict]:
+    """The client id, name and test metrics of an untrusted evaluate reply.
+
+    Raises:
+        [`~comigs_hf.server.InvalidUpdate`]: naming the sender and what is wrong.
+    """
+    client_id = _sender(content, num_clients, round_index)
     report = read_report(content, client_id)
-    update = ClientUpdate(client_id, round_index, shared, tokens, dict(report["metrics"]))
-    return update, report["name"]
+    return client_id, report["name"], dict(report["metrics"])
+
+
+def identity_from_reply(content: RecordDict, num_clients: int) -> tuple[int, str]:
+    """The client id and name an untrusted query reply claims.
+
+    Raises:
+        [`~comigs_hf.server.InvalidUpdate`]: naming the sender and what is wrong.
+    """
+    client_id = _sender(content, num_clients, None)
+    return client_id, read_report(content, client_id)["name"]
 
 
 __all__ = [
     "arrays_to_shared",
+    "evaluation_from_reply",
+    "evaluation_to_reply",
+    "global_from_message",
+    "identity_from_reply",
+    "identity_to_reply",
     "read_report",
     "shared_to_arrays",
     "update_from_reply",

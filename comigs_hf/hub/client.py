@@ -46,6 +46,7 @@ from ..trainer import (
     activate_client,
     initial_client_state,
     run_client_round,
+    save_state_atomically,
 )
 from .federation import MANIFEST_NAME, FederationManifest, published_round_commit
 from .repo import check_hub_strategy, push_generalist_to_hub, round_tag
@@ -188,17 +189,6 @@ def _check_saved(saved: dict[str, Any], expected: dict[str, Any], path: Path) ->
         raise ValueError(f"{path} belongs to another federation or recipe: {'; '.join(differing)}.")
 
 
-def _save_atomically(path: Path, payload: dict[str, Any]) -> None:
-    """Write next to `path`, flush to disk, rename over it: a kill leaves the previous round's state whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(staging, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
-
-
 def _round_revision(client: HubClient, round_index: int) -> str:
     """The commit of the global `round-<t>` once its tag is checked against the federation's manifest (read by sha,
     so a tag moved after the check changes nothing); the tag itself while it does not exist (the download says so).
@@ -298,7 +288,7 @@ def run_hub_client_round(
             **update.metrics,
             "bytes_sent": payload_bytes(update.shared, lora_ranks(update.shared)),
         }
-        _save_atomically(
+        save_state_atomically(
             client.state_path,
             {
                 "format": STATE_FORMAT,

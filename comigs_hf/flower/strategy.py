@@ -1,0 +1,269 @@
+"""The server side of the round protocol on Flower: a `flwr.serverapp.strategy.Strategy` around the server step.
+
+[`CoMiGSStrategy`] is driven by Flower's own round loop (`Strategy.start`), so Flower's strategy wrappers (its
+differential-privacy ones, for instance) compose with it. Each round:
+
+1. `configure_train` learns which client each newly connected node serves (a query message; two nodes claiming one
+   client are refused) and sends every serving node the global shared tensors and the round;
+2. `aggregate_train` reads each reply as an untrusted update (`messages.update_from_reply`, then
+   `server.check_update`): a failed, malformed or misattributed reply is dropped with a warning, and the round goes
+   on while at least `min_train_nodes` updates arrived; the server step (`server.aggregate_updates`) runs over them
+   in client order, as on every transport, and each client's row of the round's record is
+   `server.round_row`'s;
+3. `configure_evaluate` and `aggregate_evaluate` collect every client's test metrics with the new global in the
+   rounds the recipe evaluates (every `eval_every` rounds and the last), beside the metrics the train replies
+   carried from right after the local steps.
+
+The records then have the Accelerate rounds' form: `{"round": t, "clients": [row, ...]}`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy as FlowerStrategy
+
+from ..evaluation import EvaluationConfig
+from ..server import InvalidUpdate, aggregate_updates, check_update, round_row
+from ..strategies import Strategy
+from .messages import arrays_to_shared, evaluation_from_reply, identity_from_reply, shared_to_arrays, update_from_reply
+from .node import check_flower_strategy
+
+logger = logging.getLogger("comigs_hf.flower")
+
+
+class FederationIncomplete(RuntimeError):
+    """Too few nodes joined, or too few replied in a round, for the federation to go on; the message says who."""
+
+
+class CoMiGSStrategy(FlowerStrategy):
+    """The round protocol's server on Flower: the recipe's strategy, its server step and its records.
+
+    Args:
+        strategy ([`~comigs_hf.strategies.Strategy`]): what is shared and how it is combined.
+        initial_shared (`Mapping[str, torch.Tensor]`): the global shared state before round 1
+            ([`~comigs_hf.trainer.initial_shared_state`], as the Accelerate rounds draw it).
+        num_clients (`int`): the federation's clients; node replies must claim an id in `[0, num_clients)`.
+        rounds (`int`): rounds in the run.
+        eval_every (`int`): evaluate every this many rounds, and after the last.
+        evaluation ([`~comigs_hf.evaluation.EvaluationConfig`]): whether rows carry the figures measured right after
+            the local steps (`before_aggregation`).
+        min_train_nodes (`int`, *optional*): the fewest updates a round aggregates; fewer raise
+            [`FederationIncomplete`]. Defaults to every client.
+        timeout (`float`): seconds to wait for nodes to join before round 1, and for query replies.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        initial_shared: Mapping[str, torch.Tensor],
+        num_clients: int,
+        *,
+        rounds: int,
+        eval_every: int,
+        evaluation: EvaluationConfig | None = None,
+        min_train_nodes: int | None = None,
+        timeout: float = 600.0,
+    ):
+        self.strategy = check_flower_strategy(strategy)
+        self.shared = dict(initial_shared)
+        self.num_clients = num_clients
+        self.rounds, self.eval_every = rounds, eval_every
+        self.evaluation = evaluation or EvaluationConfig()
+        self.min_train_nodes = num_clients if min_train_nodes is None else min_train_nodes
+        if not 1 <= self.min_train_nodes <= num_clients:
+            raise ValueError(f"min_train_nodes must be in [1, {num_clients}] (the clients), got {min_train_nodes}.")
+        self.timeout = timeout
+        self.nodes: dict[int, int] = {}  # node id -> the client it serves
+        self.names: dict[int, str] = {}  # client id -> its data partition's name
+        self.records: list[dict] = []
+        self._sent: dict[int, int] = {}  # node id -> client id, this phase's messages
+        self._round: dict = {}
+        self._before: dict[int, dict] = {}
+
+    # ---- nodes -----------------------------------------------------------------------------------------------------
+    def serving_nodes(self, grid: Grid) -> dict[int, int]:
+        """Client id -> the connected node serving it; asks every node not seen before which client it serves, and
+        before round 1 waits (up to `timeout`) until every client has a node.
+
+        Raises:
+            [`FederationIncomplete`]: before round 1, some clients have no node after `timeout` seconds.
+        """
+        deadline = time.monotonic() + self.timeout
+        while True:
+            connected = set(grid.get_node_ids())
+            new = sorted(connected - set(self.nodes))
+            if new:
+                self._identify(grid, new, connected)
+            serving = {client: node for node, client in self.nodes.items() if node in connected}
+            if self.records or len(serving) == self.num_clients:
+                return serving
+            if time.monotonic() > deadline:
+                absent = sorted(set(range(self.num_clients)) - set(serving))
+                raise FederationIncomplete(
+                    f"After {self.timeout:g} s, {len(serving)} of {self.num_clients} clients have a node; no node "
+                    f"serves clients {absent[:10]} (start their SuperNodes with partition-id set)."
+                )
+            time.sleep(0.5)
+
+    def _identify(self, grid: Grid, node_ids: list[int], connected: set[int]) -> None:
+        queries = [
+            Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=node)
+            for node in node_ids
+        ]
+        for reply in grid.send_and_receive(queries, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                logger.warning("node %s did not say which client it serves: %s", node, reply.error.reason)
+                continue
+            try:
+                client, name = identity_from_reply(reply.content, self.num_clients)
+            except InvalidUpdate as error:
+                logger.warning("node %s: %s", node, error)
+                continue
+            holder = next((n for n, c in self.nodes.items() if c == client and n in connected and n != node), None)
+            if holder is not None:
+                logger.warning("node %s claims client %d, which node %s serves: ignored.", node, client, holder)
+                continue
+            self.nodes = {n: c for n, c in self.nodes.items() if c != client}  # a restarted node has a new id
+            self.nodes[node] = client
+            self.names[client] = name
+
+    def _messages(self, serving: dict[int, int], clients: Iterable[int], content: RecordDict, kind: str) -> list:
+        self._sent = {serving[client]: client for client in clients}
+        return [Message(content=content, message_type=kind, dst_node_id=node) for node in self._sent]
+
+    def _global(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        # what the round loop hands back: ours, or changed by a wrapping strategy (Flower's DP wrappers add noise)
+        return arrays_to_shared(arrays, self.shared, "the server's round loop")
+
+    def _replies(self, replies: Iterable[Message], round_index: int, phase: str) -> Iterable[tuple[int, Message]]:
+        """The replies that came back without error from the nodes this phase wrote to, with the client each
+        serves; the others are logged."""
+        answered = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            client = self._sent.get(node)
+            if client is None:
+                logger.warning("round %d %s: node %s replied unasked: ignored.", round_index, phase, node)
+            elif reply.has_error():
+                logger.warning("round %d %s: client %d failed: %s", round_index, phase, client, reply.error.reason)
+            else:
+                yield client, reply
+        for node in sorted(set(self._sent) - answered):
+            logger.warning("round %d %s: client %d did not reply in time.", round_index, phase, self._sent[node])
+
+    def _due(self, round_index: int) -> bool:
+        return round_index % self.eval_every == 0 or round_index == self.rounds
+
+    # ---- the four phases -------------------------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Every serving node gets the global and the round (and whether to report its test metrics right after the
+        local steps)."""
+        self.shared = self._global(arrays)
+        serving = self.serving_nodes(grid)
+        wanted = self.evaluation.before_aggregation or not self.strategy.shared_roles
+        settings = ConfigRecord({**config, "round": server_round, "evaluate": self._due(server_round) and wanted})
+        content = RecordDict({"arrays": arrays, "config": settings})
+        return self._messages(serving, sorted(serving), content, MessageType.TRAIN)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The server step over the updates that arrived and passed every check, in client order.
+
+        Raises:
+            [`FederationIncomplete`]: fewer than `min_train_nodes` usable updates.
+        """
+        updates, before, refused = {}, {}, []
+        for client, reply in self._replies(replies, server_round, "train"):
+            try:
+                update, name, evaluation = update_from_reply(
+                    reply.content, self.shared, self.num_clients, server_round
+                )
+                if update.client_id != client:
+                    raise InvalidUpdate(client, f"its node replied as client {update.client_id}.")
+                check_update(update, self.shared, self.strategy.max_update_norm)
+            except InvalidUpdate as error:
+                logger.warning("round %d: %s Dropped.", server_round, error)
+                refused.append(client)
+                continue
+            updates[client], before[client] = update, evaluation
+            self.names.setdefault(client, name)
+        if len(updates) < self.min_train_nodes:
+            raise FederationIncomplete(
+                f"Round {server_round}: {len(updates)} usable updates (clients {sorted(updates)}), fewer than "
+                f"min_train_nodes={self.min_train_nodes}; refused: {refused}, sent: {sorted(self._sent.values())}."
+            )
+        everyone = [updates[client] for client in sorted(updates)]
+        if self.strategy.shared_roles:
+            self.shared = aggregate_updates(self.strategy, everyone, self.shared)
+        received = self.shared if self.strategy.shared_roles else {}
+        self._round = {"round": server_round, "clients": [round_row(update, received) for update in everyone]}
+        self._before = {client: metrics for client, metrics in before.items() if metrics is not None}
+        rows = self._round["clients"]
+        totals = {
+            "train-loss": sum(row["train_loss"] for row in rows) / len(rows),
+            "bytes-sent": sum(row["bytes_sent"] for row in rows),
+            "clients": len(rows),
+        }
+        return shared_to_arrays(self.shared), MetricRecord(totals)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """In the rounds the recipe evaluates, every serving node gets the new global; none in the others."""
+        self.shared = self._global(arrays)
+        if not self._due(server_round):
+            self._sent = {}
+            return []
+        serving = self.serving_nodes(grid)
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({**config, "round": server_round})})
+        return self._messages(serving, sorted(serving), content, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Each trained client's row takes its test metrics (and, with `before_aggregation`, those right after its
+        local steps, suffixed `_before_aggregation`); the round's record is complete."""
+        after = {}
+        for client, reply in self._replies(replies, server_round, "evaluate"):
+            try:
+                claimed, _, metrics = evaluation_from_reply(reply.content, self.num_clients, server_round)
+                if claimed != client:
+                    raise InvalidUpdate(client, f"its node replied as client {claimed}.")
+            except InvalidUpdate as error:
+                logger.warning("round %d: %s Ignored.", server_round, error)
+                continue
+            after[client] = metrics
+        shares = bool(self.strategy.shared_roles)
+        for row in self._round["clients"]:
+            client = row["client_id"]
+            if client not in after:
+                continue
+            row.update({key: value for key, value in after[client].items() if key != "client_id"})
+            if self.evaluation.before_aggregation:
+                trained = self._before.get(client, after[client] if not shares else {})
+                row.update({f"{k}_before_aggregation": v for k, v in trained.items() if k.endswith(("_loss", "_ppl"))})
+        self.records.append(self._round)
+        ppls = [metrics["test_ppl"] for metrics in after.values() if "test_ppl" in metrics]
+        return MetricRecord({"mean-test-ppl": sum(ppls) / len(ppls)}) if ppls else None
+
+    def summary(self) -> None:
+        logger.info(
+            "CoMiGS round protocol: strategy %s (shares %s, aggregation %s), %d clients, at least %d updates a round",
+            self.strategy.name,
+            sorted(self.strategy.shared_roles) or "nothing",
+            self.strategy.aggregation,
+            self.num_clients,
+            self.min_train_nodes,
+        )
+
+
+__all__ = ["CoMiGSStrategy", "FederationIncomplete"]
