@@ -107,6 +107,13 @@ class RecipeConfig(RoundsConfig):
             "0.0005); None: the strategy's own."
         },
     )
+    min_train_nodes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Flower: the fewest usable updates a round aggregates (a node may fail or be dropped); None: "
+            "every client asked. Accelerate and the Hub rounds lose no client."
+        },
+    )
     trackers: list[str] = field(
         default_factory=lambda: ["tensorboard"],
         metadata={"help": f"Accelerate trackers: {', '.join(KNOWN_TRACKERS)}."},
@@ -245,6 +252,15 @@ def validate_config(cfg: RecipeConfig) -> None:
         `ValueError`: naming the keys.
     """
     check_client_layout(cfg)
+    if cfg.clients_per_round is not None:
+        if build_strategy(cfg).pool_clients:
+            raise ValueError(
+                f"clients_per_round={cfg.clients_per_round} samples the clients that train, but strategy "
+                f"{cfg.strategy!r} trains one model on everyone's pooled data: leave it null."
+            )
+        num_clients = cfg.data.num_clients_known()
+        if num_clients is not None and cfg.clients_per_round > num_clients:
+            raise ValueError(f"clients_per_round={cfg.clients_per_round} is more than the {num_clients} clients.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

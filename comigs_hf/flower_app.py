@@ -198,7 +198,15 @@ def serve(cfg: RecipeConfig, grid: Grid) -> dict:
     model = build_model(cfg.model, base, base_name, counts[0], strategy.expert_mixing)
     shared = initial_shared_state(model, strategy, counts[0], cfg.seed, top_k[0])
     server = CoMiGSStrategy(
-        strategy, shared, num_clients, rounds=cfg.rounds, eval_every=cfg.eval_every, evaluation=cfg.evaluation
+        strategy,
+        shared,
+        num_clients,
+        rounds=cfg.rounds,
+        eval_every=cfg.eval_every,
+        evaluation=cfg.evaluation,
+        clients_per_round=cfg.clients_per_round,
+        seed=cfg.seed,
+        min_train_nodes=cfg.min_train_nodes,
     )
     server.start(grid, shared_to_arrays(shared), num_rounds=cfg.rounds)
     names = [server.names[client] for client in range(num_clients)]

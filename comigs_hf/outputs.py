@@ -43,6 +43,7 @@ CURVE_FIELDS = [
     "bytes_received",
     "params_sent",
     "expert_params_sent",
+    "trained",  # false: evaluated in a round it did not train (clients_per_round)
 ]
 
 
@@ -101,11 +102,16 @@ class RunLayout:
 
 
 def summarise(records: list[dict], layout: RunLayout, cfg: RecipeConfig) -> dict:
-    """`results.json`: per-client final metrics and totals over all rounds."""
-    final = {row["client_id"]: row for row in records[-1]["clients"]}
+    """`results.json`: per-client final metrics and totals over all rounds.
+
+    A client's test figures are those of the last round's evaluation (null when the last round did not evaluate
+    it); its totals count the rounds it trained (`rounds_trained`: every round unless `clients_per_round` samples)."""
+    last = {row["client_id"]: row for row in records[-1]["clients"]}
     clients = []
     for client_id, name in enumerate(layout.names):
         rows = [row for record in records for row in record["clients"] if row["client_id"] == client_id]
+        final = last.get(client_id, {})
+        trained = [row for row in rows if row.get("trained", True)]
         clients.append(
             {
                 "id": client_id,
@@ -121,17 +127,19 @@ def summarise(records: list[dict], layout: RunLayout, cfg: RecipeConfig) -> dict
                     layout.top_k[client_id],
                     layout.lora_ranks[client_id],
                 ),
-                "train_tokens": final[client_id]["train_tokens"],  # the pooled split under centralized
-                "tokens_seen": sum(row["tokens_seen"] for row in rows),
-                "test_loss": None,  # null when the last round was not evaluated
+                # the pooled split under centralized; null for a client never asked to train
+                "train_tokens": trained[-1]["train_tokens"] if trained else None,
+                "rounds_trained": len(trained),
+                "tokens_seen": sum(row["tokens_seen"] for row in trained),
+                "test_loss": None,  # null when the last round did not evaluate this client
                 "test_ppl": None,
-                **{key: final[client_id][key] for key in TEST_FIGURES if key in final[client_id]},
-                "bytes_sent": sum(row["bytes_sent"] for row in rows),
-                "params_sent": sum(row["params_sent"] for row in rows),
-                "expert_params_sent": sum(row["expert_params_sent"] for row in rows),
-                "bytes_received": sum(row["bytes_received"] for row in rows),
-                "routing": final[client_id].get("routing"),
-                "fusion_weights": final[client_id].get("fusion_weights"),  # FD-LoRA's, else null
+                **{key: final[key] for key in TEST_FIGURES if key in final},
+                "bytes_sent": sum(row["bytes_sent"] for row in trained),
+                "params_sent": sum(row["params_sent"] for row in trained),
+                "expert_params_sent": sum(row["expert_params_sent"] for row in trained),
+                "bytes_received": sum(row["bytes_received"] for row in trained),
+                "routing": final.get("routing"),
+                "fusion_weights": final.get("fusion_weights"),  # FD-LoRA's, else null
             }
         )
     ppls = [c["test_ppl"] for c in clients if c["test_ppl"] is not None]
@@ -223,7 +231,8 @@ def plot_curves(records: list[dict], names: list[str], path: Path) -> None:
     figure, (loss_axis, ppl_axis) = plt.subplots(1, 2, figsize=(11, 4))
     for client_id, name in enumerate(names):
         rows = [(r["round"], row) for r in records for row in r["clients"] if row["client_id"] == client_id]
-        loss_axis.plot([t for t, _ in rows], [row["train_loss"] for _, row in rows], label=name)
+        trained = [(t, row["train_loss"]) for t, row in rows if row.get("trained", True)]
+        loss_axis.plot([t for t, _ in trained], [loss for _, loss in trained], label=name)
         evaluated = [(t, row["test_ppl"]) for t, row in rows if "test_ppl" in row]
         ppl_axis.plot([t for t, _ in evaluated], [p for _, p in evaluated], marker="o", label=name)
     loss_axis.set(title="training loss", xlabel="round", ylabel="loss")

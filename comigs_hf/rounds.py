@@ -45,7 +45,7 @@ from .evaluation import (
     fusion_weights,
 )
 from .modeling_comigs import CoMiGSForCausalLM
-from .server import aggregate_updates, combine_for_client, round_row
+from .server import aggregate_updates, combine_for_client, evaluation_row, round_row, sample_clients
 from .strategies import Strategy, partition_state_dict
 from .trainer import (
     ClientState,
@@ -70,6 +70,13 @@ class RoundsConfig:
     rounds: int = field(default=20, metadata={"help": "Communication rounds, counted from 1."})
     eval_every: int = field(default=5, metadata={"help": "Evaluate every this many rounds (and after the last)."})
     seed: int = field(default=0, metadata={"help": "Seed of data partitioning, initialisation and sampling."})
+    clients_per_round: int | None = field(
+        default=None,
+        metadata={
+            "help": "Clients that train each round, drawn anew every round from the seed (Flower's fraction_train "
+            "x clients); None: every client."
+        },
+    )
     output_dir: str = field(default="outputs/run", metadata={"help": "Where results, logs and checkpoints go."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
     init_from: str | None = field(
@@ -86,6 +93,8 @@ class RoundsConfig:
             for key in ("rounds", "eval_every")
             if getattr(self, key) < 1
         ]
+        if self.clients_per_round is not None and self.clients_per_round < 1:
+            problems.append(f"clients_per_round must be >= 1 (or null: every client), got {self.clients_per_round}.")
         if problems:
             raise ValueError("\n".join(problems))
 
@@ -183,15 +192,20 @@ def _exchange(accelerator: Accelerator, updates: list[ClientUpdate]) -> list[Cli
 
 
 def run_round(federation: Federation, round_index: int, accelerator: Accelerator) -> dict:
-    """Train every local client, exchange their updates, aggregate, and evaluate when due; returns the round's
-    record (one row per client)."""
+    """Train this rank's clients among those asked this round (`sample_clients`: all of them by default),
+    exchange their updates, aggregate, and evaluate every client when due; returns the round's record (a row per
+    client that trained, and per client evaluated without training, see `server.evaluation_row`)."""
     plan, strategy = federation.plan, federation.strategy
     due = round_index % plan.eval_every == 0 or round_index == plan.rounds
     updates, before = [], {}
     trainers = training_data(federation)
     local_ids = local_client_ids(len(trainers), accelerator)
+    asked = set(sample_clients(len(trainers), plan.clients_per_round, plan.seed, round_index))
     for client_id in tqdm(
-        local_ids, desc=f"round {round_index} clients", leave=False, disable=not accelerator.is_local_main_process
+        [client_id for client_id in local_ids if client_id in asked],
+        desc=f"round {round_index} clients",
+        leave=False,
+        disable=not accelerator.is_local_main_process,
     ):
         updates.append(
             run_client_round(
@@ -232,9 +246,14 @@ def run_round(federation: Federation, round_index: int, accelerator: Accelerator
                 fusion_seed(plan.seed, client_id),
             )
             state.expert_weights = weights
-    if due:
-        for row, metrics in zip(rows, evaluate_clients(federation, round_index, accelerator, before)):
-            row.update({k: v for k, v in metrics.items() if k != "client_id"})
+    if due:  # every client is evaluated, those that sat the round out with their own state and the new global
+        trained = {row["client_id"]: row for row in rows}
+        for metrics in evaluate_clients(federation, round_index, accelerator, before):
+            if metrics["client_id"] in trained:
+                trained[metrics["client_id"]].update({k: v for k, v in metrics.items() if k != "client_id"})
+            else:
+                rows.append(evaluation_row(metrics["client_id"], metrics))
+        rows.sort(key=lambda row: row["client_id"])
     return {"round": round_index, "clients": rows}
 
 
@@ -310,7 +329,18 @@ def evaluate_clients(
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
 # what a resume may change: how far to go, how often to evaluate, where to log and what to write at the end
 RESUMABLE_KEYS = frozenset(
-    {"rounds", "eval_every", "resume", "output_dir", "init_from", "trackers", "plots", "save_models", "save_base"}
+    {
+        "rounds",
+        "eval_every",
+        "resume",
+        "output_dir",
+        "init_from",
+        "trackers",
+        "plots",
+        "save_models",
+        "save_base",
+        "min_train_nodes",
+    }
 )
 KEPT_CHECKPOINTS = 2  # the last two complete rounds: a corrupt last one falls back to the one before
 
@@ -470,13 +500,14 @@ def run_federated(federation: Federation, accelerator: Accelerator) -> Federatio
 
 
 def _round_scalars(record: dict) -> dict:
-    rows = record["clients"]
+    rows = [row for row in record["clients"] if row.get("trained", True)]
     scalars = {
         "train_loss": sum(r["train_loss"] for r in rows) / len(rows),
         "bytes_sent": sum(r["bytes_sent"] for r in rows),
     }
-    if all("test_ppl" in r for r in rows):
-        scalars["mean_test_ppl"] = sum(r["test_ppl"] for r in rows) / len(rows)
+    evaluated = record["clients"]
+    if all("test_ppl" in r for r in evaluated):
+        scalars["mean_test_ppl"] = sum(r["test_ppl"] for r in evaluated) / len(evaluated)
     return scalars
 
 

@@ -9,6 +9,7 @@ error, not a new global state.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -142,6 +143,29 @@ def combine_for_client(
     return {key: combined[key].to(expected.dtype) for key, expected in own.items()}
 
 
+def sample_clients(num_clients: int, clients_per_round: int | None, seed: int, round_index: int) -> list[int]:
+    """The clients asked to train round `round_index`, in order: every client when `clients_per_round` is `None`,
+    else a uniform draw without replacement seeded by `(seed, round_index)` only, so that every transport and every
+    process (and a resumed run) asks the same clients.
+
+    Raises:
+        `ValueError`: `clients_per_round` outside `[1, num_clients]`.
+    """
+    if clients_per_round is None:
+        return list(range(num_clients))
+    if not 1 <= clients_per_round <= num_clients:
+        raise ValueError(f"clients_per_round must be in [1, {num_clients}] (the clients), got {clients_per_round}.")
+    # a string seed: Python hashes it with SHA-512, the same on every machine and version
+    draw = random.Random(f"comigs-clients-{seed}-{round_index}")
+    return sorted(draw.sample(range(num_clients), clients_per_round))
+
+
+def evaluation_row(client_id: int, metrics: Mapping[str, object]) -> dict:
+    """The row of a client evaluated in a round it did not train (partial participation): its test metrics with the
+    round's global and its own private state; it sent nothing."""
+    return {"client_id": client_id, "trained": False, **{k: v for k, v in metrics.items() if k != "client_id"}}
+
+
 def round_row(update: ClientUpdate, received: dict[str, torch.Tensor]) -> dict:
     """A client's row of the round's record: its training metrics and what it sent and receives (bytes,
     parameters), counted at the ranks its adapters use (a client below the model's rank sends and takes back the
@@ -150,6 +174,7 @@ def round_row(update: ClientUpdate, received: dict[str, torch.Tensor]) -> dict:
     parameters = payload_parameters(update.shared, ranks)
     return {
         "client_id": update.client_id,
+        "trained": True,
         "train_tokens": update.train_tokens,
         **update.metrics,
         "bytes_sent": payload_bytes(update.shared, ranks),
@@ -166,5 +191,7 @@ __all__ = [
     "aggregate_updates",
     "check_update",
     "combine_for_client",
+    "evaluation_row",
     "round_row",
+    "sample_clients",
 ]

@@ -2,21 +2,35 @@
 keeps what passes its checks, and a simulation gives the Accelerate run's numbers."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from federated_setup import tiny_overrides, write_tiny_world
 from flwr.app import ConfigRecord, RecordDict
 
 from comigs_hf.cli import main as comigs
-from comigs_hf.config import build_strategy, load_config
-from comigs_hf.flower import CoMiGSStrategy, FederationIncomplete, shared_to_arrays, update_from_reply, update_to_reply
+from comigs_hf.config import build_strategy, config_to_dict, load_config
+from comigs_hf.flower import (
+    CoMiGSStrategy,
+    FederationIncomplete,
+    evaluation_to_reply,
+    identity_to_reply,
+    shared_to_arrays,
+    update_from_reply,
+    update_to_reply,
+)
 from comigs_hf.flower_app import build_node, node_settings
 from comigs_hf.outputs import TEST_FIGURES
 from comigs_hf.recipe import main as accelerate_run
-from comigs_hf.server import InvalidUpdate, aggregate_updates
+from comigs_hf.server import InvalidUpdate, aggregate_updates, sample_clients
+from comigs_hf.tables import free_port
 from comigs_hf.trainer import ClientUpdate, initial_shared_state
 
 CLIENTS = "[cooking,finance,science,sports]"
@@ -128,9 +142,11 @@ REFERENCE = {
 }
 
 
-def _update(client_id: int, value: float) -> ClientUpdate:
+def _update(client_id: int, value: float, round_index: int = 1) -> ClientUpdate:
     shared = {key: torch.full_like(tensor, value) for key, tensor in REFERENCE.items()}
-    return ClientUpdate(client_id, 1, shared, 100 * (client_id + 1), {"train_loss": 3.0, "router_loss": None})
+    return ClientUpdate(
+        client_id, round_index, shared, 100 * (client_id + 1), {"train_loss": 3.0, "router_loss": None}
+    )
 
 
 def _strategy(**kwargs) -> CoMiGSStrategy:
@@ -172,12 +188,75 @@ def test_a_round_with_fewer_usable_updates_than_min_train_nodes_fails_naming_who
 def test_strategy_refuses_a_minimum_beyond_the_federation():
     with pytest.raises(ValueError, match=r"min_train_nodes must be in \[1, 4\]"):
         _strategy(min_train_nodes=5)
+    with pytest.raises(ValueError, match=r"min_train_nodes must be in \[1, 2\] \(the clients asked each round\)"):
+        _strategy(min_train_nodes=3, clients_per_round=2)
+
+
+@pytest.fixture
+def in_a_run(monkeypatch):
+    """A ServerApp's process identity, which Flower reads to build the messages a strategy sends."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1)
+
+
+class _Grid:
+    """The nodes 10 + i, each serving client i, as the strategy sees them through a grid."""
+
+    def __init__(self, clients=range(4)):
+        self.clients = list(clients)
+
+    def get_node_ids(self):
+        return [10 + client for client in self.clients]
+
+    def send_and_receive(self, messages, timeout):  # only the strategy's query messages go through here
+        return [_Reply(m.metadata.dst_node_id, identity_to_reply(m.metadata.dst_node_id - 10, "c")) for m in messages]
+
+
+def test_strategy_asks_the_drawn_clients_to_train_and_evaluates_every_node(in_a_run):
+    server = CoMiGSStrategy(
+        build_strategy(load_config(None, [])), REFERENCE, 4, rounds=3, eval_every=1, clients_per_round=2, seed=5
+    )
+    assert server.min_train_nodes == 2  # every client asked, by default
+    grid, arrays, config = _Grid(), shared_to_arrays(REFERENCE), ConfigRecord({})
+    for round_index in (1, 2, 3):
+        asked = sample_clients(4, 2, 5, round_index)
+        sent = [m.metadata.dst_node_id for m in server.configure_train(round_index, arrays, config, grid)]
+        assert sent == [10 + client for client in asked]
+        replies = [_Reply(10 + c, update_to_reply(_update(c, 1.0, round_index), "c")) for c in asked]
+        server.aggregate_train(round_index, replies)
+        evaluated = server.configure_evaluate(round_index, arrays, config, grid)
+        assert sorted(m.metadata.dst_node_id for m in evaluated) == [10, 11, 12, 13]
+        metrics = {"test_loss": 1.0, "test_ppl": 2.7}
+        server.aggregate_evaluate(
+            round_index, [_Reply(10 + c, evaluation_to_reply(c, round_index, "c", metrics)) for c in range(4)]
+        )
+        rows = server.records[-1]["clients"]
+        assert [row["client_id"] for row in rows] == [0, 1, 2, 3] and all(row["test_ppl"] == 2.7 for row in rows)
+        assert [row["client_id"] for row in rows if row["trained"]] == asked
+
+
+def test_strategy_skips_an_asked_client_whose_node_is_gone_and_goes_on_with_enough_updates(in_a_run, caplog):
+    server = _strategy(min_train_nodes=3)
+    server.records = [{"round": 1, "clients": []}]  # past round 1: the federation no longer waits for every node
+    sent = server.configure_train(2, shared_to_arrays(REFERENCE), ConfigRecord({}), _Grid([0, 1, 3]))
+    assert [m.metadata.dst_node_id for m in sent] == [10, 11, 13]
+    assert "clients [2] are asked to train but have no node connected" in caplog.text
+    server.aggregate_train(2, [_Reply(10 + c, update_to_reply(_update(c, 1.0, 2), "c")) for c in (0, 1, 3)])
+    assert [row["client_id"] for row in server._round["clients"]] == [0, 1, 3]
 
 
 # ---- the simulation engine -----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_flower_simulation_gives_the_accelerate_run_per_client_metrics(world, tmp_path):
-    extra = {"data.client_values": CLIENTS, "evaluation.before_aggregation": "true", "save_models": "true"}
+    # three of the four clients asked each round: clients that sit rounds out, and rows of clients evaluated only
+    extra = {
+        "data.client_values": CLIENTS,
+        "evaluation.before_aggregation": "true",
+        "save_models": "true",
+        "clients_per_round": 3,
+    }
     accelerate = accelerate_run(tiny_overrides(*world, tmp_path / "accelerate", **extra))
     assert comigs(["flower-sim", *tiny_overrides(*world, tmp_path / "flower", **extra)]) == 0
     flower = json.loads((tmp_path / "flower" / "results.json").read_text())
@@ -186,11 +265,120 @@ def test_flower_simulation_gives_the_accelerate_run_per_client_metrics(world, tm
     assert "test_ppl_before_aggregation" in figures and "paper_test_ppl" in figures
     for ours, theirs in zip(flower["clients"], accelerate["clients"]):
         assert ours["name"] == theirs["name"]
-        for key in figures + ["bytes_sent", "bytes_received", "tokens_seen", "train_tokens"]:
+        # a client that sat the last round out has no figures from right after local steps, on either transport
+        present = [key for key in figures if key in theirs]
+        assert present == [key for key in figures if key in ours]
+        for key in present + ["bytes_sent", "bytes_received", "tokens_seen", "train_tokens", "rounds_trained"]:
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5), (ours["name"], key)
+    assert sorted(c["rounds_trained"] for c in flower["clients"]) != [3, 3, 3, 3]
     for name in ("curves.csv", "global_generalist/adapter_model.safetensors"):
         assert (tmp_path / "flower" / name).is_file()
     saved = sorted(path.name for path in (tmp_path / "flower" / "clients").iterdir())
     assert saved == sorted(path.name for path in (tmp_path / "accelerate" / "clients").iterdir())
     with pytest.raises(SystemExit):  # the node states of that run are not overwritten by another
         comigs(["flower-sim", *tiny_overrides(*world, tmp_path / "flower", **extra)])
+
+
+# ---- the deployment engine -----------------------------------------------------------------------------------------
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr and the apps' processes
+FLOWER_APP = Path(__file__).resolve().parents[1] / "recipes" / "flower"
+
+
+class _Deployment:
+    """A SuperLink and SuperNodes on 127.0.0.1 (insecure), each its own process, and `flwr run` submitting to them
+    through a connection in a Flower home of its own."""
+
+    def __init__(self, root: Path):
+        self.root, self.fleet, self.control = root, free_port(), free_port()
+        home = root / "flwr-home"
+        home.mkdir(parents=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.control}"\n'
+            "insecure = true\n"
+        )
+        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+        self.env = {**os.environ, "FLWR_HOME": str(home), "PATH": path, "CUDA_VISIBLE_DEVICES": ""}
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def _start(self, name: str, command: list[str]) -> None:
+        log = open(self.root / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen(command, env=self.env, cwd=self.root, stdout=log, stderr=log)
+
+    def start_superlink(self) -> None:
+        self._start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                f"--fleet-api-address=127.0.0.1:{self.fleet}",
+                f"--control-api-address=127.0.0.1:{self.control}",
+                f"--port={free_port()}",
+                f"--health-server-address=127.0.0.1:{free_port()}",
+            ],
+        )
+
+    def start_supernode(self, client: int, state_dir: Path) -> None:
+        self._start(
+            f"supernode-{client}",
+            [
+                str(BIN / "flower-supernode"),
+                "--insecure",
+                f"--superlink=127.0.0.1:{self.fleet}",
+                f"--port={free_port()}",
+                "--node-config",
+                f'partition-id={client} state-dir="{state_dir}"',
+            ],
+        )
+
+    def kill(self, name: str) -> None:
+        process = self.processes.pop(name)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def submit(self, recipe: Path) -> subprocess.Popen:
+        command = [str(BIN / "flwr"), "run", str(FLOWER_APP), "test", "--stream", "--run-config", f'config="{recipe}"']
+        return subprocess.Popen(command, env=self.env, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log")))
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            self.kill(name)
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    running = _Deployment(tmp_path / "deployment")
+    yield running
+    running.stop()
+
+
+def _recipe_file(world, tmp_path: Path, output_dir: Path, **extra) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(_recipe(world, output_dir, **extra))))
+    return path
+
+
+def _finished(run: subprocess.Popen, deployment: _Deployment, timeout: float = 600) -> str:
+    output, _ = run.communicate(timeout=timeout)
+    text = output.decode(errors="replace")
+    assert run.returncode == 0, text[-3000:] + deployment.logs()
+    return text
+
+
+@pytest.mark.slow
+def test_a_superlink_and_four_supernodes_on_localhost_give_the_accelerate_run_metrics(world, tmp_path, deployment):
+    extra = {"data.client_values": CLIENTS, "save_models": "true"}
+    accelerate = accelerate_run(tiny_overrides(*world, tmp_path / "accelerate", **extra))
+    recipe = _recipe_file(world, tmp_path, tmp_path / "flower", **extra)
+    deployment.start_superlink()
+    for client in range(4):  # each organisation's node keeps its state where it chooses
+        deployment.start_supernode(client, tmp_path / f"organisation-{client}")
+    _finished(deployment.submit(recipe), deployment)
+    flower = json.loads((tmp_path / "flower" / "results.json").read_text())
+    assert flower["transport"] == "flower" and flower["num_nodes"] == 4
+    for ours, theirs in zip(flower["clients"], accelerate["clients"]):
+        for key in ("test_loss", "paper_test_ppl", "bytes_sent", "bytes_received", "tokens_seen", "train_tokens"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5), (ours["name"], key)
+    assert all((tmp_path / f"organisation-{client}" / f"client-{client}.pt").is_file() for client in range(4))

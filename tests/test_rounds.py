@@ -21,6 +21,7 @@ from comigs_hf import parameter_role
 from comigs_hf import rounds as rounds_module
 from comigs_hf.config import load_config
 from comigs_hf.recipe import run, setup_federation
+from comigs_hf.server import sample_clients
 from comigs_hf.strategies import get_strategy
 from comigs_hf.tables import free_port
 from comigs_hf.trainer import ClientUpdate, activate_client, client_folder_name, prune_ranks, train_client_round
@@ -259,6 +260,46 @@ def test_results_record_the_split_size_and_the_tokens_seen(world, tmp_path):
     assert [c["train_tokens"] for c in results["clients"]] == [32, 64, 96, 128]
     per_round = cfg.training.local_steps * cfg.training.batch_size * cfg.data.block_size
     assert [c["tokens_seen"] for c in results["clients"]] == [2 * per_round] * 4
+
+
+def test_clients_per_round_trains_the_drawn_clients_and_evaluates_everyone_with_their_own_state(world, tmp_path):
+    cfg = config(world, tmp_path / "out", rounds=4, eval_every=2, clients_per_round=2)
+    federation = setup_federation(cfg, Accelerator(cpu=True))
+    states = federation.states
+    for round_index in range(1, 5):
+        asked = sample_clients(4, 2, cfg.seed, round_index)
+        before = {c: {k: v.clone() for k, v in s.parameters.items() if "specialist" in k} for c, s in states.items()}
+        record = rounds_module.run_round(federation, round_index, Accelerator(cpu=True))
+        federation.records.append(record)
+        trained = [row["client_id"] for row in record["clients"] if row["trained"]]
+        assert trained == asked
+        for client, specialists in before.items():  # a client that sat the round out kept its private experts
+            changed = any(not torch.equal(v, states[client].parameters[k]) for k, v in specialists.items())
+            assert changed == (client in asked), (round_index, client)
+        if round_index % 2 == 0:  # evaluated: every client, those that sat out in a row of their own
+            assert [row["client_id"] for row in record["clients"]] == [0, 1, 2, 3]
+            assert all("test_ppl" in row for row in record["clients"])
+            assert all("train_loss" not in row for row in record["clients"] if not row["trained"])
+        else:
+            assert [row["client_id"] for row in record["clients"]] == asked
+    results = run(config(world, tmp_path / "run", rounds=4, eval_every=2, clients_per_round=2), Accelerator(cpu=True))
+    per_round = cfg.training.local_steps * cfg.training.batch_size * cfg.data.block_size
+    for client in results["clients"]:
+        times = sum(client["id"] in sample_clients(4, 2, cfg.seed, t) for t in range(1, 5))
+        assert client["rounds_trained"] == times and client["tokens_seen"] == times * per_round
+        assert client["test_ppl"] is not None
+    # traffic is counted in the rounds a client trained: the same generalist bytes each time
+    per_round_bytes = {c["bytes_sent"] / c["rounds_trained"] for c in results["clients"] if c["rounds_trained"]}
+    assert len(per_round_bytes) == 1
+
+
+def test_clients_per_round_beyond_the_clients_or_with_pooling_is_refused_before_training(world, tmp_path):
+    with pytest.raises(ValueError, match="clients_per_round=5 is more than the 4 clients"):
+        config(
+            world, tmp_path / "out", clients_per_round=5, **{"data.client_values": "[cooking,finance,science,sports]"}
+        )
+    with pytest.raises(ValueError, match="trains one model on everyone's pooled data"):
+        config(world, tmp_path / "out", clients_per_round=2, strategy="centralized")
 
 
 def test_capped_top_k_gives_each_heterogeneous_client_min_of_top_k_and_its_experts(world, tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from comigs_hf import aggregation
-from comigs_hf.server import InvalidUpdate, aggregate_updates, check_update
+from comigs_hf.server import InvalidUpdate, aggregate_updates, check_update, sample_clients
 from comigs_hf.strategies import get_strategy
 from comigs_hf.trainer import ClientUpdate
 
@@ -115,3 +115,21 @@ def test_an_update_too_far_from_the_global_is_refused_when_a_norm_bound_is_set()
     assert info.value.client_id == "mallory"
     with pytest.raises(ValueError, match="needs the values"):
         check_update(near, {k: v.to("meta") for k, v in reference.items()}, max_update_norm=2.0)
+
+
+def test_each_round_asks_a_seeded_draw_of_clients_per_round_clients_the_same_everywhere():
+    assert sample_clients(5, None, 0, 1) == [0, 1, 2, 3, 4]
+    draws = [sample_clients(10, 3, 0, t) for t in range(1, 21)]
+    assert all(len(d) == 3 == len(set(d)) and d == sorted(d) and set(d) <= set(range(10)) for d in draws)
+    assert len({tuple(d) for d in draws}) > 10  # anew each round
+    assert draws == [sample_clients(10, 3, 0, t) for t in range(1, 21)]  # a pure function of (seed, round)
+    assert draws != [sample_clients(10, 3, 1, t) for t in range(1, 21)]
+    # each client is asked about 3/10 of the time
+    counts = [sum(c in sample_clients(10, 3, 0, t) for t in range(1, 2001)) for c in range(10)]
+    assert all(500 < n < 700 for n in counts), counts
+
+
+@pytest.mark.parametrize("per_round", [0, 6])
+def test_clients_per_round_outside_the_federation_is_refused(per_round):
+    with pytest.raises(ValueError, match=r"clients_per_round must be in \[1, 5\]"):
+        sample_clients(5, per_round, 0, 1)

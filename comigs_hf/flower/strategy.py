@@ -4,7 +4,8 @@
 differential-privacy ones, for instance) compose with it. Each round:
 
 1. `configure_train` learns which client each newly connected node serves (a query message; two nodes claiming one
-   client are refused) and sends every serving node the global shared tensors and the round;
+   client are refused) and sends the global shared tensors and the round to the nodes of the clients asked this
+   round (`server.sample_clients`: every client, or `clients_per_round` of them drawn as the Accelerate rounds draw);
 2. `aggregate_train` reads each reply as an untrusted update (`messages.update_from_reply`, then
    `server.check_update`): a failed, malformed or misattributed reply is dropped with a warning, and the round goes
    on while at least `min_train_nodes` updates arrived; the server step (`server.aggregate_updates`) runs over them
@@ -29,7 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from ..evaluation import EvaluationConfig
-from ..server import InvalidUpdate, aggregate_updates, check_update, round_row
+from ..server import InvalidUpdate, aggregate_updates, check_update, evaluation_row, round_row, sample_clients
 from ..strategies import Strategy
 from .messages import arrays_to_shared, evaluation_from_reply, identity_from_reply, shared_to_arrays, update_from_reply
 from .node import check_flower_strategy
@@ -53,8 +54,12 @@ class CoMiGSStrategy(FlowerStrategy):
         eval_every (`int`): evaluate every this many rounds, and after the last.
         evaluation ([`~comigs_hf.evaluation.EvaluationConfig`]): whether rows carry the figures measured right after
             the local steps (`before_aggregation`).
+        clients_per_round (`int`, *optional*): clients asked to train each round, drawn by
+            [`~comigs_hf.server.sample_clients`] as the Accelerate rounds draw them (Flower's `fraction_train` times
+            the clients). Defaults to every client.
+        seed (`int`): the recipe's seed, which the draw of each round's clients follows.
         min_train_nodes (`int`, *optional*): the fewest updates a round aggregates; fewer raise
-            [`FederationIncomplete`]. Defaults to every client.
+            [`FederationIncomplete`]. Defaults to every client asked.
         timeout (`float`): seconds to wait for nodes to join before round 1, and for query replies.
     """
 
@@ -67,6 +72,8 @@ class CoMiGSStrategy(FlowerStrategy):
         rounds: int,
         eval_every: int,
         evaluation: EvaluationConfig | None = None,
+        clients_per_round: int | None = None,
+        seed: int = 0,
         min_train_nodes: int | None = None,
         timeout: float = 600.0,
     ):
@@ -75,9 +82,14 @@ class CoMiGSStrategy(FlowerStrategy):
         self.num_clients = num_clients
         self.rounds, self.eval_every = rounds, eval_every
         self.evaluation = evaluation or EvaluationConfig()
-        self.min_train_nodes = num_clients if min_train_nodes is None else min_train_nodes
-        if not 1 <= self.min_train_nodes <= num_clients:
-            raise ValueError(f"min_train_nodes must be in [1, {num_clients}] (the clients), got {min_train_nodes}.")
+        self.clients_per_round, self.seed = clients_per_round, seed
+        sample_clients(num_clients, clients_per_round, seed, 1)  # checks clients_per_round
+        asked = num_clients if clients_per_round is None else clients_per_round
+        self.min_train_nodes = asked if min_train_nodes is None else min_train_nodes
+        if not 1 <= self.min_train_nodes <= asked:
+            raise ValueError(
+                f"min_train_nodes must be in [1, {asked}] (the clients asked each round), got {min_train_nodes}."
+            )
         self.timeout = timeout
         self.nodes: dict[int, int] = {}  # node id -> the client it serves
         self.names: dict[int, str] = {}  # client id -> its data partition's name
@@ -166,14 +178,18 @@ class CoMiGSStrategy(FlowerStrategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Every serving node gets the global and the round (and whether to report its test metrics right after the
-        local steps)."""
+        """The serving nodes of the clients asked this round get the global and the round (and whether to report
+        their test metrics right after the local steps); an asked client without a node is logged and skipped."""
         self.shared = self._global(arrays)
         serving = self.serving_nodes(grid)
         wanted = self.evaluation.before_aggregation or not self.strategy.shared_roles
         settings = ConfigRecord({**config, "round": server_round, "evaluate": self._due(server_round) and wanted})
         content = RecordDict({"arrays": arrays, "config": settings})
-        return self._messages(serving, sorted(serving), content, MessageType.TRAIN)
+        asked = sample_clients(self.num_clients, self.clients_per_round, self.seed, server_round)
+        absent = [client for client in asked if client not in serving]
+        if absent:
+            logger.warning("round %d: clients %s are asked to train but have no node connected.", server_round, absent)
+        return self._messages(serving, [c for c in asked if c in serving], content, MessageType.TRAIN)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -220,7 +236,8 @@ class CoMiGSStrategy(FlowerStrategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """In the rounds the recipe evaluates, every serving node gets the new global; none in the others."""
+        """In the rounds the recipe evaluates, every serving node gets the new global (those that did not train
+        too, as in the Accelerate rounds); none in the others."""
         self.shared = self._global(arrays)
         if not self._due(server_round):
             self._sent = {}
@@ -231,7 +248,8 @@ class CoMiGSStrategy(FlowerStrategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Each trained client's row takes its test metrics (and, with `before_aggregation`, those right after its
-        local steps, suffixed `_before_aggregation`); the round's record is complete."""
+        local steps, suffixed `_before_aggregation`), a client evaluated without training gets an evaluation row;
+        the round's record is complete."""
         after = {}
         for client, reply in self._replies(replies, server_round, "evaluate"):
             try:
@@ -251,17 +269,22 @@ class CoMiGSStrategy(FlowerStrategy):
             if self.evaluation.before_aggregation:
                 trained = self._before.get(client, after[client] if not shares else {})
                 row.update({f"{k}_before_aggregation": v for k, v in trained.items() if k.endswith(("_loss", "_ppl"))})
+        trained = {row["client_id"] for row in self._round["clients"]}
+        self._round["clients"] += [evaluation_row(c, after[c]) for c in sorted(after) if c not in trained]
+        self._round["clients"].sort(key=lambda row: row["client_id"])
         self.records.append(self._round)
         ppls = [metrics["test_ppl"] for metrics in after.values() if "test_ppl" in metrics]
         return MetricRecord({"mean-test-ppl": sum(ppls) / len(ppls)}) if ppls else None
 
     def summary(self) -> None:
         logger.info(
-            "CoMiGS round protocol: strategy %s (shares %s, aggregation %s), %d clients, at least %d updates a round",
+            "CoMiGS round protocol: strategy %s (shares %s, aggregation %s), %d clients, %s asked a round, at least "
+            "%d updates a round",
             self.strategy.name,
             sorted(self.strategy.shared_roles) or "nothing",
             self.strategy.aggregation,
             self.num_clients,
+            self.clients_per_round or "all",
             self.min_train_nodes,
         )
 
