@@ -289,12 +289,11 @@ class _Deployment:
     through a connection in a Flower home of its own."""
 
     def __init__(self, root: Path):
-        self.root, self.fleet, self.control = root, free_port(), free_port()
+        self.root, self.port = root, free_port()  # the SuperLink serves its Fleet, Control and Runtime APIs there
         home = root / "flwr-home"
         home.mkdir(parents=True)
         (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.control}"\n'
-            "insecure = true\n"
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
         path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
         self.env = {**os.environ, "FLWR_HOME": str(home), "PATH": path, "CUDA_VISIBLE_DEVICES": ""}
@@ -310,9 +309,10 @@ class _Deployment:
             [
                 str(BIN / "flower-superlink"),
                 "--insecure",
-                f"--fleet-api-address=127.0.0.1:{self.fleet}",
-                f"--control-api-address=127.0.0.1:{self.control}",
-                f"--port={free_port()}",
+                "--disable-runtime-dependency-installation",  # the ServerApp runs in this environment
+                "--host=127.0.0.1",
+                f"--port={self.port}",
+                f"--database={self.root / 'state.db'}",
                 f"--health-server-address=127.0.0.1:{free_port()}",
             ],
         )
@@ -323,7 +323,7 @@ class _Deployment:
             [
                 str(BIN / "flower-supernode"),
                 "--insecure",
-                f"--superlink=127.0.0.1:{self.fleet}",
+                f"--superlink=127.0.0.1:{self.port}",
                 f"--port={free_port()}",
                 "--node-config",
                 f'partition-id={client} state-dir="{state_dir}"',
@@ -369,13 +369,16 @@ def _finished(run: subprocess.Popen, deployment: _Deployment, timeout: float = 6
 
 @pytest.mark.slow
 def test_a_superlink_and_four_supernodes_on_localhost_give_the_accelerate_run_metrics(world, tmp_path, deployment):
-    extra = {"data.client_values": CLIENTS, "save_models": "true"}
+    # each ClientApp message is a fresh process on a SuperNode (imports, base, data: ~10 s here), so 2 rounds with one
+    # evaluation: the second round trains from the state each node persisted in the first
+    extra = {"data.client_values": CLIENTS, "save_models": "true", "rounds": 2, "eval_every": 2}
     accelerate = accelerate_run(tiny_overrides(*world, tmp_path / "accelerate", **extra))
     recipe = _recipe_file(world, tmp_path, tmp_path / "flower", **extra)
     deployment.start_superlink()
     for client in range(4):  # each organisation's node keeps its state where it chooses
         deployment.start_supernode(client, tmp_path / f"organisation-{client}")
-    _finished(deployment.submit(recipe), deployment)
+    text = _finished(deployment.submit(recipe), deployment)
+    assert (tmp_path / "flower" / "results.json").is_file(), text[-3000:] + deployment.logs()
     flower = json.loads((tmp_path / "flower" / "results.json").read_text())
     assert flower["transport"] == "flower" and flower["num_nodes"] == 4
     for ours, theirs in zip(flower["clients"], accelerate["clients"]):
