@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from .data import DataConfig
 from .evaluation import EvaluationConfig
 from .model import ModelConfig
+from .privacy import DEFAULT_DELTA
 from .rounds import RoundsConfig
+from .server import check_secure_aggregation
 from .strategies import Strategy, get_strategy
 from .trainer import TrainingConfig
 
@@ -107,6 +110,35 @@ class RecipeConfig(RoundsConfig):
             "0.0005); None: the strategy's own."
         },
     )
+    dp_clipping_norm: float | None = field(
+        default=None,
+        metadata={
+            "help": "Differential privacy: each client clips its round's update to this L2 norm, the server averages "
+            "with equal weights and refuses larger updates; None: no clipping (comigs_hf.privacy)."
+        },
+    )
+    dp_noise_multiplier: float | None = field(
+        default=None,
+        metadata={
+            "help": "Gaussian noise of std dp_noise_multiplier x dp_clipping_norm / m on the mean of m updates; "
+            "results.json counts epsilon per round (opacus RDP); None: the strategy's own (0, no noise)."
+        },
+    )
+    dp_delta: float = field(default=DEFAULT_DELTA, metadata={"help": "The delta at which epsilon is reported."})
+    secure_aggregation: bool = field(
+        default=False,
+        metadata={
+            "help": "Flower: SecAgg+ over the shared update (Flower's secaggplus_mod and SecAggPlusWorkflow), so that "
+            "the server only ever holds the sum; needs an equal-weight mean (weighting uniform)."
+        },
+    )
+    secure_clipping_range: float = field(
+        default=1.0,
+        metadata={
+            "help": "SecAgg+: each coordinate of an update must lie within +-this; the secure mean is within "
+            "2 x this / 2**22 of the plain one, per coordinate."
+        },
+    )
     min_train_nodes: int | None = field(
         default=None,
         metadata={
@@ -146,6 +178,11 @@ class RecipeConfig(RoundsConfig):
             build_strategy(self)
         except ValueError as error:
             problems.append(f"strategy: {error}")
+        if isinstance(self.dp_delta, bool) or not 0 < self.dp_delta < 1:
+            problems.append(f"dp_delta must be in (0, 1), got {self.dp_delta}.")
+        if (self.dp_noise_multiplier or 0) > 0 and importlib.util.find_spec("opacus") is None:
+            # refused now rather than after the training, when results.json counts the budget
+            problems.append("dp_noise_multiplier: opacus counts the privacy budget: pip install 'comigs-hf[dp]'.")
         unknown = [name for name in self.trackers if name not in KNOWN_TRACKERS]
         if unknown:
             problems.append(f"trackers: unknown tracker(s) {unknown}; known: {', '.join(KNOWN_TRACKERS)}.")
@@ -177,11 +214,14 @@ def build_strategy(cfg: RecipeConfig) -> Strategy:
     return get_strategy(
         cfg.strategy,
         aggregation=cfg.aggregation,
-        weighting=cfg.weighting,
+        # secure aggregation can only take an equal-weight mean: its default weighting
+        weighting=cfg.weighting if cfg.weighting is not None or not cfg.secure_aggregation else "uniform",
         aggregation_kwargs=cfg.aggregation_kwargs,
         max_update_norm=cfg.max_update_norm,
         rank_pruning_coef=cfg.rank_pruning_coef,
         max_client_weight=cfg.max_client_weight,
+        dp_clipping_norm=cfg.dp_clipping_norm,
+        dp_noise_multiplier=cfg.dp_noise_multiplier,
     )
 
 
@@ -252,6 +292,8 @@ def validate_config(cfg: RecipeConfig) -> None:
         `ValueError`: naming the keys.
     """
     check_client_layout(cfg)
+    if cfg.secure_aggregation:
+        check_secure_aggregation(build_strategy(cfg), cfg.secure_clipping_range)
     if cfg.clients_per_round is not None:
         if build_strategy(cfg).pool_clients:
             raise ValueError(

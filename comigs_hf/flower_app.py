@@ -38,7 +38,14 @@ from flwr.serverapp import Grid, ServerApp
 from .config import RecipeConfig, build_strategy, check_client_layout, config_to_dict, load_config
 from .data import build_client_data
 from .evaluation import check_paper_protocol
-from .flower import CoMiGSStrategy, FlowerNode, check_flower_strategy, shared_to_arrays
+from .flower import (
+    CoMiGSStrategy,
+    FlowerNode,
+    SecureAggregation,
+    check_flower_strategy,
+    secure_aggregation_mod,
+    shared_to_arrays,
+)
 from .model import build_model, load_base
 from .outputs import RunLayout, write_run_summary
 from .recipe import default_accelerator
@@ -153,7 +160,7 @@ def _client_value(value: int | list[int], client_id: int, key: str) -> int:
 
 def client_app(cfg: RecipeConfig | None = None) -> ClientApp:
     """The `ClientApp` of the recipe `cfg` (`None`: the one the run config names, see [`recipe_from_run_config`])."""
-    app = ClientApp()
+    app = ClientApp(mods=[secure_aggregation_mod])  # Flower's secaggplus_mod, for a secure round's messages only
 
     def node_of(context: Context) -> FlowerNode:
         recipe = cfg if cfg is not None else recipe_from_run_config(dict(context.run_config))
@@ -207,6 +214,7 @@ def serve(cfg: RecipeConfig, grid: Grid) -> dict:
         clients_per_round=cfg.clients_per_round,
         seed=cfg.seed,
         min_train_nodes=cfg.min_train_nodes,
+        secure_aggregation=SecureAggregation(cfg.secure_clipping_range) if cfg.secure_aggregation else None,
     )
     server.start(grid, shared_to_arrays(shared), num_rounds=cfg.rounds)
     names = [server.names[client] for client in range(num_clients)]

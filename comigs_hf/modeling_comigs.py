@@ -442,6 +442,11 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
         finally:
             self.config.weights_include_base = previous
 
+    def should_save_on_this_rank(self, is_main_process: bool) -> bool:
+        # transformers writes only on rank 0 of an initialised process group (one model sharded over the ranks); the
+        # ranks of a federation each hold other clients, and each saves its own
+        return is_main_process
+
     def push_to_hub(self, repo_id: str, *args: Any, confirm_private_data_publication: bool = False, **kwargs: Any):
         """`PreTrainedModel.push_to_hub`, refused unless `confirm_private_data_publication=True`: a client model holds
         private specialists and routers (share the generalist with `push_generalist_to_hub`)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from .adapters import export_generalist
 from .aggregation import lora_partner
 from .config import RecipeConfig, config_to_dict
 from .modeling_comigs import CoMiGSForCausalLM, is_attention_adapter
+from .privacy import privacy_spent
 from .rounds import Federation
 from .strategies import Strategy, lora_factor, payload_parameters
 from .trainer import activate_client, client_folder_name
@@ -158,7 +160,26 @@ def summarise(records: list[dict], layout: RunLayout, cfg: RecipeConfig) -> dict
         "mean_test_ppl": sum(ppls) / len(ppls) if ppls else None,
         **means,
         "shared_roles": sorted(layout.strategy.shared_roles),
+        "privacy": privacy_report(layout.strategy, len(records), cfg.dp_delta),
         "config": config_to_dict(cfg),
+    }
+
+
+def privacy_report(strategy: Strategy, rounds: int, delta: float) -> dict | None:
+    """`results.json`'s `privacy`: the mechanism's settings and epsilon at `delta` after each of the `rounds`
+    releases (`comigs_hf.privacy.privacy_spent`; null, unbounded, when clipping comes without noise); `None` without
+    differential privacy."""
+    if strategy.dp_clipping_norm is None:
+        return None
+    epsilons = [e if math.isfinite(e) else None for e in privacy_spent(strategy.dp_noise_multiplier, rounds, delta)]
+    return {
+        "mechanism": "gaussian (client-side clipping, noise on the server's mean)",
+        "clipping_norm": strategy.dp_clipping_norm,
+        "noise_multiplier": strategy.dp_noise_multiplier,
+        "delta": delta,
+        "accountant": "rdp (opacus), sampling rate 1",
+        "epsilon": epsilons[-1] if epsilons else None,
+        "epsilon_per_round": epsilons,
     }
 
 

@@ -102,6 +102,11 @@ def default_accelerator(**kwargs: Any) -> Accelerator:
 def setup_federation(cfg: RecipeConfig, accelerator: Accelerator) -> Federation:
     """Build the model, load and split every client's data, and initialise (or resume) this rank's client states."""
     strategy = build_strategy(cfg)
+    if cfg.secure_aggregation:
+        raise ValueError(
+            "secure_aggregation runs on Flower (comigs flower-sim, flwr run): Accelerate's processes are one "
+            "organisation's, and its server step holds every update."
+        )
     check_accelerator(accelerator, cfg.training)  # before any download or build
     if strategy.fusion_budget:
         require_nevergrad()
@@ -339,6 +344,11 @@ def run_hub_round(
 ) -> dict[str, Any]:
     """Client `client_id`'s round `round_index` through the Hub, built from the recipe (see
     `comigs_hf.hub.run_hub_client_round`); only this client's data source is opened."""
+    if cfg.secure_aggregation:
+        raise ValueError(
+            "secure_aggregation runs on Flower (comigs flower-sim, flwr run): every Hub client's update is a file "
+            "the aggregator reads."
+        )
     model, data, client, accelerator = _hub_client(cfg, client_id, repo_id, state_dir, token, accelerator)
     return run_hub_client_round(model, data, client, round_index, accelerator)
 

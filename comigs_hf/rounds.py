@@ -16,7 +16,8 @@ for its turn. Each round:
    atomically.
 
 Reading this file alone tells what crosses a process boundary: `_exchange` carries the updates, `gather_object` in
-`evaluate_clients` carries metrics (floats).
+`evaluate_clients` carries metrics (floats), and `_noise_seed` rank 0's secret seed of a round's privacy noise (every
+rank runs the server step and must add the same noise).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -185,6 +187,14 @@ def start_federation(federation: Federation, accelerator: Accelerator) -> Federa
 
 
 # ---- one round -----------------------------------------------------------------------------------------------------
+def _noise_seed(strategy: Strategy, accelerator: Accelerator) -> int | None:
+    """Rank 0's secret seed of this round's privacy noise, on every rank (`None`: no noise, or one process, which
+    draws its own)."""
+    if strategy.dp_noise_multiplier == 0 or accelerator.num_processes == 1:
+        return None
+    return broadcast_object_list([secrets.randbits(63)])[0]
+
+
 def _exchange(accelerator: Accelerator, updates: list[ClientUpdate]) -> list[ClientUpdate]:
     """The only collective that carries tensors: every rank receives every client's update, in client order."""
     gathered = gather_object(updates) if accelerator.num_processes > 1 else list(updates)
@@ -229,7 +239,9 @@ def run_round(federation: Federation, round_index: int, accelerator: Accelerator
     else:
         everyone = _exchange(accelerator, updates)
         if strategy.shared_roles:
-            federation.shared = aggregate_updates(strategy, everyone, federation.shared)
+            federation.shared = aggregate_updates(
+                strategy, everyone, federation.shared, _noise_seed(strategy, accelerator)
+            )
         rows = [round_row(update, federation.shared if strategy.shared_roles else {}) for update in everyone]
     if federation.pooled is not None:  # one model trained for everyone: each client's row carries its figures
         rows = [{**rows[0], "client_id": client_id} for client_id in range(len(federation.clients))]

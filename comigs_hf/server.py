@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .aggregation import get_aggregator
+from .privacy import add_gaussian_noise, noise_std
 from .strategies import Strategy, aggregation_weights, lora_ranks, payload_bytes, payload_parameters
 from .trainer import ClientUpdate
 
@@ -82,13 +83,18 @@ def check_update(
 
 
 def aggregate_updates(
-    strategy: Strategy, updates: Sequence[ClientUpdate], reference: Mapping[str, torch.Tensor]
+    strategy: Strategy,
+    updates: Sequence[ClientUpdate],
+    reference: Mapping[str, torch.Tensor],
+    noise_seed: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The new global shared state: the strategy's rule over the checked updates.
 
     The updates are combined in the order given (transports pass them sorted by client id, so the float sums do not
     depend on which process or transport carried them). Weights follow `strategy.weighting`: each update's
-    `train_tokens`, or uniform.
+    `train_tokens`, or uniform. With `strategy.dp_noise_multiplier`, Gaussian noise of standard deviation
+    `dp_noise_multiplier * dp_clipping_norm / len(updates)` is added to the mean (`comigs_hf.privacy`), from the
+    operating system's randomness: the one step of a run that no recipe seed reproduces.
 
     Args:
         strategy ([`~comigs_hf.strategies.Strategy`]): its `aggregation` (a key of `AGGREGATORS`),
@@ -96,6 +102,8 @@ def aggregate_updates(
         updates (`Sequence[ClientUpdate]`): at least one.
         reference (`Mapping[str, torch.Tensor]`): the global shared state the round started from; the result has its
             names, shapes and dtypes.
+        noise_seed (`int`, *optional*): the seed of the privacy noise, a secret shared by processes that run this
+            step together (the Accelerate ranks); `None` draws one from the operating system.
 
     Returns:
         `dict[str, torch.Tensor]`: the new global shared state, keyed like the reference.
@@ -111,12 +119,47 @@ def aggregate_updates(
     rule = get_aggregator(strategy.aggregation)
     weights = aggregation_weights(strategy, [update.train_tokens for update in updates])
     combined = rule([update.shared for update in updates], weights, **strategy.aggregation_kwargs)
+    return _published(strategy, combined, reference, len(updates), noise_seed)
+
+
+def apply_mean_update(
+    strategy: Strategy,
+    mean_update: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    num_updates: int,
+    noise_seed: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The new global shared state from the mean of `num_updates` updates (`shared - reference`) combined elsewhere:
+    secure aggregation, where the server only ever holds their sum. The rest is [`aggregate_updates`]'s: the privacy
+    noise for `num_updates` updates, and the refusal of a result that is not finite or beyond the value bound.
+
+    Raises:
+        `ValueError`: a combined tensor that is not finite or beyond `MAX_ABS_VALUE`, or missing keys.
+    """
+    missing = sorted(set(reference) - set(mean_update))
+    if missing:
+        raise ValueError(f"The mean update lacks {missing[:5]}.")
+    combined = {key: reference[key].double() + mean_update[key].double() for key in reference}
+    return _published(strategy, combined, reference, num_updates, noise_seed)
+
+
+def _published(
+    strategy: Strategy,
+    combined: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    num_updates: int,
+    noise_seed: int | None,
+) -> dict[str, torch.Tensor]:
+    if strategy.dp_noise_multiplier > 0:  # every update was clipped (checked above): the noise covers any one client
+        std = noise_std(strategy.dp_noise_multiplier, strategy.dp_clipping_norm, num_updates)
+        generator = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
+        combined = add_gaussian_noise({key: combined[key] for key in reference}, std, generator)
     result = {}
     for key, expected in reference.items():
         tensor = combined[key].to(expected.dtype)
         if not bool(torch.isfinite(tensor).all()) or (tensor.numel() and float(tensor.abs().max()) > MAX_ABS_VALUE):
             raise ValueError(
-                f"The {strategy.aggregation!r} aggregate of {key!r} over {len(updates)} updates is not finite or "
+                f"The {strategy.aggregation!r} aggregate of {key!r} over {num_updates} updates is not finite or "
                 f"beyond +-{MAX_ABS_VALUE:g} in {expected.dtype}: refusing to publish it."
             )
         result[key] = tensor
@@ -184,11 +227,41 @@ def round_row(update: ClientUpdate, received: dict[str, torch.Tensor]) -> dict:
     }
 
 
+def check_secure_aggregation(strategy: Strategy, clipping_range: float) -> None:
+    """Refuse what secure aggregation cannot do: the server sees only the sum of the updates, so it can take only
+    their equal-weight mean, and cannot check any one of them.
+
+    Raises:
+        `ValueError`: naming the keys.
+    """
+    problems = []
+    if strategy.aggregator != "server" or not strategy.shared_roles or strategy.pool_clients:
+        problems.append(f"strategy {strategy.name!r} has no server mean of shared tensors to secure")
+    if strategy.aggregation != "weighted_mean" or strategy.weighting != "uniform":
+        problems.append(
+            f"aggregation {strategy.aggregation!r} with weighting {strategy.weighting!r}: the server can only take "
+            "the equal-weight mean of updates it never sees (aggregation: weighted_mean, weighting: uniform)"
+        )
+    if strategy.max_client_weight is not None:
+        problems.append("max_client_weight: every client weighs the same under secure aggregation; leave it null")
+    if strategy.max_update_norm is not None and strategy.dp_clipping_norm is None:
+        problems.append(
+            "max_update_norm: the server cannot measure an update it never sees; bound updates with "
+            "dp_clipping_norm (each client clips its own) or secure_clipping_range"
+        )
+    if isinstance(clipping_range, bool) or not 0 < clipping_range < 1e6:
+        problems.append(f"secure_clipping_range must be in (0, 1e6), got {clipping_range}")
+    if problems:
+        raise ValueError("secure_aggregation: " + "; ".join(problems) + ".")
+
+
 __all__ = [
     "MAX_ABS_VALUE",
     "MAX_TRAIN_TOKENS",
     "InvalidUpdate",
     "aggregate_updates",
+    "apply_mean_update",
+    "check_secure_aggregation",
     "check_update",
     "combine_for_client",
     "evaluation_row",

@@ -120,6 +120,15 @@ class Strategy:
             The L1 penalty of the fusion weights.
         fusion_bound (`float`, *optional*, defaults to 1.0):
             The fusion weights' bound.
+        dp_clipping_norm (`float`, *optional*):
+            Differential privacy (DP-FedAvg, see `comigs_hf.privacy`): each client clips its update (the change of
+            its shared tensors over the round) to this L2 norm over all of them, and the server refuses an update
+            beyond it (`max_update_norm` becomes the smaller of the two, with a 1e-4 relative margin for rounding).
+            Needs a server average with equal weights (`aggregation="weighted_mean"`, `weighting="uniform"`), so
+            that the noise covers any one client. `None`: no clipping.
+        dp_noise_multiplier (`float`, *optional*, defaults to 0):
+            The server adds Gaussian noise of standard deviation `dp_noise_multiplier * dp_clipping_norm / m` to
+            the mean of a round's `m` updates; needs `dp_clipping_norm`. 0: clipping only, no privacy guarantee.
         pool_clients (`bool`, *optional*, defaults to `False`):
             Centralised training, the upper bound without privacy: one model trains on the union of all clients'
             train and validation splits, with all their batches in one (`num_clients` x `batch_size` sequences per
@@ -152,6 +161,8 @@ class Strategy:
     fusion_budget: int = 0
     fusion_l1: float = 0.05
     fusion_bound: float = 1.0
+    dp_clipping_norm: float | None = None
+    dp_noise_multiplier: float = 0.0
     requires_equal_experts: bool = field(init=False)
 
     @property
@@ -255,12 +266,45 @@ class Strategy:
                 f"Strategy {self.name!r}: aggregation {self.aggregation!r} rejects aggregation_kwargs "
                 f"{self.aggregation_kwargs}: {error}"
             ) from None
+        self._check_privacy()
         if self.pool_clients and self.shared_roles:
             raise ValueError(f"Strategy {self.name!r} pools the clients into one, so it has nobody to share with.")
         # one pooled model serves every client: they must agree on its layout
         # (and each client scores every client's tensors in its own model under PCL)
         equal = bool(self.shared_roles & {"specialist", "router"}) or self.pool_clients or self.aggregator == "clients"
         object.__setattr__(self, "requires_equal_experts", equal)
+
+    def _check_privacy(self) -> None:
+        norm, noise = self.dp_clipping_norm, self.dp_noise_multiplier
+        if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or not 0 < norm < 1e30):
+            raise ValueError(f"Strategy {self.name!r}: dp_clipping_norm must be a number > 0 or null, not {norm}.")
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < 1e30:
+            raise ValueError(f"Strategy {self.name!r}: dp_noise_multiplier must be a finite number >= 0, not {noise}.")
+        if norm is None:
+            if noise > 0:
+                raise ValueError(
+                    f"Strategy {self.name!r}: dp_noise_multiplier={noise} scales the noise to dp_clipping_norm, which "
+                    "is null: set dp_clipping_norm too."
+                )
+            return
+        needs = {
+            "a server average (aggregator 'server')": self.aggregator == "server",
+            "shared tensors": bool(self.shared_roles),
+            "aggregation 'weighted_mean' (the noise covers one client's share of a mean)": (
+                self.aggregation == "weighted_mean"
+            ),
+            "weighting 'uniform' (each clipped update weighs 1/m)": self.weighting == "uniform",
+        }
+        missing = [need for need, met in needs.items() if not met]
+        if missing:
+            raise ValueError(
+                f"Strategy {self.name!r}: differential privacy (dp_clipping_norm={norm}) needs {'; '.join(missing)}; "
+                f"this one has aggregator {self.aggregator!r}, shares {sorted(self.shared_roles) or 'nothing'}, "
+                f"aggregation {self.aggregation!r}, weighting {self.weighting!r}."
+            )
+        bound = norm * (1 + 1e-4)  # an honest client's clipped norm, rounded in its own dtype, stays below this
+        if self.max_update_norm is None or self.max_update_norm > bound:
+            object.__setattr__(self, "max_update_norm", bound)
 
 
 _EXPERTS = frozenset({"generalist", "specialist"})
@@ -343,6 +387,8 @@ def get_strategy(
     max_update_norm: float | None = None,
     rank_pruning_coef: float | None = None,
     max_client_weight: float | None = None,
+    dp_clipping_norm: float | None = None,
+    dp_noise_multiplier: float | None = None,
 ) -> Strategy:
     """Returns the preset strategy called `name`, with the given aggregation settings in place of its own.
 
@@ -355,6 +401,9 @@ def get_strategy(
         max_update_norm (`float`, *optional*): see [`Strategy`]; `None` keeps the preset's.
         rank_pruning_coef (`float`, *optional*): see [`Strategy`]; `None` keeps the preset's.
         max_client_weight (`float`, *optional*): see [`Strategy`]; `None` keeps the preset's.
+        dp_clipping_norm, dp_noise_multiplier (`float`, *optional*): see [`Strategy`]; `None` keeps the preset's.
+            With a clipping norm and no `weighting` given, the weighting is `"uniform"`, which differential privacy
+            needs.
 
     Raises:
         `ValueError`: for an unknown name (listing the known ones), rule or weighting, or arguments the rule rejects.
@@ -363,10 +412,15 @@ def get_strategy(
         preset = STRATEGIES[name]
     except KeyError:
         raise ValueError(f"Unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}.") from None
+    clipping = dp_clipping_norm if dp_clipping_norm is not None else preset.dp_clipping_norm
+    if weighting is None and clipping is not None:
+        weighting = "uniform"
     return replace(
         preset,
         aggregation=aggregation if aggregation is not None else preset.aggregation,
         weighting=weighting if weighting is not None else preset.weighting,
+        dp_clipping_norm=clipping,
+        dp_noise_multiplier=dp_noise_multiplier if dp_noise_multiplier is not None else preset.dp_noise_multiplier,
         aggregation_kwargs=aggregation_kwargs or preset.aggregation_kwargs,
         max_update_norm=max_update_norm if max_update_norm is not None else preset.max_update_norm,
         rank_pruning_coef=rank_pruning_coef if rank_pruning_coef is not None else preset.rank_pruning_coef,

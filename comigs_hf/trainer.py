@@ -36,6 +36,7 @@ from .modeling_comigs import (
     parameter_role,
     read_adapter_tensors,
 )
+from .privacy import clip_update
 from .strategies import Strategy, lora_factor, partition_state_dict
 
 
@@ -625,6 +626,8 @@ def run_client_round(
             trained = truncate_to_ranks(trained, ranks)
             model.load_role_state_dict(trained)
     shared_after, private = partition_state_dict(trained, strategy)
+    if strategy.dp_clipping_norm is not None:  # differential privacy: what leaves the client is clipped here
+        shared_after = clip_update(shared_after, shared, strategy.dp_clipping_norm)
     state.parameters = {**state.parameters, **private}
     return ClientUpdate(
         client_id=state.client_id,

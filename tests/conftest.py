@@ -117,3 +117,12 @@ def assert_loads_as_remote_code(model_dir, batch: dict, expected: torch.Tensor, 
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.fixture
+def in_a_run(monkeypatch):
+    """A ServerApp's process identity, which Flower reads to build the messages a strategy sends."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1)

@@ -1,12 +1,17 @@
 """A tiny federated world built in code: a word-level tokenizer, a tiny GPT-2 base and 4 clients' text in jsonl."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import tiny_gpt2
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from comigs_hf.tables import free_port
 
 DOMAINS = {
     "sports": "goal match team score league coach win player ball season",
@@ -15,6 +20,8 @@ DOMAINS = {
     "cooking": "salt oven butter flour sauce bake onion garlic pan spice",
 }
 COMMON = "the a of and to in is with for on"
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "federated.py"
 
 
 def write_tiny_world(root: Path, docs_per_domain: int = 60, seed: int = 0) -> tuple[Path, Path]:
@@ -72,3 +79,40 @@ def tiny_overrides(base_dir: Path, data_file: Path, output_dir: Path, **extra) -
     }
     values.update(extra)
     return [f"{key}={value}" for key, value in values.items()]
+
+
+def launch(world, output_dir, num_processes=1, direct=False, **extra) -> subprocess.Popen:
+    """The recipe through `accelerate launch`, or (`direct`) as the one process to kill."""
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        str(num_processes),
+    ]
+    if num_processes > 1:
+        # with Accelerator(cpu=True): N CPU processes on gloo. Each job on its own port: two jobs launched at once
+        # by two test workers would otherwise meet at the default 29500 and join each other's process group
+        launcher += ["--multi_gpu", "--main_process_port", str(free_port())]
+    if direct:
+        launcher = [sys.executable]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(
+        [*launcher, str(RECIPE), *tiny_overrides(*world, output_dir, **extra)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finished(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=400)
+    assert process.returncode == 0, output[-4000:]
+    return output

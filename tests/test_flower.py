@@ -1,11 +1,14 @@
 """The round protocol on Flower: a node answers the server's messages from its persisted state, the server strategy
 keeps what passes its checks, and a simulation gives the Accelerate run's numbers."""
 
+import contextlib
+import csv
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,15 +195,6 @@ def test_strategy_refuses_a_minimum_beyond_the_federation():
         _strategy(min_train_nodes=3, clients_per_round=2)
 
 
-@pytest.fixture
-def in_a_run(monkeypatch):
-    """A ServerApp's process identity, which Flower reads to build the messages a strategy sends."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for key in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, key, 1)
-
-
 class _Grid:
     """The nodes 10 + i, each serving client i, as the strategy sees them through a grid."""
 
@@ -284,16 +278,71 @@ BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr an
 FLOWER_APP = Path(__file__).resolve().parents[1] / "recipes" / "flower"
 
 
+def _certificates(root: Path, nodes: int) -> dict[str, Path]:
+    """A CA, the SuperLink's certificate for 127.0.0.1 signed by it, and one EC key pair per SuperNode (OpenSSH
+    format, as Flower's SuperNode authentication reads them), all made offline."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    root.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    pem = serialization.Encoding.PEM
+
+    def certificate(subject: str, key, issuer_name, issuer_key, ca: bool):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = certificate("test CA", ca_key, ca_name, ca_key, ca=True)
+    paths = {"ca": root / "ca.crt", "certificate": root / "server.pem", "key": root / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(pem))
+    paths["certificate"].write_bytes(certificate("127.0.0.1", server_key, ca_name, ca_key, ca=False).public_bytes(pem))
+    paths["key"].write_bytes(
+        server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    for node in range(nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        paths[f"node-{node}"] = root / f"node-{node}"
+        paths[f"node-{node}"].write_bytes(
+            key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+        )
+        paths[f"node-{node}.pub"] = root / f"node-{node}.pub"
+        paths[f"node-{node}.pub"].write_bytes(
+            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        )
+    return paths
+
+
 class _Deployment:
     """A SuperLink and SuperNodes on 127.0.0.1 (insecure), each its own process, and `flwr run` submitting to them
     through a connection in a Flower home of its own."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, tls: dict[str, Path] | None = None):
         self.root, self.port = root, free_port()  # the SuperLink serves its Fleet, Control and Runtime APIs there
+        self.tls = tls
         home = root / "flwr-home"
         home.mkdir(parents=True)
+        security = f'root-certificates = "{tls["ca"]}"' if tls else "insecure = true"
         (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\n{security}\n'
         )
         path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
         self.env = {**os.environ, "FLWR_HOME": str(home), "PATH": path, "CUDA_VISIBLE_DEVICES": ""}
@@ -301,14 +350,17 @@ class _Deployment:
 
     def _start(self, name: str, command: list[str]) -> None:
         log = open(self.root / f"{name}.log", "ab")
-        self.processes[name] = subprocess.Popen(command, env=self.env, cwd=self.root, stdout=log, stderr=log)
+        # a session of its own: killing it takes its ClientApp processes along, as a machine's failure would
+        self.processes[name] = subprocess.Popen(
+            command, env=self.env, cwd=self.root, stdout=log, stderr=log, start_new_session=True
+        )
 
     def start_superlink(self) -> None:
         self._start(
             "superlink",
             [
                 str(BIN / "flower-superlink"),
-                "--insecure",
+                *self._superlink_security(),
                 "--disable-runtime-dependency-installation",  # the ServerApp runs in this environment
                 "--host=127.0.0.1",
                 f"--port={self.port}",
@@ -322,7 +374,7 @@ class _Deployment:
             f"supernode-{client}",
             [
                 str(BIN / "flower-supernode"),
-                "--insecure",
+                *self._supernode_security(client),
                 f"--superlink=127.0.0.1:{self.port}",
                 f"--port={free_port()}",
                 "--node-config",
@@ -330,9 +382,37 @@ class _Deployment:
             ],
         )
 
+    def _superlink_security(self) -> list[str]:
+        if self.tls is None:
+            return ["--insecure"]
+        tls = self.tls
+        files = ["--ssl-ca-certfile", tls["ca"], "--ssl-certfile", tls["certificate"], "--ssl-keyfile", tls["key"]]
+        return [*map(str, files), "--enable-supernode-auth"]
+
+    def _supernode_security(self, client: int) -> list[str]:
+        if self.tls is None:
+            return ["--insecure"]
+        return [
+            "--root-certificates",
+            str(self.tls["ca"]),
+            "--auth-supernode-private-key",
+            str(self.tls[f"node-{client}"]),
+        ]
+
+    def register(self, client: int) -> None:
+        """Admit client `client`'s SuperNode by its public key (SuperNode authentication), through the Control API."""
+        command = [str(BIN / "flwr"), "supernode", "register", str(self.tls[f"node-{client}.pub"]), "test"]
+        for _ in range(60):  # the SuperLink may still be starting
+            done = subprocess.run(command, env=self.env, cwd=self.root, capture_output=True, text=True)
+            if done.returncode == 0:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"flwr supernode register failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
     def kill(self, name: str) -> None:
         process = self.processes.pop(name)
-        process.send_signal(signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
 
     def submit(self, recipe: Path) -> subprocess.Popen:
@@ -354,6 +434,13 @@ def deployment(tmp_path):
     running.stop()
 
 
+@pytest.fixture
+def tls_deployment(tmp_path):
+    running = _Deployment(tmp_path / "deployment", tls=_certificates(tmp_path / "certificates", nodes=4))
+    yield running
+    running.stop()
+
+
 def _recipe_file(world, tmp_path: Path, output_dir: Path, **extra) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(_recipe(world, output_dir, **extra))))
@@ -368,14 +455,18 @@ def _finished(run: subprocess.Popen, deployment: _Deployment, timeout: float = 6
 
 
 @pytest.mark.slow
-def test_a_superlink_and_four_supernodes_on_localhost_give_the_accelerate_run_metrics(world, tmp_path, deployment):
+def test_a_superlink_and_four_authenticated_supernodes_over_tls_give_the_accelerate_run_metrics(
+    world, tmp_path, tls_deployment
+):
+    deployment = tls_deployment
     # each ClientApp message is a fresh process on a SuperNode (imports, base, data: ~10 s here), so 2 rounds with one
     # evaluation: the second round trains from the state each node persisted in the first
     extra = {"data.client_values": CLIENTS, "save_models": "true", "rounds": 2, "eval_every": 2}
     accelerate = accelerate_run(tiny_overrides(*world, tmp_path / "accelerate", **extra))
     recipe = _recipe_file(world, tmp_path, tmp_path / "flower", **extra)
     deployment.start_superlink()
-    for client in range(4):  # each organisation's node keeps its state where it chooses
+    for client in range(4):  # each organisation's node, admitted by its public key, keeps its state where it chooses
+        deployment.register(client)
         deployment.start_supernode(client, tmp_path / f"organisation-{client}")
     text = _finished(deployment.submit(recipe), deployment)
     assert (tmp_path / "flower" / "results.json").is_file(), text[-3000:] + deployment.logs()
@@ -385,3 +476,40 @@ def test_a_superlink_and_four_supernodes_on_localhost_give_the_accelerate_run_me
         for key in ("test_loss", "paper_test_ppl", "bytes_sent", "bytes_received", "tokens_seen", "train_tokens"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5), (ours["name"], key)
     assert all((tmp_path / f"organisation-{client}" / f"client-{client}.pt").is_file() for client in range(4))
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_rejoins_from_its_saved_state_while_the_others_go_on(world, tmp_path, deployment):
+    # three organisations, the third's machine killed right after it saved its round-1 state: the federation goes on
+    # with the two others in the round its update is missing from (1, if its reply died with it, else 2), and it
+    # rejoins by round 3 from that state
+    clients = "[cooking,finance,science]"
+    extra = {"data.client_values": clients, "save_models": "false", "rounds": 3, "eval_every": 3, "min_train_nodes": 2}
+    recipe = _recipe_file(world, tmp_path, tmp_path / "flower", **extra)
+    deployment.start_superlink()
+    for client in range(3):
+        deployment.start_supernode(client, tmp_path / f"organisation-{client}")
+    run = deployment.submit(recipe)
+    state = tmp_path / "organisation-2" / "client-2.pt"
+    deadline = time.monotonic() + 300
+    while not state.is_file():
+        assert run.poll() is None and time.monotonic() < deadline, deployment.logs()
+        time.sleep(0.05)
+    deployment.kill("supernode-2")  # the machine dies, its ClientApp processes with it
+    deployment.start_supernode(2, tmp_path / "organisation-2")  # and is started again on the same state folder
+    _finished(run, deployment)
+    with open(tmp_path / "flower" / "curves.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["trained"] == "True"]
+    trained = {
+        round_index: {row["client"] for row in rows if int(row["round"]) == round_index} for round_index in (1, 2, 3)
+    }
+    without = [round_index for round_index in (1, 2) if trained[round_index] == {"cooking", "finance"}]
+    assert len(without) == 1, trained
+    assert "science" in trained[3]
+    saved = torch.load(state, weights_only=True)
+    after_restart = sum("science" in trained[round_index] for round_index in range(without[0] + 1, 4))
+    assert saved["round"] == 3
+    # its round 1 before the kill and its rounds after: it resumed from its state (a fresh start would lack round 1)
+    assert saved["state"]["expert_steps"] == 2 * (1 + after_restart)
+    results = json.loads((tmp_path / "flower" / "results.json").read_text())
+    assert all(client["test_ppl"] is not None for client in results["clients"])

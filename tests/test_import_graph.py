@@ -4,7 +4,7 @@
 4 face        config, recipe, cli, outputs, tables
 3 transports  rounds (Accelerate), hub/ (Hub), flower/  never each other
 2 protocol    trainer (client step), evaluation, server (server step)
-1 pieces      strategies, aggregation, data/, embedded/, metrics/, adapters, model
+1 pieces      strategies, aggregation, privacy, data/, embedded/, metrics/, adapters, model
 0 model       configuration_comigs, layer_comigs, modeling_comigs: travel with saved models
 ```
 """
@@ -24,6 +24,7 @@ LAYERS = {
     "modeling_comigs": 0,
     "strategies": 1,
     "aggregation": 1,
+    "privacy": 1,
     "data": 1,
     "embedded": 1,
     "metrics": 1,

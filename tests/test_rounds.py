@@ -5,15 +5,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
-from federated_setup import tiny_overrides
+from federated_setup import finished, launch, tiny_overrides
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -23,11 +21,7 @@ from comigs_hf.config import load_config
 from comigs_hf.recipe import run, setup_federation
 from comigs_hf.server import sample_clients
 from comigs_hf.strategies import get_strategy
-from comigs_hf.tables import free_port
 from comigs_hf.trainer import ClientUpdate, activate_client, client_folder_name, prune_ranks, train_client_round
-
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "federated.py"
 
 
 @pytest.fixture
@@ -46,43 +40,6 @@ def exchanged(monkeypatch) -> list[list[ClientUpdate]]:
 
 def config(world, output_dir, **extra):
     return load_config(None, tiny_overrides(*world, output_dir, **extra))
-
-
-def launch(world, output_dir, num_processes=1, direct=False, **extra) -> subprocess.Popen:
-    """The recipe through `accelerate launch`, or (`direct`) as the one process to kill."""
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--num_processes",
-        str(num_processes),
-    ]
-    if num_processes > 1:
-        # with Accelerator(cpu=True): N CPU processes on gloo. Each job on its own port: two jobs launched at once
-        # by two test workers would otherwise meet at the default 29500 and join each other's process group
-        launcher += ["--multi_gpu", "--main_process_port", str(free_port())]
-    if direct:
-        launcher = [sys.executable]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen(
-        [*launcher, str(RECIPE), *tiny_overrides(*world, output_dir, **extra)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def finished(process: subprocess.Popen) -> str:
-    output, _ = process.communicate(timeout=400)
-    assert process.returncode == 0, output[-4000:]
-    return output
 
 
 def client_metrics(output_dir: Path, num_processes: int = 1) -> list[tuple]:

@@ -40,6 +40,8 @@ NPY_HEADER_BYTES = 4096
 MAX_REPORT_BYTES = 1 << 20  # a round's metrics, routing shares included, are a few KiB
 MAX_REPORT_DEPTH = 4
 MAX_NAME_LENGTH = 256
+# a secure round's train message uses Flower's FitIns record names, which its secaggplus_mod reads
+SECURE_TRAIN_ARRAYS, SECURE_TRAIN_CONFIG = "fitins.parameters", "fitins.config"
 
 
 def shared_to_arrays(shared: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -95,9 +97,10 @@ def global_from_message(content: RecordDict, reference: Mapping[str, torch.Tenso
     Raises:
         [`~comigs_hf.server.InvalidUpdate`]: naming `"server"` and what is wrong.
     """
+    secure = SECURE_TRAIN_ARRAYS in content.array_records  # a secure round's train message: FitIns record names
     try:
-        round_index = content.config_records["config"]["round"]
-        arrays = content.array_records["arrays"]
+        round_index = content.config_records[SECURE_TRAIN_CONFIG if secure else "config"]["round"]
+        arrays = content.array_records[SECURE_TRAIN_ARRAYS if secure else "arrays"]
     except KeyError as error:
         raise InvalidUpdate("server", f"the message lacks {error}.") from None
     if isinstance(round_index, bool) or not isinstance(round_index, int) or round_index < 1:
@@ -208,21 +211,34 @@ def update_from_reply(
     Raises:
         [`~comigs_hf.server.InvalidUpdate`]: naming the sender (its claimed id, or `"?"`) and what is wrong.
     """
+    client_id, tokens, name, metrics, evaluation = report_from_train_reply(content, num_clients, round_index)
+    arrays = content.array_records.get("arrays")
+    if arrays is None:
+        raise InvalidUpdate(client_id, "the reply carries no 'arrays' record.")
+    shared = arrays_to_shared(arrays, reference, client_id)
+    return ClientUpdate(client_id, round_index, shared, tokens, metrics), name, evaluation
+
+
+def report_from_train_reply(
+    content: RecordDict, num_clients: int, round_index: int
+) -> tuple[int, int, str, dict, dict | None]:
+    """What a train reply says beside its tensors, checked: client id, training tokens, name, round metrics and test
+    metrics before aggregation (`None` when not evaluated). A secure round's reply has nothing else the server
+    may read.
+
+    Raises:
+        [`~comigs_hf.server.InvalidUpdate`]: naming the sender and what is wrong.
+    """
     client_id = _sender(content, num_clients, round_index)
     try:
         tokens = content.metric_records["metrics"]["num-examples"]
     except KeyError as error:
         raise InvalidUpdate(client_id, f"the reply lacks {error}.") from None
-    arrays = content.array_records.get("arrays")
-    if arrays is None:
-        raise InvalidUpdate(client_id, "the reply carries no 'arrays' record.")
-    shared = arrays_to_shared(arrays, reference, client_id)
     report = read_report(content, client_id)
     evaluation = report.get("evaluation")
     if evaluation is not None and not isinstance(evaluation, dict):
         raise InvalidUpdate(client_id, "unreadable report (its evaluation is not a mapping).")
-    update = ClientUpdate(client_id, round_index, shared, tokens, dict(report["metrics"]))
-    return update, report["name"], evaluation
+    return client_id, tokens, report["name"], dict(report["metrics"]), evaluation
 
 
 def _sender(content: RecordDict, num_clients: int, round_index: int | None) -> int:
@@ -269,6 +285,7 @@ __all__ = [
     "identity_from_reply",
     "identity_to_reply",
     "read_report",
+    "report_from_train_reply",
     "shared_to_arrays",
     "update_from_reply",
     "update_to_reply",

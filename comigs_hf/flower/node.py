@@ -42,11 +42,22 @@ from ..trainer import (
     run_client_round,
     save_state_atomically,
 )
-from .messages import evaluation_to_reply, global_from_message, identity_to_reply, update_to_reply
+from .messages import (
+    SECURE_TRAIN_CONFIG,
+    evaluation_to_reply,
+    global_from_message,
+    identity_to_reply,
+    update_to_reply,
+)
+from .secure import is_secure_train, secure_reply
 
 STATE_FORMAT = "comigs-flower-node-v1"
 # a node's state must come from the same federation: these values change what a round computes
 _RUN_KEYS = ("strategy", "seed", "rounds", "name", "num_specialists", "top_k", "lora_rank")
+
+
+def _train_config(content: RecordDict):
+    return content.config_records[SECURE_TRAIN_CONFIG if is_secure_train(content) else "config"]
 
 
 def check_flower_strategy(strategy: Strategy) -> Strategy:
@@ -192,7 +203,7 @@ class FlowerNode:
             )
         if done == round_index:  # trained and saved by a call whose reply was lost: send the same update again
             update = ClientUpdate(self.client_id, round_index, **saved["update"])
-            return update_to_reply(update, self.data.name, saved["evaluation"])
+            return self._train_reply(content, update, shared, saved["evaluation"])
         update = run_client_round(
             self.model,
             state,
@@ -206,11 +217,21 @@ class FlowerNode:
             accelerator=self.accelerator,
         )
         evaluation = None
-        if bool(content.config_records["config"].get("evaluate", False)):
+        if bool(_train_config(content).get("evaluate", False)):
             evaluation = self._test_metrics(round_index)  # the model still holds what it trained
         saved_update = {"shared": update.shared, "train_tokens": update.train_tokens, "metrics": update.metrics}
         self._save(round_index, state, saved_update, evaluation)
-        return update_to_reply(update, self.data.name, evaluation)
+        return self._train_reply(content, update, shared, evaluation)
+
+    def _train_reply(
+        self, content: RecordDict, update: ClientUpdate, shared: dict[str, torch.Tensor], evaluation: dict | None
+    ) -> RecordDict:
+        plain = update_to_reply(update, self.data.name, evaluation)
+        if not is_secure_train(content):
+            return plain
+        # a secure round: the update (not the tensors) for secaggplus_mod to quantise and mask
+        bound = float(_train_config(content).get("clipping-range", 0.0))
+        return secure_reply(update, shared, plain, bound)
 
     def evaluate(self, content: RecordDict) -> RecordDict:
         """The reply to an evaluate message: the test metrics of this client's private state with the global after

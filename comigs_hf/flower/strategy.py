@@ -30,10 +30,28 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from ..evaluation import EvaluationConfig
-from ..server import InvalidUpdate, aggregate_updates, check_update, evaluation_row, round_row, sample_clients
+from ..server import (
+    InvalidUpdate,
+    aggregate_updates,
+    apply_mean_update,
+    check_secure_aggregation,
+    check_update,
+    evaluation_row,
+    round_row,
+    sample_clients,
+)
 from ..strategies import Strategy
-from .messages import arrays_to_shared, evaluation_from_reply, identity_from_reply, shared_to_arrays, update_from_reply
+from ..trainer import ClientUpdate
+from .messages import (
+    arrays_to_shared,
+    evaluation_from_reply,
+    identity_from_reply,
+    report_from_train_reply,
+    shared_to_arrays,
+    update_from_reply,
+)
 from .node import check_flower_strategy
+from .secure import SecureAggregation, SecureRound, plain_reply_of, run_secure_round, secure_train_content
 
 logger = logging.getLogger("comigs_hf.flower")
 
@@ -61,6 +79,9 @@ class CoMiGSStrategy(FlowerStrategy):
         min_train_nodes (`int`, *optional*): the fewest updates a round aggregates; fewer raise
             [`FederationIncomplete`]. Defaults to every client asked.
         timeout (`float`): seconds to wait for nodes to join before round 1, and for query replies.
+        secure_aggregation ([`~comigs_hf.flower.secure.SecureAggregation`], *optional*): run each round's train
+            phase as SecAgg+ (see `comigs_hf.flower.secure`): the server holds only the sum of the updates, and
+            takes their equal-weight mean. `None`: plain replies, each checked.
     """
 
     def __init__(
@@ -76,6 +97,7 @@ class CoMiGSStrategy(FlowerStrategy):
         seed: int = 0,
         min_train_nodes: int | None = None,
         timeout: float = 600.0,
+        secure_aggregation: SecureAggregation | None = None,
     ):
         self.strategy = check_flower_strategy(strategy)
         self.shared = dict(initial_shared)
@@ -91,6 +113,12 @@ class CoMiGSStrategy(FlowerStrategy):
                 f"min_train_nodes must be in [1, {asked}] (the clients asked each round), got {min_train_nodes}."
             )
         self.timeout = timeout
+        self.secure = secure_aggregation
+        if self.secure is not None:
+            check_secure_aggregation(self.strategy, self.secure.clipping_range)
+            if self.min_train_nodes < 2:
+                raise ValueError("Secure aggregation needs min_train_nodes >= 2: one node's sum is its update.")
+        self._secure_round: SecureRound | None = None
         self.nodes: dict[int, int] = {}  # node id -> the client it serves
         self.names: dict[int, str] = {}  # client id -> its data partition's name
         self.records: list[dict] = []
@@ -189,7 +217,20 @@ class CoMiGSStrategy(FlowerStrategy):
         absent = [client for client in asked if client not in serving]
         if absent:
             logger.warning("round %d: clients %s are asked to train but have no node connected.", server_round, absent)
-        return self._messages(serving, [c for c in asked if c in serving], content, MessageType.TRAIN)
+        messages = self._messages(serving, [c for c in asked if c in serving], content, MessageType.TRAIN)
+        if self.secure is None:
+            return messages
+        # SecAgg+'s four exchanges run here, over the grid; Flower's loop then sends nothing and aggregate_train
+        # takes the unmasked mean
+        if len(self._sent) < self.min_train_nodes:
+            raise FederationIncomplete(
+                f"Round {server_round}: {len(self._sent)} asked clients have a node, fewer than "
+                f"min_train_nodes={self.min_train_nodes}."
+            )
+        settings["clipping-range"] = self.secure.clipping_range
+        contents = {node: secure_train_content(arrays, settings) for node in self._sent}
+        self._secure_round = run_secure_round(grid, server_round, contents, self.shared, self.secure)
+        return []
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -199,6 +240,8 @@ class CoMiGSStrategy(FlowerStrategy):
         Raises:
             [`FederationIncomplete`]: fewer than `min_train_nodes` usable updates.
         """
+        if self.secure is not None:
+            return self._aggregate_secure(server_round)
         updates, before, refused = {}, {}, []
         for client, reply in self._replies(replies, server_round, "train"):
             try:
@@ -222,6 +265,43 @@ class CoMiGSStrategy(FlowerStrategy):
         everyone = [updates[client] for client in sorted(updates)]
         if self.strategy.shared_roles:
             self.shared = aggregate_updates(self.strategy, everyone, self.shared)
+        return self._record_train(server_round, everyone, before)
+
+    def _aggregate_secure(self, server_round: int) -> tuple[ArrayRecord, MetricRecord]:
+        """A secure round: the unmasked mean of the updates becomes the new global through the server step's
+        `apply_mean_update`; each node's reply holds only its metrics and report, read as any reply's."""
+        outcome, self._secure_round = self._secure_round, None
+        if outcome is None or outcome.mean is None or len(outcome.metrics) < self.min_train_nodes:
+            unmasked = 0 if outcome is None else len(outcome.metrics)
+            raise FederationIncomplete(
+                f"Round {server_round}: secure aggregation unmasked {unmasked} updates, fewer than "
+                f"min_train_nodes={self.min_train_nodes}; sent: {sorted(self._sent.values())}."
+            )
+        updates, before = {}, {}
+        for node, metrics in outcome.metrics.items():
+            client = self._sent.get(node)
+            try:
+                if client is None:
+                    raise InvalidUpdate("?", f"node {node} was not asked.")
+                claimed, tokens, name, round_metrics, evaluation = report_from_train_reply(
+                    plain_reply_of(metrics), self.num_clients, server_round
+                )
+                if claimed != client:
+                    raise InvalidUpdate(client, f"its node replied as client {claimed}.")
+                # sized like the update for the round's record; the server never holds the update itself
+                update = ClientUpdate(client, server_round, dict(self.shared), tokens, round_metrics)
+                check_update(update, self.shared)  # its token count; the tensors are the global's
+            except InvalidUpdate as error:  # its update is in the sum regardless: only its row is missing
+                logger.warning("round %d: %s Its metrics are left out.", server_round, error)
+                continue
+            updates[client], before[client] = update, evaluation
+            self.names.setdefault(client, name)
+        self.shared = apply_mean_update(self.strategy, outcome.mean, self.shared, len(outcome.metrics))
+        return self._record_train(server_round, [updates[client] for client in sorted(updates)], before)
+
+    def _record_train(
+        self, server_round: int, everyone: list[ClientUpdate], before: dict[int, dict | None]
+    ) -> tuple[ArrayRecord, MetricRecord]:
         received = self.shared if self.strategy.shared_roles else {}
         self._round = {"round": server_round, "clients": [round_row(update, received) for update in everyone]}
         self._before = {client: metrics for client, metrics in before.items() if metrics is not None}
