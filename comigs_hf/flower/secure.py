@@ -87,14 +87,15 @@ def secure_train_content(arrays: ArrayRecord, config: Mapping) -> RecordDict:
 def secure_reply(
     update: ClientUpdate, reference: Mapping[str, torch.Tensor], plain: RecordDict, bound: float
 ) -> RecordDict:
-    """A node's reply for `secaggplus_mod`: its update `update.shared - reference` (in the global's key order) as
+    """A node's reply for `secaggplus_mod`: its update `update.shared - reference` (in sorted key order) as
     FitRes parameters, and the metrics and report of `plain` (the reply a plain round would send) as FitRes metrics.
 
     Raises:
         `ValueError`: a coordinate of the update lies beyond `bound` (the clipping range), which the quantiser would
         clip without a word.
     """
-    delta = {key: (update.shared[key].double() - reference[key].double()).float() for key in reference}
+    # sorted names: the order the server reads the unmasked sum in (legacy parameters carry no names)
+    delta = {key: (update.shared[key].double() - reference[key].double()).float() for key in sorted(reference)}
     largest = max((float(t.abs().max()) for t in delta.values() if t.numel()), default=0.0)
     if largest > bound:
         raise ValueError(
@@ -191,7 +192,7 @@ class _Workflow(SecAggPlusWorkflow):
 
 @dataclass
 class SecureRound:
-    """The outcome of a secure train phase: the mean update (in the global's key order and dtypes) over the nodes
+    """The outcome of a secure train phase: the mean update (keyed by name, in the global's dtypes) over the nodes
     whose masked vectors were unmasked, and each such node's FitRes metrics."""
 
     mean: dict[str, torch.Tensor] | None
@@ -227,7 +228,8 @@ def run_secure_round(
     if len(arrays) != len(reference):
         raise InvalidUpdate("secure aggregate", f"holds {len(arrays)} arrays, expected {len(reference)}.")
     mean = {}
-    for (key, expected), array in zip(reference.items(), arrays):
+    for key, array in zip(sorted(reference), arrays):  # the nodes' order (see secure_reply)
+        expected = reference[key]
         if tuple(array.shape) != tuple(expected.shape):
             raise InvalidUpdate(
                 "secure aggregate", f"{key!r} has shape {array.shape}, expected {tuple(expected.shape)}."

@@ -359,13 +359,14 @@ class CoMiGSStrategy(FlowerStrategy):
     def summary(self) -> None:
         logger.info(
             "CoMiGS round protocol: strategy %s (shares %s, aggregation %s), %d clients, %s asked a round, at least "
-            "%d updates a round",
+            "%d updates a round, %s",
             self.strategy.name,
             sorted(self.strategy.shared_roles) or "nothing",
             self.strategy.aggregation,
             self.num_clients,
             self.clients_per_round or "all",
             self.min_train_nodes,
+            "SecAgg+ (the server holds only the sum)" if self.secure else "plain updates (each checked)",
         )
 
 
