@@ -30,7 +30,7 @@ demo: $(STAMP)
 # -n auto: one pytest-xdist worker per core (the tests are single-threaded, see tests/conftest.py); loadgroup: the
 # tests marked with one xdist_group (the two-process launches) run on one worker, in turn
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m "not slow"
