@@ -369,6 +369,22 @@ def rank_pruning_penalty(
     return penalty
 
 
+def check_saved_run(
+    saved_run: dict[str, object], expected: dict[str, object], keys: tuple[str, ...], path: Path
+) -> None:
+    """Refuse a saved client state whose run settings (`saved_run`) differ from this run's (`expected`) in any of
+    `keys`: a state from another federation or recipe would silently change what the round computes.
+
+    Raises:
+        `ValueError`: naming `path` and every differing key with both values.
+    """
+    differing = [
+        f"{key}={saved_run.get(key)!r}, now {expected[key]!r}" for key in keys if saved_run.get(key) != expected[key]
+    ]
+    if differing:
+        raise ValueError(f"{path} belongs to another federation or recipe: {'; '.join(differing)}.")
+
+
 def save_state_atomically(path: Path, payload: dict) -> None:
     """Write a client's private state next to `path`, flush it to disk, rename it over `path`: a kill at any point
     leaves the previous state whole. Read it back with `torch.load(path, weights_only=True)`."""
@@ -644,6 +660,7 @@ __all__ = [
     "TrainingConfig",
     "activate_client",
     "check_accelerator",
+    "check_saved_run",
     "client_folder_name",
     "cosine_learning_rate",
     "derived_seed",

@@ -37,6 +37,7 @@ from ..trainer import (
     ClientUpdate,
     TrainingConfig,
     activate_client,
+    check_saved_run,
     client_folder_name,
     initial_client_state,
     run_client_round,
@@ -152,14 +153,7 @@ class FlowerNode:
             or saved.get("client_id") != self.client_id
         ):
             raise ValueError(f"{path} is not the Flower node state of client {self.client_id} ({STATE_FORMAT!r}).")
-        expected = self._run_values()
-        differing = [
-            f"{key}={saved['run'].get(key)!r}, now {expected[key]!r}"
-            for key in _RUN_KEYS
-            if saved["run"].get(key) != expected[key]
-        ]
-        if differing:
-            raise ValueError(f"{path} belongs to another federation or recipe: {'; '.join(differing)}.")
+        check_saved_run(saved["run"], self._run_values(), _RUN_KEYS, path)
         return saved
 
     def _fresh_state(self) -> ClientState:

@@ -44,6 +44,7 @@ from ..trainer import (
     ClientState,
     TrainingConfig,
     activate_client,
+    check_saved_run,
     initial_client_state,
     run_client_round,
     save_state_atomically,
@@ -180,13 +181,7 @@ def _load_saved(client: HubClient) -> dict[str, Any] | None:
 
 
 def _check_saved(saved: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
-    differing = [
-        f"{key}={saved['run'].get(key)!r}, now {expected[key]!r}"
-        for key in _RUN_KEYS
-        if saved["run"].get(key) != expected[key]
-    ]
-    if differing:
-        raise ValueError(f"{path} belongs to another federation or recipe: {'; '.join(differing)}.")
+    check_saved_run(saved["run"], expected, _RUN_KEYS, path)
 
 
 def _round_revision(client: HubClient, round_index: int) -> str:
