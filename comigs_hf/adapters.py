@@ -17,16 +17,18 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import snapshot_download
-from peft import LoraConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .modeling_comigs import CoMiGSForCausalLM, parameter_role
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -176,6 +178,10 @@ def generalist_state_dict(model: CoMiGSForCausalLM, index: int = 0) -> dict[str,
 
 def generalist_peft_config(model: CoMiGSForCausalLM, index: int = 0) -> LoraConfig:
     """The `LoraConfig` under which PEFT reproduces generalist `index` on the bare base model."""
+    # imported here: peft imports bitsandbytes where installed (~1 s), which a node, aggregator or reader of
+    # adapters never needs
+    from peft import LoraConfig
+
     config = model.config
     layers = [layer for _, layer in _generalist_layers(model, index)]
     # the attention adapter may have its own rank: PEFT's per-module ranks, matched on the whole module path

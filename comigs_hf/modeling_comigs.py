@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import SAFE_WEIGHTS_NAME, cached_file, logging
 
 from .configuration_comigs import KNOWN_ATTENTION_TARGETS, KNOWN_MLP_TARGETS, CoMiGSConfig
@@ -846,8 +846,10 @@ def read_adapter_tensors(
 
 
 def _check_causal_lm(model: nn.Module) -> None:
+    # by class name: `MODEL_FOR_CAUSAL_LM_MAPPING.values()` imports every causal LM module of transformers (~1.7 s,
+    # and some of them look for flash-attention kernels on the Hub as they import)
     is_causal = isinstance(model, PreTrainedModel) and (
-        type(model) in MODEL_FOR_CAUSAL_LM_MAPPING.values()
+        type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         or (isinstance(model, GenerationMixin) and model.get_output_embeddings() is not None)
     )
     if not is_causal:

@@ -68,7 +68,7 @@ def tiny_overrides(base_dir: Path, data_file: Path, output_dir: Path, **extra) -
         "training.router_steps": 1,
         "training.batch_size": 4,
         "training.micro_batch_size": 2,
-        "evaluation.batch_size": 2,
+        "evaluation.batch_size": 16,
         "evaluation.paper_batches": 2,
         "evaluation.paper_batch_size": 4,
         "rounds": 3,

@@ -491,6 +491,10 @@ class _Handler(BaseHTTPRequestHandler):
             if rest == ["validate-yaml"] and method == "POST":
                 # Called by `create_commit` when a README.md is committed (model cards).
                 return _Response.json({"errors": [], "warnings": []})
+            if len(rest) == 3 and rest[0] == "organizations" and rest[2] == "overview" and method == "GET":
+                # This Hub hosts users only. Asked by `kernels`' publisher trust check, which bitsandbytes runs as it
+                # is imported (through peft) on CPUs with AVX512-BF16; it then falls back to its own kernel.
+                raise HubError(404, "Organization not found")
             if len(rest) >= 2 and rest[0] in _API_PREFIX_TO_TYPE:
                 response = self._route_repo_api(method, _API_PREFIX_TO_TYPE[rest[0]], rest[1:])
                 if response is not None:
