@@ -39,7 +39,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m slow
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/benchmark.py --json outputs/benchmark.json
+	$(BIN)/python benchmarks/benchmark.py --smollm2 --json outputs/benchmark.json
 
 lint quality: $(STAMP)
 	$(BIN)/ruff check .

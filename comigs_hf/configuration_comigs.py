@@ -90,9 +90,10 @@ class CoMiGSConfig(PreTrainedConfig):
             top-k > 1: a softmax over the chosen logits with zeros in place of the others). The two agree for two
             experts at top-2 up to which hidden state the router sees.
         recompute_activation (`bool`, defaults to `True`):
-            When a token has several copies (top-k > 1 or uniform mixing), recompute in backward the MLP activations
-            that keep several tensors (GPT-2's tanh-GELU) instead of keeping them for each copy: less memory for some
-            extra element-wise work.
+            When a token has several token/expert pairs (top-k > 1 or uniform mixing), recompute in backward the MLP
+            activations that keep several tensors (such as quick-GELU) instead of keeping them for each pair: less
+            memory for some extra element-wise work. GPT-2's tanh-GELU needs none: the mixture runs it as one fused
+            kernel.
         upcast_adapters (`bool`, defaults to `True`):
             On a float16 or bfloat16 base, keep the experts, the attention adapter and the routers in float32 (as
             PEFT's `autocast_adapter_dtype` does): their updates are small, and half-precision optimiser steps on them

@@ -1,25 +1,32 @@
 """CoMiGS layers: the token router, LoRA-carrying projections and the mixture-of-experts MLP.
 
 Every expert is the whole base MLP with its own LoRA adapter on each target projection. Instead of running the MLP
-once per expert, the mixture inserts a "copy" axis K (one slot per chosen expert) after the input projections:
+once per expert, the mixture lays out the token/expert pairs the router chose (K per token) and runs the MLP's own
+element-wise code on them:
 
-* input projections (e.g. `c_fc`, `gate_proj`/`up_proj`) run the frozen base once on the N tokens and add, per copy,
-  the chosen expert's low-rank update: output `(..., K, out)`;
-* the MLP's own element-wise code (activation, gating) runs unchanged on `(..., K, inner)`;
+* input projections (e.g. `c_fc`, `gate_proj`/`up_proj`) run the frozen base once on the N tokens, copy each token's
+  output to its K pairs and add each pair's low-rank update: output `(..., K, out)`, one row per pair;
+* the MLP's own element-wise code (activation, gating) runs unchanged on those rows;
 * the output projection (e.g. `c_proj`, `down_proj`) is linear, so the gated sum of the experts' base outputs is the
-  base applied once to the gated sum of their inputs; only the low-rank updates are taken per copy.
+  base applied once to the gated sum of their inputs; only the low-rank updates are taken per pair.
 
-The frozen base weights therefore run over N tokens exactly as in a single-LoRA model; all experts' LoRA factors are
-concatenated and applied in a few small matmuls, with no loop over experts or tokens.
+The frozen base weights therefore run over N tokens exactly as in a single-LoRA model. The pairs are laid out by the
+routing's [`CoMiGSDispatch`]: grouped by expert for training-sized batches, so that each expert's LoRA factors run
+once on its own rows (torch's grouped matmul where it has one, else a loop over the experts) and the LoRA work
+depends on the number of pairs, not of experts; in token order with every pair's factors gathered for decoding and
+other small batches, where a few batched matmuls beat sorting (and the output projection's base runs on each pair:
+a matrix-vector product costs about the same for K rows as for one). Between the projections the rows are pairs, not
+tokens: only element-wise code may run there, as in every MLP CoMiGS wraps.
 
 This file travels with saved models as remote code: it imports only the standard library, torch and transformers.
 
 Legend for shape comments: B batch, T tokens, N = B*T, H hidden, I inner (MLP width), E experts, K chosen experts per
-token (top-k), R LoRA rank, O output features.
+token (top-k), P = N*K token/expert pairs, R LoRA rank, O output features.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -27,6 +34,53 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # `.to` that costs nothing when the dtype already matches (decoding calls it per token and layer)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _use_grouped_mm(rows: torch.Tensor) -> bool:
+    # torch >= 2.9's grouped matmul, on CPU (its CUDA kernels take bfloat16 on recent GPUs only); else the loop
+    return GROUPED_MM and rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+# torch's grouped matmul, for pairs grouped by expert (see `_use_grouped_mm`); False: a loop over the experts
+GROUPED_MM = hasattr(F, "grouped_mm")
+
+_VERSION = torch.Tensor._version.__get__  # a tensor's in-place version counter, read without a Python frame
+
+# Up to this many token/expert pairs, a routing's pairs stay in token order with their experts' factors gathered
+# (decoding, small batches); beyond it they are grouped by expert. Both layouts compute the same function.
+GATHER_MAX_PAIRS = 64
+
+
+@dataclass
+class CoMiGSDispatch:
+    """The token/expert pairs of one routing grouped by expert, as a mixture's projections lay them out.
+
+    Attributes:
+        token (`torch.LongTensor` of shape `(P,)`): the token of each pair, pairs grouped by expert (in token order
+            within an expert).
+        weight (`torch.Tensor` of shape `(P,)`): each pair's mixing weight divided by its token's total weight.
+        counts (`list[int]`): the number of pairs of each expert; its rows follow the previous expert's.
+        inverse (`torch.LongTensor` of shape `(N,)`, *optional*): with top-1, the row of each token.
+    """
+
+    token: torch.LongTensor
+    weight: torch.Tensor
+    counts: list[int]
+    inverse: torch.LongTensor | None = None
+
+    def offsets(self, device: torch.device) -> torch.Tensor:
+        """Where each expert's rows end, `(E,)` int32, as `torch.nn.functional.grouped_mm` takes them."""
+        ends = list(itertools.accumulate(self.counts))
+        return torch.tensor(ends, dtype=torch.int32, device=device)
+
+    def token_rows(self, width: int) -> torch.LongTensor:
+        """`token` as a `(P, width)` index for `scatter_add`/`gather` over rows (an expanded view, no copy)."""
+        return self.token.unsqueeze(-1).expand(-1, width)
 
 
 @dataclass
@@ -37,19 +91,40 @@ class CoMiGSRouting:
         router_logits (`torch.Tensor` of shape `(batch_size, sequence_length, num_experts)`): raw router scores.
         expert_index (`torch.LongTensor` of shape `(batch_size, sequence_length, top_k)`): chosen experts.
         expert_weight (`torch.Tensor` of shape `(batch_size, sequence_length, top_k)`): mixing weights.
+        sums_to_one (`bool`): each token's weights sum to 1 by construction (a softmax over the chosen logits, 1/E
+            each, a forced expert), so the mixture need not carry their sum.
     """
 
     router_logits: torch.Tensor
     expert_index: torch.LongTensor
     expert_weight: torch.Tensor
-    _one_hot: torch.Tensor | None = None
+    sums_to_one: bool = False
+    _dispatch: CoMiGSDispatch | None = None
 
-    def expert_one_hot(self, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
-        """One-hot of each copy's expert, `(batch_size, sequence_length, top_k, num_experts)`, built once per pass
-        and shared by the mixture's projections."""
-        if self._one_hot is None or self._one_hot.dtype != dtype:
-            self._one_hot = F.one_hot(self.expert_index, num_experts).to(dtype)
-        return self._one_hot
+    def grouped_pairs(self) -> CoMiGSDispatch | None:
+        """The pairs grouped by expert (built once per pass, shared by the mixture's projections), or `None` for a
+        routing of at most `GATHER_MAX_PAIRS` pairs, which stay in token order."""
+        if self._dispatch is None and self.expert_index.numel() > GATHER_MAX_PAIRS:
+            self._dispatch = self._group_pairs()
+        return self._dispatch
+
+    def normalized_weight(self) -> torch.Tensor:
+        """`expert_weight` divided by each token's total, `(batch_size, sequence_length, top_k)`."""
+        if self.sums_to_one:
+            return self.expert_weight
+        return self.expert_weight / self.expert_weight.sum(dim=-1, keepdim=True)
+
+    def _group_pairs(self) -> CoMiGSDispatch:
+        top_k, num_experts = self.expert_index.shape[-1], self.router_logits.shape[-1]
+        expert = self.expert_index.reshape(-1)  # (P,) token-major: pair n*K + k
+        order = expert.argsort(stable=True)  # (P,) pairs grouped by expert, in token order within each
+        counts = torch.bincount(expert, minlength=num_experts).tolist()
+        token = torch.div(order, top_k, rounding_mode="floor")
+        if top_k > 1:
+            return CoMiGSDispatch(token, self.normalized_weight().reshape(-1)[order], counts)
+        weight = torch.ones(order.shape, dtype=self.expert_weight.dtype, device=order.device)  # a token's one pair
+        inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=order.device))
+        return CoMiGSDispatch(token, weight, counts, inverse)
 
 
 class CoMiGSRoutingState:
@@ -62,6 +137,16 @@ class CoMiGSRoutingState:
         self.records: list[CoMiGSRouting] = []
         # decoder blocks' outputs of this pass, kept only while the reference balancing loss needs them
         self.block_outputs: list[torch.Tensor] | None = None
+
+
+class CoMiGSActiveRouting:
+    """The routing a mixture's projections follow during its call (a plain object: setting it per call costs
+    nothing, unlike an `nn.Module` attribute)."""
+
+    __slots__ = ("routing",)
+
+    def __init__(self):
+        self.routing: CoMiGSRouting | None = None
 
 
 class CoMiGSRouter(nn.Module):
@@ -87,28 +172,33 @@ class CoMiGSRouter(nn.Module):
         forced_expert: int | None = None,
         expert_weights: list[float] | None = None,
     ) -> CoMiGSRouting:
-        router_logits = F.linear(hidden_states.to(self.weight.dtype), self.weight)  # (B, T, E)
+        dtype = hidden_states.dtype  # of the mixing weights
+        scores = hidden_states if dtype == self.weight.dtype else hidden_states.to(self.weight.dtype)
+        router_logits = F.linear(scores, self.weight)  # (B, T, E)
         if forced_expert is not None:
             index = torch.full((*router_logits.shape[:-1], 1), forced_expert, device=router_logits.device)
-            weight = torch.ones(index.shape, dtype=hidden_states.dtype, device=router_logits.device)
-            return CoMiGSRouting(router_logits, index, weight)
+            weight = torch.ones(index.shape, dtype=dtype, device=router_logits.device)
+            return CoMiGSRouting(router_logits, index, weight, sums_to_one=True)
         if self.mixing == "uniform":
             num_experts = self.weight.shape[0]
             index = torch.arange(num_experts, device=router_logits.device).expand(*router_logits.shape[:-1], -1)
             if expert_weights is None:
-                weight = torch.full(index.shape, 1.0 / num_experts, dtype=hidden_states.dtype, device=index.device)
+                weight = torch.full(index.shape, 1.0 / num_experts, dtype=dtype, device=index.device)
             else:  # fixed fusion weights, the same for every token
-                fixed = torch.tensor(expert_weights, dtype=hidden_states.dtype, device=index.device)  # (E,)
+                fixed = torch.tensor(expert_weights, dtype=dtype, device=index.device)  # (E,)
                 weight = fixed.expand(index.shape)
-            return CoMiGSRouting(router_logits.detach(), index, weight)  # (B, T, E) copies
+            # (B, T, E) pairs
+            return CoMiGSRouting(router_logits.detach(), index, weight, sums_to_one=expert_weights is None)
         # routing decisions in float32: bf16 logits make near-ties flip and softmax lose mass
-        logits32 = router_logits.float()
+        logits32 = router_logits if router_logits.dtype == torch.float32 else router_logits.float()
         top_logits, index = logits32.topk(self.top_k, dim=-1)  # (B, T, K)
         if self.top_k == 1:
             weight = logits32.softmax(dim=-1).gather(-1, index)
         else:
             weight = top_logits.softmax(dim=-1)
-        return CoMiGSRouting(router_logits, index, weight.to(hidden_states.dtype))
+        if weight.dtype != dtype:
+            weight = weight.to(dtype)
+        return CoMiGSRouting(router_logits, index, weight, sums_to_one=self.top_k > 1)
 
 
 class CoMiGSLoraLinear(nn.Module):
@@ -117,9 +207,11 @@ class CoMiGSLoraLinear(nn.Module):
     `lora_A[name]` is `nn.Linear(in, R)` and `lora_B[name]` is `nn.Linear(R, out)`, keyed by expert name, exactly as a
     PEFT `LoraLayer` keys them by adapter name. `role` decides how the mixture's routing is applied:
 
-    * `"input"`: consumes the block's hidden states, returns one output per chosen expert, `(..., K, out)`;
-    * `"output"`: consumes `(..., K, in)` and returns the gated sum `(..., out)`;
+    * `"input"`: consumes the block's hidden states, returns one row per token/expert pair, `(..., K, out)`;
+    * `"output"`: consumes those rows `(..., K, in)` and returns each token's gated sum `(..., out)`;
     * `"shared"`: a plain single-adapter LoRA layer (the optional attention adapter), no routing.
+
+    The mixture hands its projections their routing through `active` for the duration of its call.
     """
 
     def __init__(
@@ -152,10 +244,12 @@ class CoMiGSLoraLinear(nn.Module):
         else:
             self.in_features, self.out_features = weight.shape if is_conv1d else weight.shape[::-1]
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._has_dropout = dropout > 0
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.set_adapters(adapter_names)
-        self.routing: CoMiGSRouting | None = None
+        # set by the mixture this projection belongs to ("input" and "output" roles)
+        self.active: CoMiGSActiveRouting | None = None
         self._stacked_cache: tuple | None = None
 
     # transformers' `_init_weights` of some bases (GPT-2) reads `module.c_proj.weight` directly
@@ -190,19 +284,76 @@ class CoMiGSLoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
 
+    @property
+    def lora_dtype(self) -> torch.dtype:
+        """The dtype the adapters hold now (a model cast after it was built casts them too)."""
+        return next(iter(self.lora_A.values())).weight.dtype
+
     def _stacked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # (E*R, in) and (O, E*R); concatenating E small matrices is far cheaper than E separate matmuls
-        weights = [a.weight for a in self.lora_A.values()] + [b.weight for b in self.lora_B.values()]
+        # (E, R, in) with the LoRA scaling folded in, and B transposed, (E, R, O): for pairs in token order, gathering
+        # their factors
+        weights = [m._parameters["weight"] for m in (*self.lora_A.values(), *self.lora_B.values())]
         if torch.is_grad_enabled():
             self._stacked_cache = None
-            return torch.cat(weights[: len(self.lora_A)], dim=0), torch.cat(weights[len(self.lora_A) :], dim=1)
-        # generation calls this once per token and layer: reuse the concatenation until a weight changes
-        # (in-place updates such as optimizer steps or load_state_dict bump the tensors' version counters)
-        key = tuple((id(w), w._version) for w in weights)
+            return self._stack(weights)
+        # decoding calls this once per token and layer: reuse the stack until a weight changes (in-place updates
+        # such as optimizer steps or load_state_dict bump the tensors' version counters; `param.data = ...`, as
+        # `vector_to_parameters` does, moves its data)
+        key = (*map(id, weights), *map(_VERSION, weights), *map(torch.Tensor.data_ptr, weights))
         if self._stacked_cache is None or self._stacked_cache[0] != key:
-            stacked = torch.cat(weights[: len(self.lora_A)], dim=0), torch.cat(weights[len(self.lora_A) :], dim=1)
-            self._stacked_cache = (key, stacked)
+            self._stacked_cache = (key, self._stack(weights))
         return self._stacked_cache[1]
+
+    def _stack(self, weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        num_experts = len(self.lora_A)
+        lora_A = torch.stack(weights[:num_experts]) * self.scaling  # (E, R, in)
+        return lora_A, torch.stack([b.T for b in weights[num_experts:]])  # (E, R, O)
+
+    def _grouped_updates(
+        self,
+        rows: torch.Tensor,
+        plan: CoMiGSDispatch,
+        scale: torch.Tensor | float,
+        base: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`B_e A_e x * scale` for every pair `(P, in)` grouped by expert, plus `base` `(P, O)` when given: each
+        expert's factors run once, on its own rows, and an expert no pair chose runs nothing."""
+        if _use_grouped_mm(rows):  # one kernel per factor for all experts (torch's grouped matmul)
+            offsets = plan.offsets(rows.device)
+            lora_A = torch.stack([a.weight for a in self.lora_A.values()]).transpose(1, 2)  # (E, in, R)
+            codes = F.grouped_mm(rows, lora_A, offs=offsets) * scale  # (P, R)
+            lora_B = torch.stack([b.weight for b in self.lora_B.values()]).transpose(1, 2)  # (E, R, O)
+            update = F.grouped_mm(codes, lora_B, offs=offsets)  # (P, O)
+            return update if base is None else base + _as(update, base.dtype)
+        # a loop over the experts, with one `split` and one `cat`: autograd then hands each expert's rows their
+        # gradient without a full-size copy per expert
+        scales = scale.split(plan.counts) if isinstance(scale, torch.Tensor) else [scale] * len(plan.counts)
+        # the base rows ride in the second matmul's accumulator when dtypes allow (one pass over (P, O) fewer)
+        fused = base is not None and base.dtype == rows.dtype
+        bases = base.split(plan.counts) if fused else [None] * len(plan.counts)
+        updates = []
+        for x, row_scale, base_rows, a, b, count in zip(
+            rows.split(plan.counts), scales, bases, self.lora_A.values(), self.lora_B.values(), plan.counts
+        ):
+            if not count:
+                continue
+            codes = F.linear(x, a.weight)  # (n_e, R)
+            if base_rows is not None and not isinstance(row_scale, torch.Tensor):  # one fused op: base + s * B codes
+                updates.append(base_rows.addmm(codes, b.weight.T, alpha=row_scale))
+            elif base_rows is not None:
+                updates.append(base_rows.addmm(codes * row_scale, b.weight.T))
+            else:
+                updates.append(F.linear(codes * row_scale, b.weight))  # (n_e, O)
+        update = torch.cat(updates)  # (P, O)
+        if base is not None and not fused:
+            update = base + _as(update, base.dtype)
+        return update
+
+    def _lora_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # the low-rank path runs in the adapters' dtype (float32 on a half-precision base), the base in its own
+        if self._has_dropout:
+            x = self.lora_dropout(x)
+        return _as(x, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.role == "shared":
@@ -210,44 +361,90 @@ class CoMiGSLoraLinear(nn.Module):
             base = self.base_layer(x)
             update = self.lora_B[name](self.lora_A[name](self.lora_dropout(x).to(self.lora_A[name].weight.dtype)))
             return base + (update * self.scaling).to(base.dtype)
-        routing = self.routing
+        routing = self.active.routing if self.active is not None else None
         if routing is None:
             raise RuntimeError(f"{self.base_path} is part of a CoMiGS mixture and must be called through it.")
-        num_experts = len(self.lora_A)
-        lora_A, lora_B = self._stacked_factors()
-        # the low-rank path runs in the adapters' dtype (float32 on a half-precision base), the base in its own
-        x_lora = self.lora_dropout(x).to(lora_A.dtype)
-        # per copy, a one-hot of its expert carrying the LoRA scaling (and, at the output, the gate): (..., K, E, 1).
-        # Everything that touches it is of size E*R per token; the wide (..., K, O) tensors see one op each.
-        selector = routing.expert_one_hot(num_experts, lora_A.dtype).unsqueeze(-1) * self.scaling
         if self.role == "input":
-            codes = F.linear(x_lora, lora_A).unflatten(-1, (num_experts, self.r))  # (..., E, R)
-            codes = (selector * codes.unsqueeze(-3)).flatten(-2)  # (..., K, E*R): zero outside each copy's expert
-            # the frozen base runs once per token; each copy adds its own expert's update
-            base = self.base_layer(x).unsqueeze(-2)
-            return F.linear(codes, lora_B).to(base.dtype).add_(base)  # (..., K, O)
-        # output projection: x is (..., K, I)
-        gate = routing.expert_weight  # (..., K)
-        if x.shape[-2] == 1:
-            mixed, gate_sum = x.squeeze(-2), gate  # top-1: sum_k g_k x_k / sum_k g_k is the single copy
+            return self._input_forward(x, routing)
+        return self._output_forward(x, routing)
+
+    def _input_forward(self, x: torch.Tensor, routing: CoMiGSRouting) -> torch.Tensor:
+        """x `(..., H)` -> one row per pair `(..., K, O)`: the base once per token, copied to its pairs, plus each
+        pair's own expert's update."""
+        lead, top_k = x.shape[:-1], routing.expert_index.shape[-1]
+        x = x.reshape(-1, x.shape[-1])  # (N, H)
+        base = self.base_layer(x)  # (N, O)
+        plan = routing.grouped_pairs()
+        if plan is None:  # pairs in token order, each gathering its expert's factors
+            lora_A, lora_B = self._stacked_factors()
+            index = routing.expert_index.reshape(-1)  # (P,)
+            chosen_A = lora_A.index_select(0, index).view(x.shape[0], -1, x.shape[-1])  # (N, K*R, H)
+            codes = torch.bmm(chosen_A, self._lora_input(x, lora_A.dtype).unsqueeze(-1))  # (N, K*R, 1)
+            codes = codes.view(index.shape[0], 1, -1)  # (P, 1, R)
+            update = torch.bmm(codes, lora_B.index_select(0, index)).view(-1, top_k, base.shape[-1])  # (N, K, O)
+            out = base.unsqueeze(-2) + _as(update, base.dtype)
         else:
-            gate_sum = gate.sum(dim=-1, keepdim=True)  # (..., 1), 1 up to rounding
-            mixed = ((gate / gate_sum).unsqueeze(-1) * x).sum(dim=-2)  # (..., I); beats einsum's tiny bmm on CPU
-        # W(sum_k g_k x_k) + b * sum_k g_k == sum_k g_k (W x_k + b): the base runs once per token
-        result = self.base_layer(mixed) * gate_sum  # (..., O)
-        codes = F.linear(x_lora, lora_A).unflatten(-1, (num_experts, self.r))  # (..., K, E, R)
-        codes = (selector * gate[..., None, None].to(codes.dtype) * codes).sum(dim=-3).flatten(-2)  # (..., E*R)
-        return result + F.linear(codes, lora_B).to(result.dtype)  # (..., O)
+            rows = self._lora_input(x, self.lora_dtype).index_select(0, plan.token)  # (P, H)
+            out = self._grouped_updates(rows, plan, self.scaling, base=base.index_select(0, plan.token))  # (P, O)
+        # (..., K, O): one row per pair, in layout order, shaped as the tokens for the MLP's element-wise code
+        return out.view(*lead, top_k, out.shape[-1])
+
+    def _output_forward(self, x: torch.Tensor, routing: CoMiGSRouting) -> torch.Tensor:
+        """x, one row per pair `(..., K, I)` -> the gated sum over each token's pairs `(..., O)`."""
+        lead, top_k = x.shape[:-2], x.shape[-2]
+        rows = x.reshape(-1, x.shape[-1])  # (P, I)
+        plan = routing.grouped_pairs()
+        if plan is None:
+            # a few pairs in token order: the base runs on each (a matrix-vector product costs about the same for K
+            # rows as for one), and one matmul per token mixes its pairs' outputs with the router's weights
+            result = self.base_layer(rows)  # (P, O)
+            lora_A, lora_B = self._stacked_factors()
+            index = routing.expert_index.reshape(-1)  # (P,)
+            codes = torch.bmm(lora_A.index_select(0, index), self._lora_input(rows, lora_A.dtype).unsqueeze(-1))
+            update = torch.bmm(codes.view(index.shape[0], 1, -1), lora_B.index_select(0, index))  # (P, 1, O)
+            result = (result + _as(update.view(result.shape), result.dtype)).view(-1, top_k, result.shape[-1])
+            weight = _as(routing.expert_weight, result.dtype).reshape(-1, 1, top_k)  # (N, 1, K)
+            return torch.bmm(weight, result).view(*lead, result.shape[-1])
+        # W(sum_k g_k x_k) + b * sum_k g_k == sum_k g_k (W x_k + b): the base runs once per token, on the mix of its
+        # pairs under weights summing to 1, and the output is scaled by their sum where it is not 1 by design
+        weight = _as(plan.weight, rows.dtype).unsqueeze(-1)  # (P, 1)
+        if top_k == 1:
+            mixed = rows  # each token's single pair: the base runs on the rows, in layout order
+        else:  # scatter_add keeps nothing for backward (index_add would keep its (P, I) source)
+            mixed = rows.new_zeros(rows.shape[0] // top_k, rows.shape[-1])
+            mixed = mixed.scatter_add_(0, plan.token_rows(rows.shape[-1]), rows * weight)  # (N, I)
+        result = self.base_layer(mixed)
+        scale = _as(weight, self.lora_dtype) * self.scaling
+        update = _as(self._grouped_updates(self._lora_input(rows, self.lora_dtype), plan, scale), result.dtype)
+        if top_k == 1:  # rows are the tokens in layout order: back to token order
+            result = (result + update).index_select(0, plan.inverse)
+        else:
+            result = result.scatter_add(0, plan.token_rows(result.shape[-1]), update)  # (N, O)
+        if not routing.sums_to_one:
+            result = result * _as(routing.expert_weight.sum(dim=-1), result.dtype).reshape(-1, 1)
+        return result.view(*lead, result.shape[-1])
+
+
+# transformers' tanh-approximation GELUs written as a dozen element-wise ops (GPT-2's `gelu_new`, `gelu_fast`): the
+# same function as torch's fused kernel, which the mixture runs on its K rows per token instead
+_TANH_GELUS = ("NewGELUActivation", "FastGELUActivation")
+
+
+class CoMiGSTanhGELU(nn.Module):
+    """`0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))` as one fused kernel that keeps one tensor for backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
 
 
 class CoMiGSRecomputedActivation(nn.Module):
     """An element-wise activation of the MLP, recomputed in backward instead of kept.
 
-    Between the input and output projections the mixture carries K copies of every token, so whatever the activation
-    keeps for backward is kept K times. A composite activation such as GPT-2's tanh-GELU (`gelu_new`, a dozen
-    element-wise ops) keeps several `(..., K, I)` tensors; recomputing it from its input keeps one, for the price of
-    re-running cheap element-wise ops. Only activations that keep several tensors are wrapped
-    ([`keeps_several_tensors`]); single-op ones such as SiLU or ReLU keep one already and are left alone.
+    Between the input and output projections the mixture carries K pairs of every token, so whatever the activation
+    keeps for backward is kept K times. A composite activation such as quick-GELU keeps several `(..., K, I)`
+    tensors; recomputing it from its input keeps one, for the price of re-running cheap element-wise ops. Only
+    activations that keep several tensors are wrapped ([`keeps_several_tensors`]); single-op ones such as SiLU, ReLU
+    or the fused tanh-GELU that replaces GPT-2's `gelu_new` keep one already and are left alone.
     """
 
     def __init__(self, activation: nn.Module):
@@ -298,10 +495,12 @@ class CoMiGSMoeMLP(nn.Module):
     ):
         super().__init__()
         self.base_mlp = base_mlp
-        # wrapped whatever the top-k: clients swapped in later may mix more experts (it recomputes only then)
-        for name, child in list(base_mlp.named_children()) if recompute_activation else []:
+        for name, child in list(base_mlp.named_children()):
+            if type(child).__name__ in _TANH_GELUS:
+                setattr(base_mlp, name, child := CoMiGSTanhGELU())
+            # wrapped whatever the top-k: clients swapped in later may mix more experts (it recomputes only then)
             is_activation = not isinstance(child, (CoMiGSLoraLinear, nn.Dropout)) and not any(child.parameters())
-            if is_activation and keeps_several_tensors(child):
+            if recompute_activation and is_activation and keeps_several_tensors(child):
                 setattr(base_mlp, name, CoMiGSRecomputedActivation(child))
         # on the base's device, in the adapters' dtype
         weight = projections[0].base_layer.weight
@@ -311,6 +510,9 @@ class CoMiGSMoeMLP(nn.Module):
         # plain list: the projections are registered (and saved) under base_mlp already
         self._projections = projections
         self._state = state
+        self._active = CoMiGSActiveRouting()
+        for projection in projections:
+            projection.active = self._active
 
     def set_experts(self, old_names: list[str], names: list[str], init_router, top_k: int) -> None:
         """Keep the experts in `names` (router order), add fresh ones, give the router one row per expert, and mix
@@ -334,10 +536,12 @@ class CoMiGSMoeMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         routing = self.router(hidden_states, self._state.forced_expert, self._state.expert_weights)
         self._state.records.append(routing)
-        for projection in self._projections:
-            projection.routing = routing
+        return self.run_routed(routing, hidden_states, *args, **kwargs)
+
+    def run_routed(self, routing: CoMiGSRouting, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base MLP with its projections following `routing` (recorded nowhere)."""
+        self._active.routing = routing
         try:
             return self.base_mlp(hidden_states, *args, **kwargs)
         finally:
-            for projection in self._projections:
-                projection.routing = None
+            self._active.routing = None

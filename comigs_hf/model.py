@@ -111,7 +111,7 @@ class ModelConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     recompute_activation: bool = field(
         default=True,
-        metadata={"help": "With top_k > 1, recompute composite MLP activations in backward, not keep k copies."},
+        metadata={"help": "With top_k > 1, recompute composite MLP activations in backward, not keep k pairs' worth."},
     )
 
     def __post_init__(self) -> None:

@@ -8,9 +8,15 @@ import pytest
 import torch
 from conftest import VOCAB, assert_loads_as_remote_code, perturb_experts, tiny_gpt2
 from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel
+from transformers.activations import ACT2FN
 
 from comigs_hf import CoMiGSConfig, CoMiGSForCausalLM, parameter_role
-from comigs_hf.layer_comigs import CoMiGSRecomputedActivation, CoMiGSRouting, keeps_several_tensors
+from comigs_hf.layer_comigs import (
+    CoMiGSRecomputedActivation,
+    CoMiGSRouting,
+    CoMiGSTanhGELU,
+    keeps_several_tensors,
+)
 from comigs_hf.modeling_comigs import load_balancing_loss
 
 
@@ -52,9 +58,7 @@ def test_batched_mixture_equals_weighted_sum_of_whole_expert_mlps(make_base, top
     per_expert = []
     for expert in range(model.config.num_experts):
         forced = CoMiGSRouting(routing.router_logits, torch.full((2, 5, 1), expert), torch.ones(2, 5, 1))
-        for projection in mixture._projections:
-            projection.routing = forced
-        per_expert.append(mixture.base_mlp(hidden))
+        per_expert.append(mixture.run_routed(forced, hidden))
     per_expert = torch.stack(per_expert, dim=-2)  # (B, T, E, H)
     chosen = per_expert.gather(-2, routing.expert_index.unsqueeze(-1).expand(-1, -1, -1, per_expert.shape[-1]))
     naive = (routing.expert_weight.unsqueeze(-1) * chosen).sum(dim=-2)
@@ -111,6 +115,19 @@ def test_loss_is_lm_loss_plus_weighted_aux_loss(make_base, input_ids):
     out = model(input_ids, labels=input_ids)
     lm_loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), input_ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, lm_loss + 0.5 * out.aux_loss)
+
+
+@pytest.mark.parametrize("variant", ["switch", "reference"])
+def test_inference_computes_no_balancing_loss_and_hooks_no_block_unless_asked(make_base, input_ids, variant):
+    model = build(make_base, router_aux_loss_variant=variant)
+    with torch.no_grad():
+        assert model(input_ids).aux_loss is None  # decoding and evaluation: no balancing loss
+        asked = model(input_ids, output_aux_loss=True).aux_loss
+        assert asked is not None and torch.isfinite(asked)
+        torch.testing.assert_close(model(input_ids, labels=input_ids).aux_loss, asked)
+    assert model(input_ids).aux_loss is not None  # gradients on: training computes it
+    # the reference variant's block outputs are recorded by hooks that live only during the passes that need them
+    assert all(not block._forward_hooks for block in model._blocks)
 
 
 def test_load_balancing_loss_is_one_at_the_target_share_and_higher_when_collapsed():
@@ -316,6 +333,20 @@ def test_no_grad_forward_follows_in_place_expert_updates(make_base, input_ids):
     torch.testing.assert_close(after, model(input_ids).logits.detach(), rtol=0, atol=0)
 
 
+def test_no_grad_forward_follows_expert_data_replaced_as_vector_to_parameters_does(make_base, input_ids):
+    model = build(make_base)
+    experts = [p for n, p in model.named_parameters() if "lora_" in n]
+    with torch.no_grad():
+        model(input_ids)  # decoding-style call: the stacked factors are cached
+        vector = torch.nn.utils.parameters_to_vector(experts)
+        torch.nn.utils.vector_to_parameters(vector * 2, experts)  # `param.data = ...`: no version bump
+        after = model(input_ids).logits
+    fresh = build(make_base)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(after, fresh(input_ids).logits, rtol=0, atol=0)
+
+
 def _unwrap_activations(model):
     for mixture in model.mixtures:
         for name, child in list(mixture.base_mlp.named_children()):
@@ -335,8 +366,17 @@ def _saved_bytes(model, input_ids) -> int:
     return sum(storages.values())
 
 
+def _quick_gelu_gpt2(seed: int = 0):
+    # x * sigmoid(1.702 x): a composite activation that keeps two tensors and has no fused kernel
+    base = tiny_gpt2(seed)
+    for block in base.transformer.h:
+        block.mlp.act = ACT2FN["quick_gelu"]
+    base.config.activation_function = "quick_gelu"
+    return base
+
+
 def test_composite_activation_is_recomputed_with_equal_gradients_and_less_kept_memory(input_ids):
-    recomputed = build(lambda seed: tiny_gpt2(seed)).train()  # GPT-2's gelu_new keeps several tensors
+    recomputed = build(_quick_gelu_gpt2).train()
     assert isinstance(recomputed.mixtures[0].base_mlp.act, CoMiGSRecomputedActivation)
     kept = copy.deepcopy(recomputed)
     _unwrap_activations(kept)
@@ -345,17 +385,28 @@ def test_composite_activation_is_recomputed_with_equal_gradients_and_less_kept_m
 
 
 @pytest.mark.parametrize(
-    "activation, wrapped", [("gelu_new", True), ("silu", False), ("relu", False), ("gelu", False)]
+    "activation, wrapped",
+    [("gelu_new", True), ("quick_gelu", True), ("silu", False), ("relu", False), ("gelu", False)],
 )
 def test_only_activations_that_keep_several_tensors_are_recomputed(activation, wrapped):
-    from transformers.activations import ACT2FN
-
     assert keeps_several_tensors(ACT2FN[activation]) is wrapped
 
 
+def test_gpt2_tanh_gelu_runs_as_one_fused_kernel_keeping_one_tensor_with_the_same_outputs(input_ids):
+    model = build(lambda seed: tiny_gpt2(seed)).train()  # GPT-2's gelu_new: a dozen element-wise ops
+    assert isinstance(model.mixtures[0].base_mlp.act, CoMiGSTanhGELU)
+    assert not keeps_several_tensors(model.mixtures[0].base_mlp.act)
+    composite = copy.deepcopy(model)
+    for mixture in composite.mixtures:
+        mixture.base_mlp.act = ACT2FN["gelu_new"]
+    torch.testing.assert_close(model(input_ids).logits, composite(input_ids).logits, rtol=1e-5, atol=1e-6)
+    assert _saved_bytes(model, input_ids) < _saved_bytes(composite, input_ids)
+    assert_same_gradients(model, composite, input_ids, rtol=1e-4, atol=1e-6)
+
+
 def test_recomputation_follows_the_top_k_of_the_client_swapped_in(input_ids):
-    recomputed = build(lambda seed: tiny_gpt2(seed), top_k=1).train()
-    kept = build(lambda seed: tiny_gpt2(seed), top_k=1, recompute_activation=False).train()
+    recomputed = build(_quick_gelu_gpt2, top_k=1).train()
+    kept = build(_quick_gelu_gpt2, top_k=1, recompute_activation=False).train()
     # top-1: one copy per token, nothing to recompute
     assert _saved_bytes(recomputed, input_ids) == _saved_bytes(kept, input_ids)
     for model in (recomputed, kept):
@@ -364,7 +415,7 @@ def test_recomputation_follows_the_top_k_of_the_client_swapped_in(input_ids):
 
 
 def test_activation_recomputation_can_be_switched_off():
-    model = build(lambda seed: tiny_gpt2(seed), top_k=2, recompute_activation=False)
+    model = build(_quick_gelu_gpt2, top_k=2, recompute_activation=False)
     assert not isinstance(model.mixtures[0].base_mlp.act, CoMiGSRecomputedActivation)
 
 
