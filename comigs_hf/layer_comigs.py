@@ -41,15 +41,20 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def _use_grouped_mm(rows: torch.Tensor) -> bool:
-    # torch >= 2.9's grouped matmul, on CPU (its CUDA kernels take bfloat16 on recent GPUs only); else the loop
-    return GROUPED_MM and rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.bfloat16, torch.float16)
+def _use_grouped_mm(rows: torch.Tensor, rank: int, out_features: int) -> bool:
+    # torch >= 2.9's grouped matmul, on CPU (its CUDA kernels take bfloat16 on recent GPUs only), whose operands' rows
+    # must be whole multiples of 16 bytes (a rank of 6 in float32 is not); else the loop
+    widths = (rows.shape[-1], rank, out_features)
+    return (
+        GROUPED_MM
+        and rows.device.type == "cpu"
+        and rows.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and all(width * rows.element_size() % 16 == 0 for width in widths)
+    )
 
 
 # torch's grouped matmul, for pairs grouped by expert (see `_use_grouped_mm`); False: a loop over the experts
 GROUPED_MM = hasattr(F, "grouped_mm")
-
-_VERSION = torch.Tensor._version.__get__  # a tensor's in-place version counter, read without a Python frame
 
 # Up to this many token/expert pairs, a routing's pairs stay in token order with their experts' factors gathered
 # (decoding, small batches); beyond it they are grouped by expert. Both layouts compute the same function.
@@ -100,6 +105,7 @@ class CoMiGSRouting:
     expert_weight: torch.Tensor
     sums_to_one: bool = False
     _dispatch: CoMiGSDispatch | None = None
+    _experts: list[int] | None = None
 
     def grouped_pairs(self) -> CoMiGSDispatch | None:
         """The pairs grouped by expert (built once per pass, shared by the mixture's projections), or `None` for a
@@ -107,6 +113,13 @@ class CoMiGSRouting:
         if self._dispatch is None and self.expert_index.numel() > GATHER_MAX_PAIRS:
             self._dispatch = self._group_pairs()
         return self._dispatch
+
+    def expert_list(self) -> list[int]:
+        """The chosen experts, token-major (pair `n * K + k`), as Python ints: read once per pass, for the few pairs
+        that stay in token order."""
+        if self._experts is None:
+            self._experts = self.expert_index.reshape(-1).tolist()
+        return self._experts
 
     def normalized_weight(self) -> torch.Tensor:
         """`expert_weight` divided by each token's total, `(batch_size, sequence_length, top_k)`."""
@@ -250,7 +263,6 @@ class CoMiGSLoraLinear(nn.Module):
         self.set_adapters(adapter_names)
         # set by the mixture this projection belongs to ("input" and "output" roles)
         self.active: CoMiGSActiveRouting | None = None
-        self._stacked_cache: tuple | None = None
 
     # transformers' `_init_weights` of some bases (GPT-2) reads `module.c_proj.weight` directly
     @property
@@ -289,25 +301,13 @@ class CoMiGSLoraLinear(nn.Module):
         """The dtype the adapters hold now (a model cast after it was built casts them too)."""
         return next(iter(self.lora_A.values())).weight.dtype
 
-    def _stacked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # (E, R, in) with the LoRA scaling folded in, and B transposed, (E, R, O): for pairs in token order, gathering
-        # their factors
-        weights = [m._parameters["weight"] for m in (*self.lora_A.values(), *self.lora_B.values())]
-        if torch.is_grad_enabled():
-            self._stacked_cache = None
-            return self._stack(weights)
-        # decoding calls this once per token and layer: reuse the stack until a weight changes (in-place updates
-        # such as optimizer steps or load_state_dict bump the tensors' version counters; `param.data = ...`, as
-        # `vector_to_parameters` does, moves its data)
-        key = (*map(id, weights), *map(_VERSION, weights), *map(torch.Tensor.data_ptr, weights))
-        if self._stacked_cache is None or self._stacked_cache[0] != key:
-            self._stacked_cache = (key, self._stack(weights))
-        return self._stacked_cache[1]
-
-    def _stack(self, weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        num_experts = len(self.lora_A)
-        lora_A = torch.stack(weights[:num_experts]) * self.scaling  # (E, R, in)
-        return lora_A, torch.stack([b.T for b in weights[num_experts:]])  # (E, R, O)
+    def _chosen_factors(self, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each pair's expert's factors, `(P, R, in)` and `(P, O, R)`, for a few pairs in token order: stacked from
+        the parameters at every call, so that no copy can go stale whatever changed them (a cache keyed on version
+        counters misses `param.data.copy_(...)`)."""
+        lora_A = [a.weight for a in self.lora_A.values()]
+        lora_B = [b.weight for b in self.lora_B.values()]
+        return torch.stack([lora_A[e] for e in experts]), torch.stack([lora_B[e] for e in experts])
 
     def _grouped_updates(
         self,
@@ -318,7 +318,7 @@ class CoMiGSLoraLinear(nn.Module):
     ) -> torch.Tensor:
         """`B_e A_e x * scale` for every pair `(P, in)` grouped by expert, plus `base` `(P, O)` when given: each
         expert's factors run once, on its own rows, and an expert no pair chose runs nothing."""
-        if _use_grouped_mm(rows):  # one kernel per factor for all experts (torch's grouped matmul)
+        if _use_grouped_mm(rows, self.r, self.out_features):  # one kernel per factor for all experts
             offsets = plan.offsets(rows.device)
             lora_A = torch.stack([a.weight for a in self.lora_A.values()]).transpose(1, 2)  # (E, in, R)
             codes = F.grouped_mm(rows, lora_A, offs=offsets) * scale  # (P, R)
@@ -375,14 +375,13 @@ class CoMiGSLoraLinear(nn.Module):
         x = x.reshape(-1, x.shape[-1])  # (N, H)
         base = self.base_layer(x)  # (N, O)
         plan = routing.grouped_pairs()
-        if plan is None:  # pairs in token order, each gathering its expert's factors
-            lora_A, lora_B = self._stacked_factors()
-            index = routing.expert_index.reshape(-1)  # (P,)
-            chosen_A = lora_A.index_select(0, index).view(x.shape[0], -1, x.shape[-1])  # (N, K*R, H)
-            codes = torch.bmm(chosen_A, self._lora_input(x, lora_A.dtype).unsqueeze(-1))  # (N, K*R, 1)
-            codes = codes.view(index.shape[0], 1, -1)  # (P, 1, R)
-            update = torch.bmm(codes, lora_B.index_select(0, index)).view(-1, top_k, base.shape[-1])  # (N, K, O)
-            out = base.unsqueeze(-2) + _as(update, base.dtype)
+        if plan is None:  # pairs in token order, each with its expert's factors
+            lora_A, lora_B = self._chosen_factors(routing.expert_list())  # (P, R, H), (P, O, R)
+            codes = torch.bmm(lora_A.view(x.shape[0], -1, x.shape[-1]), self._lora_input(x, lora_A.dtype)[..., None])
+            update = torch.bmm(lora_B, codes.view(lora_A.shape[0], -1, 1))  # (N, K*R, 1) -> (P, O, 1)
+            out = torch.add(
+                base.unsqueeze(-2), _as(update.view(-1, top_k, base.shape[-1]), base.dtype), alpha=self.scaling
+            )
         else:
             rows = self._lora_input(x, self.lora_dtype).index_select(0, plan.token)  # (P, H)
             out = self._grouped_updates(rows, plan, self.scaling, base=base.index_select(0, plan.token))  # (P, O)
@@ -398,11 +397,11 @@ class CoMiGSLoraLinear(nn.Module):
             # a few pairs in token order: the base runs on each (a matrix-vector product costs about the same for K
             # rows as for one), and one matmul per token mixes its pairs' outputs with the router's weights
             result = self.base_layer(rows)  # (P, O)
-            lora_A, lora_B = self._stacked_factors()
-            index = routing.expert_index.reshape(-1)  # (P,)
-            codes = torch.bmm(lora_A.index_select(0, index), self._lora_input(rows, lora_A.dtype).unsqueeze(-1))
-            update = torch.bmm(codes.view(index.shape[0], 1, -1), lora_B.index_select(0, index))  # (P, 1, O)
-            result = (result + _as(update.view(result.shape), result.dtype)).view(-1, top_k, result.shape[-1])
+            lora_A, lora_B = self._chosen_factors(routing.expert_list())  # (P, R, I), (P, O, R)
+            codes = torch.bmm(lora_A, self._lora_input(rows, lora_A.dtype)[..., None])  # (P, R, 1)
+            update = torch.bmm(lora_B, codes)  # (P, O, 1)
+            result = torch.add(result, _as(update.view(result.shape), result.dtype), alpha=self.scaling)
+            result = result.view(-1, top_k, result.shape[-1])
             weight = _as(routing.expert_weight, result.dtype).reshape(-1, 1, top_k)  # (N, 1, K)
             return torch.bmm(weight, result).view(*lead, result.shape[-1])
         # W(sum_k g_k x_k) + b * sum_k g_k == sum_k g_k (W x_k + b): the base runs once per token, on the mix of its

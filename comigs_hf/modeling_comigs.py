@@ -692,7 +692,7 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): token ids.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Targets for the LM loss (shifted inside, `-100` ignored). `loss` is then the LM loss plus
-                `router_aux_loss_coef * aux_loss`.
+                `router_aux_loss_coef * aux_loss` (the LM loss alone with `output_aux_loss=False`).
             output_router_logits (`bool`, *optional*): also return every layer's router logits.
             output_routing_stats (`bool`, defaults to `False`): also return per-layer routing statistics.
             output_aux_loss (`bool`, *optional*): compute the load-balancing loss `aux_loss`. Defaults to computing

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BASES, VOCAB
+from conftest import BASES, VOCAB, tiny_llama
 
 import comigs_hf.layer_comigs as layer_comigs
 from comigs_hf import CoMiGSForCausalLM
@@ -108,3 +108,28 @@ def test_only_the_experts_tokens_chose_run_in_the_grouped_loop(monkeypatch):
     assert layer.lora_B["specialist_1"].weight.grad.abs().sum() > 0
     # the other experts' factors never ran, not even on zeros: LoRA work is paid by routed pairs only
     assert all(layer.lora_B[name].weight.grad is None for name in ("generalist_0", "specialist_0", "specialist_2"))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_ranks_and_widths_the_grouped_matmul_cannot_take_fall_back_to_the_loop_with_the_same_outputs(
+    layout, monkeypatch
+):
+    # torch's CPU grouped matmul wants rows of whole multiples of 16 bytes: a rank of 6 in float32 is not
+    use_layout(monkeypatch, layout)
+    model = _trained_looking(lambda seed: tiny_llama(seed, intermediate_size=42), lora_r=6, top_k=2)
+    input_ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
+    assert_matches_the_reference_loop(model, input_ids)
+
+
+def test_decoding_follows_expert_weights_however_they_were_changed(monkeypatch):
+    use_layout(monkeypatch, "gathered")
+    model = _trained_looking(BASES["gpt2"], top_k=2).eval()
+    input_ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        model(input_ids)  # a decoding-style call first
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.data.copy_(parameter * 3)  # through `.data`: no version bump, no new storage
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model(input_ids).logits, fresh(input_ids).logits, rtol=0, atol=0)
