@@ -103,6 +103,9 @@ class CoMiGSConfig(PreTrainedConfig):
             `sum_e expert_weights[e] * expert_e(x)` (FD-LoRA's fusion of its global and local adapters).
         router_init_std (`float`, defaults to 0.02):
             Standard deviation of the routers' initial weights.
+        output_router_logits (`bool`, defaults to `False`):
+            Return every mixture's router logits from the forward pass (as Mixtral's config; the forward's
+            `output_router_logits` argument overrides it).
     """
 
     model_type = "comigs"
@@ -131,6 +134,7 @@ class CoMiGSConfig(PreTrainedConfig):
     upcast_adapters: bool = True
     router_init_std: int | float = 0.02
     expert_weights: list[float] | None = None
+    output_router_logits: bool = False
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -13,10 +13,10 @@ element-wise code on them:
 The frozen base weights therefore run over N tokens exactly as in a single-LoRA model. The pairs are laid out by the
 routing's [`CoMiGSDispatch`]: grouped by expert for training-sized batches, so that each expert's LoRA factors run
 once on its own rows (torch's grouped matmul where it has one, else a loop over the experts) and the LoRA work
-depends on the number of pairs, not of experts; in token order with every pair's factors gathered for decoding and
-other small batches, where a few batched matmuls beat sorting (and the output projection's base runs on each pair:
-a matrix-vector product costs about the same for K rows as for one). Between the projections the rows are pairs, not
-tokens: only element-wise code may run there, as in every MLP CoMiGS wraps.
+depends on the number of pairs, not of experts; in token order for decoding and other small calls, where every
+chosen factor runs on every pair as one plain matmul and a constant mask keeps each pair's own: for a few pairs, some
+redundant multiply-adds cost less than sorting the pairs or batching per-pair matmuls. Between the projections the
+rows are pairs, not tokens: only element-wise code may run there, as in every MLP CoMiGS wraps.
 
 This file travels with saved models as remote code: it imports only the standard library, torch and transformers.
 
@@ -26,6 +26,7 @@ token (top-k), P = N*K token/expert pairs, R LoRA rank, O output features.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 from torch.utils.checkpoint import checkpoint
+from transformers.pytorch_utils import Conv1D
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -53,12 +56,52 @@ def _use_grouped_mm(rows: torch.Tensor, rank: int, out_features: int) -> bool:
     )
 
 
+# the registries of hooks on every module that `nn.Module.__call__` consults; a torch without one of them gets no
+# shortcut past module calls
+_GLOBAL_HOOKS = [
+    getattr(torch_module, f"_global_{kind}", None)
+    for kind in ("forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")
+]
+
+
+def _called_plainly(layer: nn.Module) -> bool:
+    """Whether calling `layer` would run its class's `forward` alone: no forward patched onto the instance (as
+    accelerate's hooks do), and `nn.Module.__call__`'s own test, no hook on it or on every module. (Under
+    `torch.jit.trace` the call would only add the module's name to the trace's scopes.)"""
+    return not (
+        "forward" in layer.__dict__
+        or layer._forward_hooks
+        or layer._forward_pre_hooks
+        or layer._backward_hooks
+        or layer._backward_pre_hooks
+        or None in _GLOBAL_HOOKS
+        or any(_GLOBAL_HOOKS)
+    )
+
+
 # torch's grouped matmul, for pairs grouped by expert (see `_use_grouped_mm`); False: a loop over the experts
 GROUPED_MM = hasattr(F, "grouped_mm")
 
-# Up to this many token/expert pairs, a routing's pairs stay in token order with their experts' factors gathered
-# (decoding, small batches); beyond it they are grouped by expert. Both layouts compute the same function.
-GATHER_MAX_PAIRS = 64
+# A routing's P pairs stay in token order while P^2 * R is at most this, else they are grouped by expert. In token
+# order every chosen factor runs on every pair and a mask keeps each pair's own: P^2 R (in + out) multiply-adds where
+# grouping spends P R (in + out) plus a sort and a host sync. On 2 CPU cores the masked matmuls win up to about 8192
+# (batch-8 top-2 decoding at rank 8 is 2048; at rank 64 it is 16384, and grouped runs it 1.4x faster). Both layouts
+# compute the same function.
+TOKEN_ORDER_MAX_WORK = 4096
+
+
+@functools.lru_cache(maxsize=32)
+def _pair_masks(
+    tokens: int, top_k: int, rank: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For pairs in token order: `own` `(P, P*R)` keeps each pair's own `R` codes among every pair's, and
+    `token_pairs` `(N, P)` marks each token's pairs. Constant for a shape, built once, and never inference tensors
+    (a cached mask first built under `torch.inference_mode` could not be saved for a later backward)."""
+    pairs = tokens * top_k
+    with torch.inference_mode(False):
+        own = torch.eye(pairs, device=device, dtype=dtype).repeat_interleave(rank, dim=1)
+        token_pairs = torch.eye(tokens, device=device, dtype=dtype).repeat_interleave(top_k, dim=1)
+    return own, token_pairs
 
 
 @dataclass
@@ -105,21 +148,13 @@ class CoMiGSRouting:
     expert_weight: torch.Tensor
     sums_to_one: bool = False
     _dispatch: CoMiGSDispatch | None = None
-    _experts: list[int] | None = None
 
-    def grouped_pairs(self) -> CoMiGSDispatch | None:
-        """The pairs grouped by expert (built once per pass, shared by the mixture's projections), or `None` for a
-        routing of at most `GATHER_MAX_PAIRS` pairs, which stay in token order."""
-        if self._dispatch is None and self.expert_index.numel() > GATHER_MAX_PAIRS:
+    def grouped_pairs(self, rank: int) -> CoMiGSDispatch | None:
+        """The pairs grouped by expert (built once per pass, shared by the mixture's projections, which have one
+        `rank`), or `None` for a routing small enough to stay in token order (see `TOKEN_ORDER_MAX_WORK`)."""
+        if self._dispatch is None and self.expert_index.numel() ** 2 * rank > TOKEN_ORDER_MAX_WORK:
             self._dispatch = self._group_pairs()
         return self._dispatch
-
-    def expert_list(self) -> list[int]:
-        """The chosen experts, token-major (pair `n * K + k`), as Python ints: read once per pass, for the few pairs
-        that stay in token order."""
-        if self._experts is None:
-            self._experts = self.expert_index.reshape(-1).tolist()
-        return self._experts
 
     def normalized_weight(self) -> torch.Tensor:
         """`expert_weight` divided by each token's total, `(batch_size, sequence_length, top_k)`."""
@@ -150,6 +185,8 @@ class CoMiGSRoutingState:
         self.records: list[CoMiGSRouting] = []
         # decoder blocks' outputs of this pass, kept only while the reference balancing loss needs them
         self.block_outputs: list[torch.Tensor] | None = None
+        # each mixture projection's stacked expert factors, kept for one `generate()` call; None: stacked per call
+        self.stacked_factors: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class CoMiGSActiveRouting:
@@ -185,15 +222,14 @@ class CoMiGSRouter(nn.Module):
         forced_expert: int | None = None,
         expert_weights: list[float] | None = None,
     ) -> CoMiGSRouting:
-        dtype = hidden_states.dtype  # of the mixing weights
-        scores = hidden_states if dtype == self.weight.dtype else hidden_states.to(self.weight.dtype)
-        router_logits = F.linear(scores, self.weight)  # (B, T, E)
+        dtype, router = hidden_states.dtype, self.weight  # dtype: of the mixing weights
+        router_logits = F.linear(_as(hidden_states, router.dtype), router)  # (B, T, E)
         if forced_expert is not None:
             index = torch.full((*router_logits.shape[:-1], 1), forced_expert, device=router_logits.device)
             weight = torch.ones(index.shape, dtype=dtype, device=router_logits.device)
             return CoMiGSRouting(router_logits, index, weight, sums_to_one=True)
         if self.mixing == "uniform":
-            num_experts = self.weight.shape[0]
+            num_experts = router.shape[0]
             index = torch.arange(num_experts, device=router_logits.device).expand(*router_logits.shape[:-1], -1)
             if expert_weights is None:
                 weight = torch.full(index.shape, 1.0 / num_experts, dtype=dtype, device=index.device)
@@ -251,6 +287,8 @@ class CoMiGSLoraLinear(nn.Module):
         self.scaling = scaling
         is_conv1d = type(base_layer).__name__ == "Conv1D"  # GPT-2 stores (in, out)
         self.fan_in_fan_out = is_conv1d
+        # the base's own matmul, for `_base`: exact classes only (a quantised or FSDP-wrapped subclass runs its call)
+        self._base_matmul = {nn.Linear: "linear", Conv1D: "conv1d"}.get(type(base_layer))
         if hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features"):
             # as PEFT: nn.Linear and the quantised linears (whose weight holds packed integers) say their features
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -263,6 +301,7 @@ class CoMiGSLoraLinear(nn.Module):
         self.set_adapters(adapter_names)
         # set by the mixture this projection belongs to ("input" and "output" roles)
         self.active: CoMiGSActiveRouting | None = None
+        self.routing_state: CoMiGSRoutingState | None = None
 
     # transformers' `_init_weights` of some bases (GPT-2) reads `module.c_proj.weight` directly
     @property
@@ -301,13 +340,34 @@ class CoMiGSLoraLinear(nn.Module):
         """The dtype the adapters hold now (a model cast after it was built casts them too)."""
         return next(iter(self.lora_A.values())).weight.dtype
 
-    def _chosen_factors(self, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each pair's expert's factors, `(P, R, in)` and `(P, O, R)`, for a few pairs in token order: stacked from
-        the parameters at every call, so that no copy can go stale whatever changed them (a cache keyed on version
-        counters misses `param.data.copy_(...)`)."""
-        lora_A = [a.weight for a in self.lora_A.values()]
-        lora_B = [b.weight for b in self.lora_B.values()]
-        return torch.stack([lora_A[e] for e in experts]), torch.stack([lora_B[e] for e in experts])
+    def _stacked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert's factors stacked, `A` `(E, R, in)` and `B` transposed `(E, R, O)`: once per `generate()`
+        call, whose weights do not change while it runs, else at every call, so that nothing can go stale whatever
+        changed the weights (a cache keyed on version counters misses `param.data.copy_(...)`)."""
+        cache = self.routing_state.stacked_factors if self.routing_state is not None else None
+        stacks = cache.get(self) if cache is not None else None
+        if stacks is None:
+            stacks = (
+                torch.stack([a.weight for a in self.lora_A.values()]),
+                torch.stack([b.weight.T for b in self.lora_B.values()]),
+            )
+            if cache is not None:
+                cache[self] = stacks
+        return stacks
+
+    def _chosen_factors(self, routing: CoMiGSRouting) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors of a few pairs in token order: each pair's expert's `A` `(P*R, in)` and `B` transposed
+        `(P*R, O)`, pair after pair, gathered on the device (no host sync)."""
+        experts = routing.expert_index.reshape(-1)  # (P,)
+        stacked_A, stacked_B = self._stacked_factors()
+        lora_A = stacked_A.index_select(0, experts).view(-1, stacked_A.shape[-1])
+        return lora_A, stacked_B.index_select(0, experts).view(-1, stacked_B.shape[-1])
+
+    def _add_update(self, base: torch.Tensor, codes: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+        """`base + scaling * codes @ lora_B`, one fused matmul where the dtypes agree (`base` may broadcast)."""
+        if base.dtype == codes.dtype:
+            return torch.addmm(base, codes, lora_B, alpha=self.scaling)
+        return base + _as(torch.mm(codes, lora_B) * self.scaling, base.dtype)
 
     def _grouped_updates(
         self,
@@ -349,6 +409,17 @@ class CoMiGSLoraLinear(nn.Module):
             update = base + _as(update, base.dtype)
         return update
 
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen projection on rows `x` `(n, in)`. A plain `nn.Linear` or `Conv1D` that calling would run alone
+        runs as the one matmul its forward is: a module call and its reshapes cost about 8 us per projection on CPU,
+        a tenth of a small MLP's decoding step."""
+        layer = self.base_layer
+        if self._base_matmul is None or not _called_plainly(layer):
+            return layer(x)
+        if self._base_matmul == "linear":
+            return F.linear(x, layer.weight, layer.bias)
+        return torch.addmm(layer.bias, x, layer.weight)  # Conv1D stores (in, out)
+
     def _lora_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # the low-rank path runs in the adapters' dtype (float32 on a half-precision base), the base in its own
         if self._has_dropout:
@@ -373,15 +444,15 @@ class CoMiGSLoraLinear(nn.Module):
         pair's own expert's update."""
         lead, top_k = x.shape[:-1], routing.expert_index.shape[-1]
         x = x.reshape(-1, x.shape[-1])  # (N, H)
-        base = self.base_layer(x)  # (N, O)
-        plan = routing.grouped_pairs()
-        if plan is None:  # pairs in token order, each with its expert's factors
-            lora_A, lora_B = self._chosen_factors(routing.expert_list())  # (P, R, H), (P, O, R)
-            codes = torch.bmm(lora_A.view(x.shape[0], -1, x.shape[-1]), self._lora_input(x, lora_A.dtype)[..., None])
-            update = torch.bmm(lora_B, codes.view(lora_A.shape[0], -1, 1))  # (N, K*R, 1) -> (P, O, 1)
-            out = torch.add(
-                base.unsqueeze(-2), _as(update.view(-1, top_k, base.shape[-1]), base.dtype), alpha=self.scaling
-            )
+        base = self._base(x)  # (N, O)
+        plan = routing.grouped_pairs(self.r)
+        if plan is None:  # a few pairs in token order: every chosen factor on every token, masked to its own pairs
+            lora_A, lora_B = self._chosen_factors(routing)  # (P*R, H), (P*R, O)
+            own, _ = _pair_masks(x.shape[0], top_k, self.r, lora_A.device, lora_A.dtype)
+            codes = F.linear(self._lora_input(x, lora_A.dtype), lora_A)  # (N, P*R)
+            if x.shape[0] > 1:  # a row per pair (one token's row broadcasts)
+                codes, base = codes.repeat_interleave(top_k, dim=0), base.repeat_interleave(top_k, dim=0)
+            out = self._add_update(base, codes * own, lora_B)  # (P, O): each pair's own codes through its own B
         else:
             rows = self._lora_input(x, self.lora_dtype).index_select(0, plan.token)  # (P, H)
             out = self._grouped_updates(rows, plan, self.scaling, base=base.index_select(0, plan.token))  # (P, O)
@@ -392,18 +463,22 @@ class CoMiGSLoraLinear(nn.Module):
         """x, one row per pair `(..., K, I)` -> the gated sum over each token's pairs `(..., O)`."""
         lead, top_k = x.shape[:-2], x.shape[-2]
         rows = x.reshape(-1, x.shape[-1])  # (P, I)
-        plan = routing.grouped_pairs()
+        plan = routing.grouped_pairs(self.r)
         if plan is None:
-            # a few pairs in token order: the base runs on each (a matrix-vector product costs about the same for K
-            # rows as for one), and one matmul per token mixes its pairs' outputs with the router's weights
-            result = self.base_layer(rows)  # (P, O)
-            lora_A, lora_B = self._chosen_factors(routing.expert_list())  # (P, R, I), (P, O, R)
-            codes = torch.bmm(lora_A, self._lora_input(rows, lora_A.dtype)[..., None])  # (P, R, 1)
-            update = torch.bmm(lora_B, codes)  # (P, O, 1)
-            result = torch.add(result, _as(update.view(result.shape), result.dtype), alpha=self.scaling)
-            result = result.view(-1, top_k, result.shape[-1])
-            weight = _as(routing.expert_weight, result.dtype).reshape(-1, 1, top_k)  # (N, 1, K)
-            return torch.bmm(weight, result).view(*lead, result.shape[-1])
+            # a few pairs in token order: each token's mix of its pairs (a masked weight matrix) through the base once,
+            # as below, and every chosen factor on every pair, masked to its own
+            tokens = rows.shape[0] // top_k
+            lora_A, lora_B = self._chosen_factors(routing)  # (P*R, I), (P*R, O)
+            own, token_pairs = _pair_masks(tokens, top_k, self.r, lora_A.device, lora_A.dtype)
+            mix = _as(routing.normalized_weight(), lora_A.dtype).view(1, -1)  # (1, P)
+            if tokens > 1:
+                mix = token_pairs * mix  # (N, P)
+            result = self._base(torch.mm(_as(mix, rows.dtype), rows))  # (N, O)
+            codes = F.linear(self._lora_input(rows, lora_A.dtype), lora_A) * own  # (P, P*R)
+            result = self._add_update(result, torch.mm(mix, codes), lora_B)
+            if not routing.sums_to_one:
+                result = result * _as(routing.expert_weight.sum(dim=-1), result.dtype).reshape(-1, 1)
+            return result.view(*lead, result.shape[-1])
         # W(sum_k g_k x_k) + b * sum_k g_k == sum_k g_k (W x_k + b): the base runs once per token, on the mix of its
         # pairs under weights summing to 1, and the output is scaled by their sum where it is not 1 by design
         weight = _as(plan.weight, rows.dtype).unsqueeze(-1)  # (P, 1)
@@ -412,7 +487,7 @@ class CoMiGSLoraLinear(nn.Module):
         else:  # scatter_add keeps nothing for backward (index_add would keep its (P, I) source)
             mixed = rows.new_zeros(rows.shape[0] // top_k, rows.shape[-1])
             mixed = mixed.scatter_add_(0, plan.token_rows(rows.shape[-1]), rows * weight)  # (N, I)
-        result = self.base_layer(mixed)
+        result = self._base(mixed)
         scale = _as(weight, self.lora_dtype) * self.scaling
         update = _as(self._grouped_updates(self._lora_input(rows, self.lora_dtype), plan, scale), result.dtype)
         if top_k == 1:  # rows are the tokens in layout order: back to token order
@@ -511,7 +586,7 @@ class CoMiGSMoeMLP(nn.Module):
         self._state = state
         self._active = CoMiGSActiveRouting()
         for projection in projections:
-            projection.active = self._active
+            projection.active, projection.routing_state = self._active, state
 
     def set_experts(self, old_names: list[str], names: list[str], init_router, top_k: int) -> None:
         """Keep the experts in `names` (router order), add fresh ones, give the router one row per expert, and mix

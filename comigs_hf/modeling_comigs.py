@@ -663,6 +663,16 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
         )
 
     # ---- forward ------------------------------------------------------------------------------------------------
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """[`~transformers.GenerationMixin.generate`], with every mixture's expert factors stacked once for the call
+        instead of once per token: the weights do not change while it runs."""
+        state = self._routing_state
+        previous, state.stacked_factors = state.stacked_factors, {}
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            state.stacked_factors = previous
+
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
@@ -707,12 +717,17 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
         self._routing_state.records = []
         if output_aux_loss is None:
             output_aux_loss = labels is not None or torch.is_grad_enabled()
-        reference_loss = config.router_aux_loss_variant == "reference" and config.expert_mixing == "router"
         # only the reference balancing loss reads the decoder blocks' outputs (see `reference_load_balancing_loss`):
-        # hooked for its passes alone, so that no other call pays for hooks
-        recording = reference_loss and output_aux_loss
-        self._routing_state.block_outputs = [] if recording else None
-        hooks = [block.register_forward_hook(self._record_block_output) for block in self._blocks] if recording else []
+        # hooked for its passes alone, so that no other call pays for hooks (nor decoding for these config reads)
+        reference_loss = (
+            output_aux_loss and config.router_aux_loss_variant == "reference" and config.expert_mixing == "router"
+        )
+        self._routing_state.block_outputs = [] if reference_loss else None
+        hooks = (
+            [block.register_forward_hook(self._record_block_output) for block in self._blocks]
+            if reference_loss
+            else []
+        )
         try:
             outputs = self.model(
                 input_ids=input_ids,
@@ -748,11 +763,8 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
             loss = outputs.loss
             if aux_loss is not None:
                 loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.device)
-        output_router_logits = (
-            output_router_logits
-            if output_router_logits is not None
-            else getattr(self.config, "output_router_logits", False)
-        )
+        if output_router_logits is None:
+            output_router_logits = config.output_router_logits
         return CoMiGSCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,

@@ -2,7 +2,7 @@
 
 The reference (`benchmarks/reference_loop.py`) runs every expert as a full MLP copy with its LoRA on the tokens that
 chose it (`torch.where`) and accumulates the weighted outputs; the mixture runs the base once per token and lays the
-token/expert pairs out grouped by expert (training-sized batches) or in token order with gathered factors (decoding).
+token/expert pairs out grouped by expert (training-sized batches) or in token order with masked factors (decoding).
 Both must give the reference's logits, loss and every gradient in float32.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BASES, VOCAB, tiny_llama
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import comigs_hf.layer_comigs as layer_comigs
 from comigs_hf import CoMiGSForCausalLM
@@ -20,16 +21,16 @@ from comigs_hf import CoMiGSForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference_loop import use_reference_loop  # noqa: E402
 
-# (GATHER_MAX_PAIRS, GROUPED_MM): every routing grouped by expert, run by torch's grouped matmul or by a loop over
-# the experts, or every routing in token order with gathered factors
-LAYOUTS = {"grouped-matmul": (0, True), "grouped-loop": (0, False), "gathered": (10**9, False)}
+# (TOKEN_ORDER_MAX_WORK, GROUPED_MM): every routing grouped by expert, run by torch's grouped matmul or by a loop
+# over the experts, or every routing in token order
+LAYOUTS = {"grouped-matmul": (0, True), "grouped-loop": (0, False), "token-order": (10**12, False)}
 
 
 def use_layout(monkeypatch, layout: str) -> None:
     threshold, grouped_mm = LAYOUTS[layout]
     if grouped_mm and not layer_comigs.GROUPED_MM:
         pytest.skip("this torch has no torch.nn.functional.grouped_mm")
-    monkeypatch.setattr(layer_comigs, "GATHER_MAX_PAIRS", threshold)
+    monkeypatch.setattr(layer_comigs, "TOKEN_ORDER_MAX_WORK", threshold)
     monkeypatch.setattr(layer_comigs, "GROUPED_MM", grouped_mm)
 
 
@@ -46,11 +47,16 @@ def _trained_looking(make_base, **kwargs) -> CoMiGSForCausalLM:
 
 def _logits_loss_and_gradients(model: torch.nn.Module, input_ids: torch.Tensor):
     model.zero_grad(set_to_none=True)
-    out = model(input_ids, labels=input_ids)
-    out.loss.backward()
+    if input_ids.shape[1] > 1:
+        out = model(input_ids, labels=input_ids)
+        loss = out.loss
+    else:  # one token has no next token in the batch: predict the token after its id
+        out = model(input_ids)
+        loss = torch.nn.functional.cross_entropy(out.logits[:, -1], (input_ids[:, -1] + 1) % VOCAB)
+    loss.backward()
     # no gradient at all (None) counts as zero: a router under uniform mixing, an expert no token chose
     gradients = {id(p): torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()}
-    return out.logits.detach(), out.loss.detach(), gradients
+    return out.logits.detach(), loss.detach(), gradients
 
 
 def assert_matches_the_reference_loop(model: CoMiGSForCausalLM, input_ids: torch.Tensor) -> None:
@@ -77,6 +83,106 @@ def test_the_mixture_gives_the_reference_loops_outputs_and_gradients(base, top_k
     assert_matches_the_reference_loop(model, input_ids)
 
 
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_one_token_in_token_order_gives_the_reference_loops_outputs_and_gradients(base, top_k, monkeypatch):
+    # a single token (decoding at batch 1) has every chosen factor's codes broadcast over its pairs
+    use_layout(monkeypatch, "token-order")
+    model = _trained_looking(BASES[base], top_k=top_k)
+    for seed in range(3):
+        input_ids = torch.randint(0, VOCAB, (1, 1), generator=torch.Generator().manual_seed(seed))
+        assert_matches_the_reference_loop(model, input_ids)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_greedy_decoding_gives_the_reference_loops_logits_at_every_step(base, top_k):
+    model = _trained_looking(BASES[base], top_k=top_k).eval()
+    reference = use_reference_loop(copy.deepcopy(model))
+    prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    options = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    ours, theirs = model.generate(prompt, **options), reference.generate(prompt, **options)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for step, expected in zip(ours.logits, theirs.logits, strict=True):
+        torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_first_run_under_inference_mode_still_trains_in_token_order(monkeypatch):
+    use_layout(monkeypatch, "token-order")
+    layer_comigs._pair_masks.cache_clear()  # so that the inference-mode call below builds the masks
+    model = _trained_looking(BASES["gpt2"], top_k=2)
+    input_ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(input_ids)
+    model(input_ids, labels=input_ids).loss.backward()  # reuses the masks: they must not be inference tensors
+    assert next(model.lora_layers()).lora_B["generalist_0"].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("patch", ["forward hook", "hook on every module", "forward replaced on the instance"])
+def test_a_hooked_or_patched_base_projection_still_runs_through_its_call(patch):
+    # the mixture calls a plain nn.Linear/Conv1D's matmul directly, but never past a hook or an accelerate-style patch
+    model = _trained_looking(BASES["gpt2"], top_k=2).eval()
+    layer = model.mixtures[0]._projections[0].base_layer
+    input_ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    silenced = copy.deepcopy(model)  # what a base projection answering zeros gives
+    with torch.no_grad():
+        unpatched = model(input_ids).logits
+        silenced.mixtures[0]._projections[0].base_layer.weight.zero_()
+        silenced.mixtures[0]._projections[0].base_layer.bias.zero_()
+        expected = silenced(input_ids).logits
+        if patch == "forward hook":
+            layer.register_forward_hook(lambda module, args, output: output * 0)
+        elif patch == "hook on every module":
+
+            def silence(module, args, output):
+                return output * 0 if module is layer else output
+
+            handle = torch.nn.modules.module.register_module_forward_hook(silence)
+        else:
+            original = layer.forward
+            layer.forward = lambda x: original(x) * 0
+        try:
+            patched = model(input_ids).logits
+        finally:
+            if patch == "hook on every module":
+                handle.remove()
+    assert not torch.allclose(unpatched, expected)
+    torch.testing.assert_close(patched, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_generate_stacks_each_projections_factors_once_for_the_whole_call():
+    model = _trained_looking(BASES["llama"], top_k=2).eval()
+    prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    stacks_at_each_step = []
+
+    class RecordStacks(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stacks_at_each_step.append(dict(model._routing_state.stacked_factors))
+            return scores
+
+    model.generate(prompt, max_new_tokens=5, do_sample=False, logits_processor=LogitsProcessorList([RecordStacks()]))
+    projections = {projection for mixture in model.mixtures for projection in mixture._projections}
+    assert len(stacks_at_each_step) == 5 and set(stacks_at_each_step[0]) == projections
+    for step in stacks_at_each_step[1:]:  # the very tensors of the first step: nothing re-stacked per token
+        assert all(step[p][0] is stacks_at_each_step[0][p][0] for p in projections)
+    assert model._routing_state.stacked_factors is None  # nothing kept past the call
+
+
+def test_generate_follows_expert_weights_changed_between_calls():
+    model = _trained_looking(BASES["gpt2"], top_k=2).eval()
+    prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    options = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    fresh = copy.deepcopy(model)
+    model.generate(prompt, **options)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.data.copy_(parameter * 3)
+    fresh.load_state_dict(model.state_dict())
+    for ours, expected in zip(model.generate(prompt, **options).logits, fresh.generate(prompt, **options).logits):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_uniform_mixing_with_fusion_weights_gives_the_reference_loops_outputs(layout, monkeypatch):
     use_layout(monkeypatch, layout)
@@ -94,8 +200,8 @@ def test_both_layouts_decode_the_same_tokens(monkeypatch):
         use_layout(monkeypatch, layout)
         with torch.no_grad():
             generated[layout] = model.generate(prompt, max_new_tokens=8, do_sample=False)
-    assert torch.equal(generated["grouped-matmul"], generated["gathered"])
-    assert torch.equal(generated["grouped-loop"], generated["gathered"])
+    assert torch.equal(generated["grouped-matmul"], generated["token-order"])
+    assert torch.equal(generated["grouped-loop"], generated["token-order"])
 
 
 def test_only_the_experts_tokens_chose_run_in_the_grouped_loop(monkeypatch):
@@ -122,7 +228,7 @@ def test_ranks_and_widths_the_grouped_matmul_cannot_take_fall_back_to_the_loop_w
 
 
 def test_decoding_follows_expert_weights_however_they_were_changed(monkeypatch):
-    use_layout(monkeypatch, "gathered")
+    use_layout(monkeypatch, "token-order")
     model = _trained_looking(BASES["gpt2"], top_k=2).eval()
     input_ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
     fresh = copy.deepcopy(model)

@@ -337,7 +337,7 @@ def test_no_grad_forward_follows_expert_data_replaced_as_vector_to_parameters_do
     model = build(make_base)
     experts = [p for n, p in model.named_parameters() if "lora_" in n]
     with torch.no_grad():
-        model(input_ids)  # decoding-style call: the stacked factors are cached
+        model(input_ids)  # a decoding-style call first
         vector = torch.nn.utils.parameters_to_vector(experts)
         torch.nn.utils.vector_to_parameters(vector * 2, experts)  # `param.data = ...`: no version bump
         after = model(input_ids).logits
