@@ -109,7 +109,7 @@ def test_greedy_decoding_gives_the_reference_loops_logits_at_every_step(base, to
 
 def test_a_model_first_run_under_inference_mode_still_trains_in_token_order(monkeypatch):
     use_layout(monkeypatch, "token-order")
-    layer_comigs._pair_masks.cache_clear()  # so that the inference-mode call below builds the masks
+    layer_comigs._expert_blocks.cache_clear()  # so that the inference-mode call below builds the masks
     model = _trained_looking(BASES["gpt2"], top_k=2)
     input_ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
