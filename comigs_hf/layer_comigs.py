@@ -99,6 +99,21 @@ def _expert_blocks(num_experts: int, rank: int, device: torch.device, dtype: tor
         return torch.eye(num_experts, device=device, dtype=dtype).repeat_interleave(rank, dim=1)
 
 
+class _PermuteRows(torch.autograd.Function):
+    """`x.index_select(0, order)` for a permutation `order` of the rows: its backward is the inverse permutation's
+    gather, where `index_select`'s would zero-fill a buffer and scatter-add into it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.LongTensor, inverse: torch.LongTensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 @dataclass
 class CoMiGSDispatch:
     """The token/expert pairs of one routing grouped by expert, as a mixture's projections lay them out.
@@ -115,6 +130,14 @@ class CoMiGSDispatch:
     weight: torch.Tensor
     counts: list[int]
     inverse: torch.LongTensor | None = None
+
+    def to_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """With top-1, the tokens' rows `(N, ...)` in layout order (grouped by expert)."""
+        return _PermuteRows.apply(x, self.token, self.inverse)
+
+    def to_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        """With top-1, rows in layout order `(N, ...)` back in token order."""
+        return _PermuteRows.apply(rows, self.inverse, self.token)
 
     def offsets(self, device: torch.device) -> torch.Tensor:
         """Where each expert's rows end, `(E,)` int32, as `torch.nn.functional.grouped_mm` takes them."""
@@ -441,8 +464,12 @@ class CoMiGSLoraLinear(nn.Module):
         pair's own expert's update."""
         lead, top_k = x.shape[:-1], routing.expert_index.shape[-1]
         x = x.reshape(-1, x.shape[-1])  # (N, H)
-        base = self._base(x)  # (N, O)
         plan = routing.grouped_pairs(self.r)
+        if plan is not None and top_k == 1:  # a token's one pair: the base runs on the rows in layout order
+            rows = plan.to_layout(x)  # (N, H)
+            out = self._grouped_updates(self._lora_input(rows, self.lora_dtype), plan, self.scaling, self._base(rows))
+            return out.view(*lead, top_k, out.shape[-1])
+        base = self._base(x)  # (N, O)
         if plan is None:  # a few pairs in token order: every expert's factors on every token, masked to its pairs'
             lora_A, lora_B = self._stacked_factors()  # (E*R, H), (E*R, O)
             codes = F.linear(self._lora_input(x, lora_A.dtype), lora_A)  # (N, E*R)
@@ -487,7 +514,7 @@ class CoMiGSLoraLinear(nn.Module):
         scale = _as(weight, self.lora_dtype) * self.scaling
         update = _as(self._grouped_updates(self._lora_input(rows, self.lora_dtype), plan, scale), result.dtype)
         if top_k == 1:  # rows are the tokens in layout order: back to token order
-            result = (result + update).index_select(0, plan.inverse)
+            result = plan.to_tokens(result + update)
         else:
             result = result.scatter_add(0, plan.token_rows(result.shape[-1]), update)  # (N, O)
         if not routing.sums_to_one:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BASES, VOCAB, tiny_llama
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import comigs_hf.layer_comigs as layer_comigs
@@ -81,6 +82,34 @@ def test_the_mixture_gives_the_reference_loops_outputs_and_gradients(base, top_k
     model = _trained_looking(BASES[base], top_k=top_k)
     input_ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
     assert_matches_the_reference_loop(model, input_ids)
+
+
+class _RecordScatters(TorchDispatchMode):
+    """Records the output shape of every scatter-add (`index_add`, `scatter_add`) run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__.rstrip("_") in ("index_add", "scatter_add"):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("layout", ["grouped-matmul", "grouped-loop"])
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_top1_moves_token_rows_to_their_experts_and_back_by_gathers_alone(base, layout, monkeypatch):
+    # with one pair per token, grouping by expert permutes the rows: backward gathers them back, where
+    # index_select's own backward would zero-fill a buffer of the tokens' rows and scatter-add into it
+    use_layout(monkeypatch, layout)
+    model = _trained_looking(BASES[base], top_k=1)
+    input_ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids, labels=input_ids).loss
+    with _RecordScatters() as recorded:
+        loss.backward()
+    assert [shape for shape in recorded.shapes if shape[0] == input_ids.numel()] == []
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
