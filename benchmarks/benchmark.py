@@ -103,9 +103,10 @@ def build_variant(name: str, args: argparse.Namespace):
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep the memory that freed tensors return, as a caching allocator does (torch's own on CUDA,
     jemalloc, tcmalloc), so that a step reuses the previous step's pages instead of page-faulting fresh ones. With
-    glibc's defaults, blocks from 128 KiB up are unmapped when freed and the top of the heap is given back, and the
-    page faults of mapping them again cost up to a fifth of a CPU step: in one interleaved run, 43K faults per step
-    for PEFT, 8K for 1G3S top-2, 48K for 1G15S top-2, by the heap's history rather than by each variant's code.
+    glibc's defaults, blocks above a threshold (128 KiB, rising with use to 32 MiB) are mapped on their own and
+    unmapped when freed, and the top of the heap is given back; the page faults of mapping them again cost up to a
+    fifth of a CPU step: in one interleaved run, 43K faults per step for PEFT, 8K for 1G3S top-2, 48K for 1G15S
+    top-2, by the heap's history rather than by each variant's code.
     Returns whether it applied (glibc only)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
