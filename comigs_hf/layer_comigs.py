@@ -465,21 +465,21 @@ class CoMiGSLoraLinear(nn.Module):
         lead, top_k = x.shape[:-1], routing.expert_index.shape[-1]
         x = x.reshape(-1, x.shape[-1])  # (N, H)
         plan = routing.grouped_pairs(self.r)
-        if plan is not None and top_k == 1:  # a token's one pair: the base runs on the rows in layout order
-            rows = plan.to_layout(x)  # (N, H)
-            out = self._grouped_updates(self._lora_input(rows, self.lora_dtype), plan, self.scaling, self._base(rows))
-            return out.view(*lead, top_k, out.shape[-1])
-        base = self._base(x)  # (N, O)
         if plan is None:  # a few pairs in token order: every expert's factors on every token, masked to its pairs'
+            base = self._base(x)  # (N, O)
             lora_A, lora_B = self._stacked_factors()  # (E*R, H), (E*R, O)
             codes = F.linear(self._lora_input(x, lora_A.dtype), lora_A)  # (N, E*R)
             if x.shape[0] > 1:  # a row per pair (one token's row broadcasts)
                 codes, base = codes.repeat_interleave(top_k, dim=0), base.repeat_interleave(top_k, dim=0)
             # (P, O): each pair's own expert's codes through its B
             out = self._add_update(base, codes * routing.own_codes(self.r, lora_A.dtype), lora_B)
+        elif top_k == 1:  # a token's one pair: the base runs on the rows in layout order, nothing copied after it
+            rows = plan.to_layout(x)  # (N, H)
+            out = self._grouped_updates(self._lora_input(rows, self.lora_dtype), plan, self.scaling, self._base(rows))
         else:
             rows = self._lora_input(x, self.lora_dtype).index_select(0, plan.token)  # (P, H)
-            out = self._grouped_updates(rows, plan, self.scaling, base=base.index_select(0, plan.token))  # (P, O)
+            base = self._base(x).index_select(0, plan.token)  # (P, O): each token's base copied to its pairs
+            out = self._grouped_updates(rows, plan, self.scaling, base=base)  # (P, O)
         # (..., K, O): one row per pair, in layout order, shaped as the tokens for the MLP's element-wise code
         return out.view(*lead, top_k, out.shape[-1])
 
