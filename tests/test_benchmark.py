@@ -42,10 +42,13 @@ print(faults() - before)
 """
 
 
-def test_every_training_and_decoding_row_is_timed_on_a_tiny_base():
+@pytest.mark.parametrize("base", ["gpt2-shaped", "llama-shaped"])
+def test_every_training_and_decoding_row_is_timed_on_a_tiny_base(base):
     figures = benchmark.main(
-        [*TINY, "--steps=1", "--warmup=0", "--new_tokens=2", "--decode_runs=1", "--no_peak", "--malloc_defaults"]
+        [*TINY, f"--base={base}", "--steps=1", "--warmup=0", "--new_tokens=2", "--decode_runs=1", "--no_peak"]
+        + ["--malloc_defaults"]
     )
+    assert figures["settings"]["base"] == base
     assert set(figures["steps"]) == set(benchmark.VARIANTS)
     for name, row in figures["steps"].items():
         assert row["step_s"] > 0 and row["saved_bytes"] > 0, name

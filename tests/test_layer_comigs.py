@@ -112,6 +112,36 @@ def test_top1_moves_token_rows_to_their_experts_and_back_by_gathers_alone(base, 
     assert [shape for shape in recorded.shapes if shape[0] == input_ids.numel()] == []
 
 
+class _RecordGathers(TorchDispatchMode):
+    """Counts the `index_select`s run under it whose source is one of `sources` (by data pointer)."""
+
+    def __init__(self, sources: set[int]):
+        super().__init__()
+        self.sources, self.count = sources, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "index_select" and args[0].data_ptr() in self.sources:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["grouped-matmul", "grouped-loop"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_gate_and_up_projections_share_one_gather_of_the_hidden_states(top_k, layout, monkeypatch):
+    # Llama's MLP hands the same hidden states to gate_proj and up_proj: their rows in layout order are made once
+    # per mixture call (and kept once for backward), and dropped when the call ends
+    use_layout(monkeypatch, layout)
+    model = _trained_looking(BASES["llama"], top_k=top_k)
+    mlp_inputs = set()
+    for mixture in model.mixtures:
+        mixture.register_forward_pre_hook(lambda module, args: mlp_inputs.add(args[0].data_ptr()))
+    input_ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
+    with _RecordGathers(mlp_inputs) as recorded:
+        model(input_ids, labels=input_ids)
+    assert recorded.count == len(model.mixtures) == 2
+    assert all(mixture._active.shared_rows is None for mixture in model.mixtures)
+
+
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("base", sorted(BASES))
 def test_one_token_in_token_order_gives_the_reference_loops_outputs_and_gradients(base, top_k, monkeypatch):
