@@ -5,6 +5,7 @@ No timing is asserted here: figures live in the benchmark's own output.
 
 import math
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ import benchmark  # noqa: E402
 TINY = ["--layers=1", "--hidden=64", "--vocab=128", "--seq=16", "--batch=2", "--rank=4", "--device=cpu"]
 
 # a step's allocations as a training step makes them (a 40 MB block beside smaller ones, freed at different times):
-# the page faults of three steps after four warm-up steps (glibc maps blocks above 32 MB on their own by default)
+# the page faults of each of five steps after four warm-up steps (glibc maps blocks above 32 MB on their own by
+# default)
 _STEP_FAULTS = """
 import resource, sys, torch
 sys.path.insert(0, {benchmarks!r})
@@ -35,10 +37,10 @@ def step(n=10_000_000):
 
 for _ in range(4):
     step()
-before = faults()
-for _ in range(3):
+for _ in range(5):
+    before = faults()
     step()
-print(faults() - before)
+    print(faults() - before)
 """
 
 
@@ -60,10 +62,13 @@ def test_every_training_and_decoding_row_is_timed_on_a_tiny_base(base):
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc and Linux's page-fault counter")
 def test_timed_steps_reuse_freed_memory_without_page_faults():
-    def step_faults(keep: bool) -> int:
+    def step_faults(keep: bool) -> float:
+        # the median step: even with freed memory kept, about one run in five has one step that faults a 10 or
+        # 40 MB block in again (measured here; the other steps of those runs fault none)
         script = _STEP_FAULTS.format(benchmarks=str(BENCHMARKS), keep=keep)
-        return int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)
+        output = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+        return statistics.median(int(line) for line in output.split())
 
-    pages = 3 * 10_000_000 * 4 // 4096  # of one 40 MB block per step
+    pages = 10_000_000 * 4 // 4096  # of one 40 MB block
     assert step_faults(keep=False) > pages  # glibc maps the block afresh each step: its pages fault again
     assert step_faults(keep=True) < pages // 100
