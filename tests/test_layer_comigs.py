@@ -84,17 +84,17 @@ def test_the_mixture_gives_the_reference_loops_outputs_and_gradients(base, top_k
     assert_matches_the_reference_loop(model, input_ids)
 
 
-class _RecordScatters(TorchDispatchMode):
-    """Records the output shape of every scatter-add (`index_add`, `scatter_add`) run under it."""
+class _RecordOps(TorchDispatchMode):
+    """Records every op run under it: its name (no in-place `_`), its first argument and its output's shape."""
 
     def __init__(self):
         super().__init__()
-        self.shapes = []
+        self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.overloadpacket.__name__.rstrip("_") in ("index_add", "scatter_add"):
-            self.shapes.append(tuple(out.shape))
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        self.calls.append((func.overloadpacket.__name__.rstrip("_"), args[0] if args else None, shape))
         return out
 
 
@@ -107,22 +107,10 @@ def test_top1_moves_token_rows_to_their_experts_and_back_by_gathers_alone(base, 
     model = _trained_looking(BASES[base], top_k=1)
     input_ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
     loss = model(input_ids, labels=input_ids).loss
-    with _RecordScatters() as recorded:
+    with _RecordOps() as recorded:
         loss.backward()
-    assert [shape for shape in recorded.shapes if shape[0] == input_ids.numel()] == []
-
-
-class _RecordGathers(TorchDispatchMode):
-    """Counts the `index_select`s run under it whose source is one of `sources` (by data pointer)."""
-
-    def __init__(self, sources: set[int]):
-        super().__init__()
-        self.sources, self.count = sources, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ == "index_select" and args[0].data_ptr() in self.sources:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+    scatters = [shape for name, _, shape in recorded.calls if name in ("index_add", "scatter_add")]
+    assert [shape for shape in scatters if shape[0] == input_ids.numel()] == []
 
 
 @pytest.mark.parametrize("layout", ["grouped-matmul", "grouped-loop"])
@@ -136,9 +124,10 @@ def test_gate_and_up_projections_share_one_gather_of_the_hidden_states(top_k, la
     for mixture in model.mixtures:
         mixture.register_forward_pre_hook(lambda module, args: mlp_inputs.add(args[0].data_ptr()))
     input_ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
-    with _RecordGathers(mlp_inputs) as recorded:
+    with _RecordOps() as recorded:
         model(input_ids, labels=input_ids)
-    assert recorded.count == len(model.mixtures) == 2
+    gathers = [source for name, source, _ in recorded.calls if name == "index_select"]
+    assert sum(source.data_ptr() in mlp_inputs for source in gathers) == len(model.mixtures) == 2
     assert all(mixture._active.shared_rows is None for mixture in model.mixtures)
 
 
