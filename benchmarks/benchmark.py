@@ -4,14 +4,15 @@ decoding against the bare base.
 Run `python benchmarks/benchmark.py` (or `make bench`). Every variant is built in one process on the same base (dropout
 off), GPT-2-shaped or, with `--base llama-shaped`, with Llama's gated SiLU MLP, and timed step by step in turn (one
 step of each, then the next round), so that the machine's drift falls on all of them alike; a ratio is the median over
-rounds of the two variants' times in that round. "reference" rows run the same model with every mixture swapped for the
-CoMiGS reference code's loop (`benchmarks/reference_loop.py`: each expert a full MLP copy with its LoRA, `torch.where`
-over the chosen experts, weighted accumulation). "Saved" is the exact size of the tensors autograd keeps for backward
-in one forward (activation memory), independent of the allocator. Peak memory needs a process per variant: on CPU the
-high-water mark of the resident set during the steps over the resident set before them, in a run where glibc maps every
-large block on its own and unmaps it when freed, so that the resident set follows the live tensors; on CUDA
-`torch.cuda.max_memory_allocated` during the steps. On CPU the timings run with glibc's malloc keeping the memory that
-freed tensors return (see `keep_freed_memory`; `--malloc_defaults` times with glibc's defaults instead).
+rounds of the two variants' times in that round. "reference" rows run the same model under
+`experts_implementation="eager"`, the mixture's definition and the CoMiGS reference code's loop (each expert the whole
+MLP with its LoRA on the tokens that chose it, `torch.where` over the chosen experts, weighted accumulation). "Saved"
+is the exact size of the tensors autograd keeps for backward in one forward (activation memory), independent of the
+allocator. Peak memory needs a process per variant: on CPU the high-water mark of the resident set during the steps
+over the resident set before them, in a run where glibc maps every large block on its own and unmaps it when freed, so
+that the resident set follows the live tensors; on CUDA `torch.cuda.max_memory_allocated` during the steps. On CPU the
+timings run with glibc's malloc keeping the memory that freed tensors return (see `keep_freed_memory`;
+`--malloc_defaults` times with glibc's defaults instead).
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-# name -> (CoMiGSForCausalLM.from_base arguments, whether to run the reference's loop); None: the PEFT baseline
+# name -> (CoMiGSForCausalLM.from_base arguments, whether to run the eager loop (the reference's)); None: PEFT's
 MIXTURES = {
     "1G1S-top2": dict(num_generalists=1, num_specialists=1, top_k=2),
     "1G3S-top2": dict(num_generalists=1, num_specialists=3, top_k=2),
@@ -103,15 +102,14 @@ def build_variant(name: str, args: argparse.Namespace):
     from comigs_hf import CoMiGSForCausalLM
 
     kwargs, reference = VARIANTS[name]
-    model = CoMiGSForCausalLM.from_base(base, lora_r=args.rank, lora_alpha=2 * args.rank, **kwargs)
+    implementation = "eager" if reference else "auto"
+    model = CoMiGSForCausalLM.from_base(
+        base, lora_r=args.rank, lora_alpha=2 * args.rank, experts_implementation=implementation, **kwargs
+    )
     with torch.no_grad():  # trained-looking experts: a zero B would let a kernel skip work a real step does
         for parameter_name, parameter in model.named_parameters():
             if "lora_B" in parameter_name:
                 parameter.normal_(0, 0.02)
-    if reference:
-        from reference_loop import use_reference_loop
-
-        use_reference_loop(model)
     return model
 
 

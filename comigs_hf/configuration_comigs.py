@@ -106,6 +106,13 @@ class CoMiGSConfig(PreTrainedConfig):
         output_router_logits (`bool`, defaults to `False`):
             Return every mixture's router logits from the forward pass (as Mixtral's config; the forward's
             `output_router_logits` argument overrides it).
+        experts_implementation (`str`, *optional*, defaults to `"auto"`):
+            How the mixtures run, as transformers' MoE models take it (a keyword of the config or of
+            `from_pretrained`, or `model.set_experts_implementation(...)`; not saved): `"eager"`, the definition, a
+            loop over the experts, each running the whole MLP on the tokens that chose it; `"grouped"`,
+            `"grouped_loop"` and `"token_order"`, the base run once per token with the pairs grouped by expert (by
+            torch's grouped matmul, or a loop over the experts) or kept in token order; `"auto"`, token order for
+            small calls (decoding) and grouped otherwise. All compute the same function (see `experts_comigs.py`).
     """
 
     model_type = "comigs"
@@ -142,7 +149,11 @@ class CoMiGSConfig(PreTrainedConfig):
         # would reset its (already resolved) implementation to None
         if isinstance(self.text_config, PreTrainedConfig):
             kwargs.setdefault("attn_implementation", self.text_config._attn_implementation)
+        # the mixture's layout (see `experts_comigs.EXPERTS_IMPLEMENTATIONS`), a runtime choice that is not saved:
+        # set on this config alone, as `set_experts_implementation` does, not on the base's (which has no such layouts)
+        experts_implementation = kwargs.pop("experts_implementation", None)
         super().__post_init__(**kwargs)
+        self._experts_implementation_internal = experts_implementation
         self.validate_experts()
         # generation and cache code read these from the top-level config
         self.tie_word_embeddings = getattr(self.text_config, "tie_word_embeddings", False)

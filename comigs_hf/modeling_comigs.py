@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 from transformers.utils import SAFE_WEIGHTS_NAME, cached_file, logging
 
 from .configuration_comigs import KNOWN_ATTENTION_TARGETS, KNOWN_MLP_TARGETS, CoMiGSConfig
+from .experts_comigs import EXPERTS_IMPLEMENTATIONS
 from .layer_comigs import CoMiGSLoraLinear, CoMiGSMoeMLP, CoMiGSRouter, CoMiGSRouting, CoMiGSRoutingState
 
 # The one definition of the trainable roles: generalists are shared with the federation, specialists and routers
@@ -197,6 +198,22 @@ class CoMiGSPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """The mixture's layout, transformers' `experts_implementation` (`from_pretrained(...,
+        experts_implementation=...)`, `set_experts_implementation(...)`): one of `EXPERTS_IMPLEMENTATIONS`, `"auto"`
+        when none is asked for. Every layout computes the same function (see `experts_comigs.py`)."""
+        implementation = "auto" if requested_experts is None else requested_experts
+        if implementation not in EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(
+                f"experts_implementation={implementation!r} is not a CoMiGS mixture layout; choose one of "
+                f"{', '.join(EXPERTS_IMPLEMENTATIONS)}."
+            )
+        return implementation
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, CoMiGSRouter):
@@ -324,6 +341,8 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
         (`dtype`, `device_map`, `attn_implementation`, `quantization_config`, ...) load the base. The base is frozen,
         the experts, attention adapter and routers trainable.
         """
+        # the mixture's layout is this model's, not the base's (whose loader would refuse CoMiGS's names)
+        experts_implementation = kwargs.pop("experts_implementation", None)
         config = kwargs.get("config")
         if config is None or isinstance(config, (str, os.PathLike)):  # remote code gets its own CoMiGSConfig class
             hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
@@ -339,10 +358,14 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
             # loading materialises fresh parameters (requires_grad=True): the base must stay frozen
             model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
             model.freeze_base()
-            return loaded
-        if model_args:
-            raise TypeError("An adapter-only checkpoint takes no positional model arguments.")
-        return cls._from_adapter_checkpoint(str(pretrained_model_name_or_path), config, base_model, kwargs)
+        else:
+            if model_args:
+                raise TypeError("An adapter-only checkpoint takes no positional model arguments.")
+            loaded = cls._from_adapter_checkpoint(str(pretrained_model_name_or_path), config, base_model, kwargs)
+            model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if experts_implementation is not None:
+            model.set_experts_implementation(experts_implementation)
+        return loaded
 
     @classmethod
     def _from_adapter_checkpoint(
@@ -512,6 +535,7 @@ class CoMiGSForCausalLM(CoMiGSPreTrainedModel, GenerationMixin):
                 self._routing_state,
                 recompute_activation=config.recompute_activation,
                 mixing=config.expert_mixing,
+                config=config,
             )
             self.model.set_submodule(mlp_path, mixture)
             self.mixtures.append(mixture)

@@ -1,14 +1,14 @@
-"""The mixture computes what the CoMiGS reference code's per-expert loop computes, in both of its pair layouts.
+"""Every experts implementation of the mixture computes what its eager definition, a loop over the experts, computes.
 
-The reference (`benchmarks/reference_loop.py`) runs every expert as a full MLP copy with its LoRA on the tokens that
-chose it (`torch.where`) and accumulates the weighted outputs; the mixture runs the base once per token and lays the
-token/expert pairs out grouped by expert (training-sized batches) or in token order with masked factors (decoding).
-Both must give the reference's logits, loss and every gradient in float32.
+The eager loop (`experts_implementation="eager"`, the CoMiGS reference code's mixture) runs every expert as the whole
+MLP with its LoRA on the tokens that chose it (`torch.where`) and accumulates the weighted outputs; the fast layouts
+(`experts_comigs.py`) run the base once per token and lay the token/expert pairs out grouped by expert (training-sized
+batches, torch's grouped matmul or a loop over the experts) or in token order with masked factors (decoding). Each is
+picked through the config, as transformers' MoE models pick theirs, and must give the eager loop's logits, loss and
+every gradient in float32.
 """
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,27 +16,19 @@ from conftest import BASES, VOCAB, tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LogitsProcessor, LogitsProcessorList
 
-import comigs_hf.layer_comigs as layer_comigs
-from comigs_hf import CoMiGSForCausalLM
+from comigs_hf import CoMiGSForCausalLM, experts_comigs
+from comigs_hf.experts_comigs import EXPERTS_IMPLEMENTATIONS
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from reference_loop import use_reference_loop  # noqa: E402
-
-# (TOKEN_ORDER_MAX_WORK, GROUPED_MM): every routing grouped by expert, run by torch's grouped matmul or by a loop
-# over the experts, or every routing in token order
-LAYOUTS = {"grouped-matmul": (0, True), "grouped-loop": (0, False), "token-order": (10**12, False)}
-
-
-def use_layout(monkeypatch, layout: str) -> None:
-    threshold, grouped_mm = LAYOUTS[layout]
-    if grouped_mm and not layer_comigs.GROUPED_MM:
-        pytest.skip("this torch has no torch.nn.functional.grouped_mm")
-    monkeypatch.setattr(layer_comigs, "TOKEN_ORDER_MAX_WORK", threshold)
-    monkeypatch.setattr(layer_comigs, "GROUPED_MM", grouped_mm)
+# every implementation but the definition itself: "auto" takes token order for these small calls' decoding steps
+# and grouping for their training-sized batches
+FAST = [name for name in EXPERTS_IMPLEMENTATIONS if name != "eager"]
+GROUPED = ["grouped", "grouped_loop"]
 
 
 def _trained_looking(make_base, **kwargs) -> CoMiGSForCausalLM:
     options = dict(num_generalists=1, num_specialists=3, lora_r=4, lora_alpha=8, router_aux_loss_coef=0.01)
+    if kwargs.get("experts_implementation") == "grouped" and not experts_comigs.GROUPED_MM:
+        pytest.skip("this torch has no torch.nn.functional.grouped_mm")
     model = CoMiGSForCausalLM.from_base(make_base(0), **{**options, **kwargs})
     with torch.no_grad():
         generator = torch.Generator().manual_seed(1)
@@ -60,8 +52,14 @@ def _logits_loss_and_gradients(model: torch.nn.Module, input_ids: torch.Tensor):
     return out.logits.detach(), loss.detach(), gradients
 
 
-def assert_matches_the_reference_loop(model: CoMiGSForCausalLM, input_ids: torch.Tensor) -> None:
-    reference = use_reference_loop(copy.deepcopy(model))
+def eager_copy(model: CoMiGSForCausalLM) -> CoMiGSForCausalLM:
+    eager = copy.deepcopy(model)
+    eager.set_experts_implementation("eager")
+    return eager
+
+
+def assert_matches_the_eager_loop(model: CoMiGSForCausalLM, input_ids: torch.Tensor) -> None:
+    reference = eager_copy(model)
     logits, loss, gradients = _logits_loss_and_gradients(model, input_ids)
     ref_logits, ref_loss, ref_gradients = _logits_loss_and_gradients(reference, input_ids)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
@@ -74,14 +72,13 @@ def assert_matches_the_reference_loop(model: CoMiGSForCausalLM, input_ids: torch
         assert ((mine - expected).abs().max() / scale).item() < 1e-5
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("implementation", FAST)
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("base", sorted(BASES))
-def test_the_mixture_gives_the_reference_loops_outputs_and_gradients(base, top_k, layout, monkeypatch):
-    use_layout(monkeypatch, layout)
-    model = _trained_looking(BASES[base], top_k=top_k)
+def test_every_experts_implementation_gives_the_eager_loops_outputs_and_gradients(base, top_k, implementation):
+    model = _trained_looking(BASES[base], top_k=top_k, experts_implementation=implementation)
     input_ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
-    assert_matches_the_reference_loop(model, input_ids)
+    assert_matches_the_eager_loop(model, input_ids)
 
 
 class _RecordOps(TorchDispatchMode):
@@ -98,13 +95,12 @@ class _RecordOps(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("layout", ["grouped-matmul", "grouped-loop"])
+@pytest.mark.parametrize("implementation", GROUPED)
 @pytest.mark.parametrize("base", sorted(BASES))
-def test_top1_moves_token_rows_to_their_experts_and_back_by_gathers_alone(base, layout, monkeypatch):
+def test_top1_moves_token_rows_to_their_experts_and_back_by_gathers_alone(base, implementation):
     # with one pair per token, grouping by expert permutes the rows: backward gathers them back, where
     # index_select's own backward would zero-fill a buffer of the tokens' rows and scatter-add into it
-    use_layout(monkeypatch, layout)
-    model = _trained_looking(BASES[base], top_k=1)
+    model = _trained_looking(BASES[base], top_k=1, experts_implementation=implementation)
     input_ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
     loss = model(input_ids, labels=input_ids).loss
     with _RecordOps() as recorded:
@@ -113,13 +109,12 @@ def test_top1_moves_token_rows_to_their_experts_and_back_by_gathers_alone(base, 
     assert [shape for shape in scatters if shape[0] == input_ids.numel()] == []
 
 
-@pytest.mark.parametrize("layout", ["grouped-matmul", "grouped-loop"])
+@pytest.mark.parametrize("implementation", GROUPED)
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_gate_and_up_projections_share_one_gather_of_the_hidden_states(top_k, layout, monkeypatch):
+def test_gate_and_up_projections_share_one_gather_of_the_hidden_states(top_k, implementation):
     # Llama's MLP hands the same hidden states to gate_proj and up_proj: their rows in layout order are made once
     # per mixture call (and kept once for backward), and dropped when the call ends
-    use_layout(monkeypatch, layout)
-    model = _trained_looking(BASES["llama"], top_k=top_k)
+    model = _trained_looking(BASES["llama"], top_k=top_k, experts_implementation=implementation)
     mlp_inputs = set()
     for mixture in model.mixtures:
         mixture.register_forward_pre_hook(lambda module, args: mlp_inputs.add(args[0].data_ptr()))
@@ -128,25 +123,24 @@ def test_gate_and_up_projections_share_one_gather_of_the_hidden_states(top_k, la
         model(input_ids, labels=input_ids)
     gathers = [source for name, source, _ in recorded.calls if name == "index_select"]
     assert sum(source.data_ptr() in mlp_inputs for source in gathers) == len(model.mixtures) == 2
-    assert all(mixture._active.shared_rows is None for mixture in model.mixtures)
+    assert all(mixture._active.pairs is None for mixture in model.mixtures)
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("base", sorted(BASES))
-def test_one_token_in_token_order_gives_the_reference_loops_outputs_and_gradients(base, top_k, monkeypatch):
+def test_one_token_in_token_order_gives_the_eager_loops_outputs_and_gradients(base, top_k):
     # a single token (decoding at batch 1) has every chosen factor's codes broadcast over its pairs
-    use_layout(monkeypatch, "token-order")
-    model = _trained_looking(BASES[base], top_k=top_k)
+    model = _trained_looking(BASES[base], top_k=top_k, experts_implementation="token_order")
     for seed in range(3):
         input_ids = torch.randint(0, VOCAB, (1, 1), generator=torch.Generator().manual_seed(seed))
-        assert_matches_the_reference_loop(model, input_ids)
+        assert_matches_the_eager_loop(model, input_ids)
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("base", sorted(BASES))
-def test_greedy_decoding_gives_the_reference_loops_logits_at_every_step(base, top_k):
+def test_greedy_decoding_gives_the_eager_loops_logits_at_every_step(base, top_k):
     model = _trained_looking(BASES[base], top_k=top_k).eval()
-    reference = use_reference_loop(copy.deepcopy(model))
+    reference = eager_copy(model)
     prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
     options = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     ours, theirs = model.generate(prompt, **options), reference.generate(prompt, **options)
@@ -155,10 +149,9 @@ def test_greedy_decoding_gives_the_reference_loops_logits_at_every_step(base, to
         torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_model_first_run_under_inference_mode_still_trains_in_token_order(monkeypatch):
-    use_layout(monkeypatch, "token-order")
-    layer_comigs._expert_blocks.cache_clear()  # so that the inference-mode call below builds the masks
-    model = _trained_looking(BASES["gpt2"], top_k=2)
+def test_a_model_first_run_under_inference_mode_still_trains_in_token_order():
+    experts_comigs._expert_blocks.cache_clear()  # so that the inference-mode call below builds the masks
+    model = _trained_looking(BASES["gpt2"], top_k=2, experts_implementation="token_order")
     input_ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         model(input_ids)
@@ -166,10 +159,14 @@ def test_a_model_first_run_under_inference_mode_still_trains_in_token_order(monk
     assert next(model.lora_layers()).lora_B["generalist_0"].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("patch", ["forward hook", "hook on every module", "forward replaced on the instance"])
-def test_a_hooked_or_patched_base_projection_still_runs_through_its_call(patch):
-    # the mixture calls a plain nn.Linear/Conv1D's matmul directly, but never past a hook or an accelerate-style patch
-    model = _trained_looking(BASES["gpt2"], top_k=2).eval()
+PATCHES = [("forward hook", "auto"), ("forward replaced on the instance", "auto"), ("hook on every module", "eager")]
+
+
+@pytest.mark.parametrize(("patch", "implementation"), PATCHES)
+def test_a_hooked_or_patched_base_projection_still_runs_through_its_call(patch, implementation):
+    # the fast layouts call a plain nn.Linear/Conv1D's matmul directly, but never past a hook of its own or an
+    # accelerate-style patch; hooks on every module see its call in the eager loop
+    model = _trained_looking(BASES["gpt2"], top_k=2, experts_implementation=implementation).eval()
     layer = model.mixtures[0]._projections[0].base_layer
     input_ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
     silenced = copy.deepcopy(model)  # what a base projection answering zeros gives
@@ -231,30 +228,29 @@ def test_generate_follows_expert_weights_changed_between_calls():
         torch.testing.assert_close(ours, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_uniform_mixing_with_fusion_weights_gives_the_reference_loops_outputs(layout, monkeypatch):
-    use_layout(monkeypatch, layout)
-    model = _trained_looking(BASES["gpt2"], top_k=1, expert_mixing="uniform")
+@pytest.mark.parametrize("implementation", FAST)
+def test_uniform_mixing_with_fusion_weights_gives_the_eager_loops_outputs(implementation):
+    model = _trained_looking(BASES["gpt2"], top_k=1, expert_mixing="uniform", experts_implementation=implementation)
     model.set_expert_weights([0.7, -0.2, 0.4, 0.3])  # fixed weights that do not sum to 1
     input_ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    assert_matches_the_reference_loop(model, input_ids)
+    assert_matches_the_eager_loop(model, input_ids)
 
 
-def test_both_layouts_decode_the_same_tokens(monkeypatch):
+def test_every_experts_implementation_decodes_the_same_tokens():
     model = _trained_looking(BASES["llama"], top_k=2).eval()
     prompt = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
     generated = {}
-    for layout in LAYOUTS:
-        use_layout(monkeypatch, layout)
+    for implementation in EXPERTS_IMPLEMENTATIONS:
+        model.set_experts_implementation(implementation)
         with torch.no_grad():
-            generated[layout] = model.generate(prompt, max_new_tokens=8, do_sample=False)
-    assert torch.equal(generated["grouped-matmul"], generated["token-order"])
-    assert torch.equal(generated["grouped-loop"], generated["token-order"])
+            generated[implementation] = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    for implementation in FAST:
+        assert torch.equal(generated[implementation], generated["eager"]), implementation
 
 
-def test_only_the_experts_tokens_chose_run_in_the_grouped_loop(monkeypatch):
-    use_layout(monkeypatch, "grouped-loop")
-    model = _trained_looking(BASES["gpt2"], top_k=1)
+@pytest.mark.parametrize("implementation", ["grouped_loop", "eager"])
+def test_only_the_experts_tokens_chose_run_in_the_loops(implementation):
+    model = _trained_looking(BASES["gpt2"], top_k=1, experts_implementation=implementation)
     input_ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     with model.route_all_to("specialist_1"):
         model(input_ids, labels=input_ids).loss.backward()
@@ -264,20 +260,17 @@ def test_only_the_experts_tokens_chose_run_in_the_grouped_loop(monkeypatch):
     assert all(layer.lora_B[name].weight.grad is None for name in ("generalist_0", "specialist_0", "specialist_2"))
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_ranks_and_widths_the_grouped_matmul_cannot_take_fall_back_to_the_loop_with_the_same_outputs(
-    layout, monkeypatch
-):
+@pytest.mark.parametrize("implementation", FAST)
+def test_ranks_and_widths_the_grouped_matmul_cannot_take_fall_back_to_the_loop_with_the_same_outputs(implementation):
     # torch's CPU grouped matmul wants rows of whole multiples of 16 bytes: a rank of 6 in float32 is not
-    use_layout(monkeypatch, layout)
-    model = _trained_looking(lambda seed: tiny_llama(seed, intermediate_size=42), lora_r=6, top_k=2)
+    make_base = lambda seed: tiny_llama(seed, intermediate_size=42)  # noqa: E731
+    model = _trained_looking(make_base, lora_r=6, top_k=2, experts_implementation=implementation)
     input_ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
-    assert_matches_the_reference_loop(model, input_ids)
+    assert_matches_the_eager_loop(model, input_ids)
 
 
-def test_decoding_follows_expert_weights_however_they_were_changed(monkeypatch):
-    use_layout(monkeypatch, "token-order")
-    model = _trained_looking(BASES["gpt2"], top_k=2).eval()
+def test_decoding_follows_expert_weights_however_they_were_changed():
+    model = _trained_looking(BASES["gpt2"], top_k=2, experts_implementation="token_order").eval()
     input_ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
     fresh = copy.deepcopy(model)
     with torch.no_grad():
@@ -287,3 +280,23 @@ def test_decoding_follows_expert_weights_however_they_were_changed(monkeypatch):
                 parameter.data.copy_(parameter * 3)  # through `.data`: no version bump, no new storage
         fresh.load_state_dict(model.state_dict())
         torch.testing.assert_close(model(input_ids).logits, fresh(input_ids).logits, rtol=0, atol=0)
+
+
+def test_an_unknown_experts_implementation_is_refused_naming_the_known_ones():
+    with pytest.raises(ValueError, match="experts_implementation='fast' is not a CoMiGS mixture layout; choose one"):
+        _trained_looking(BASES["gpt2"], experts_implementation="fast")
+    model = _trained_looking(BASES["gpt2"])
+    with pytest.raises(ValueError, match="grouped_loop"):
+        model.set_experts_implementation("grouped_mm")
+    assert model.config._experts_implementation == "auto"
+
+
+def test_the_experts_implementation_is_the_mixtures_alone_and_a_reload_may_choose_another(tmp_path):
+    model = _trained_looking(BASES["llama"], experts_implementation="grouped_loop")
+    assert model.config._experts_implementation == "grouped_loop"
+    assert model.config.text_config._experts_implementation is None  # the base's own loader would refuse the name
+    model.config.base_model_name_or_path = None
+    model.save_pretrained(tmp_path / "client", include_base=True)
+    reloaded = CoMiGSForCausalLM.from_pretrained(tmp_path / "client", experts_implementation="eager")
+    assert reloaded.config._experts_implementation == "eager"
+    assert CoMiGSForCausalLM.from_pretrained(tmp_path / "client").config._experts_implementation == "auto"

@@ -11,12 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel
 from transformers.activations import ACT2FN
 
 from comigs_hf import CoMiGSConfig, CoMiGSForCausalLM, parameter_role
-from comigs_hf.layer_comigs import (
-    CoMiGSRecomputedActivation,
-    CoMiGSRouting,
-    CoMiGSTanhGELU,
-    keeps_several_tensors,
-)
+from comigs_hf.experts_comigs import CoMiGSPairActivation, keeps_several_tensors
+from comigs_hf.layer_comigs import CoMiGSRouting
 from comigs_hf.modeling_comigs import load_balancing_loss
 
 
@@ -199,7 +195,7 @@ def test_saved_model_loads_as_remote_code_where_comigs_hf_cannot_be_imported(tmp
     saved = json.loads((tmp_path / "model" / "config.json").read_text())
     assert saved["weights_include_base"] is (checkpoint == "full")
     shipped = sorted(f for f in os.listdir(tmp_path / "model") if f.endswith(".py"))
-    assert shipped == ["configuration_comigs.py", "layer_comigs.py", "modeling_comigs.py"]
+    assert shipped == ["configuration_comigs.py", "experts_comigs.py", "layer_comigs.py", "modeling_comigs.py"]
     with torch.no_grad():
         expected = model(input_ids).logits
     assert_loads_as_remote_code(tmp_path / "model", {"input_ids": input_ids}, expected, tmp_path)
@@ -350,7 +346,7 @@ def test_no_grad_forward_follows_expert_data_replaced_as_vector_to_parameters_do
 def _unwrap_activations(model):
     for mixture in model.mixtures:
         for name, child in list(mixture.base_mlp.named_children()):
-            if isinstance(child, CoMiGSRecomputedActivation):
+            if isinstance(child, CoMiGSPairActivation):
                 setattr(mixture.base_mlp, name, child.activation)
 
 
@@ -377,7 +373,7 @@ def _quick_gelu_gpt2(seed: int = 0):
 
 def test_composite_activation_is_recomputed_with_equal_gradients_and_less_kept_memory(input_ids):
     recomputed = build(_quick_gelu_gpt2).train()
-    assert isinstance(recomputed.mixtures[0].base_mlp.act, CoMiGSRecomputedActivation)
+    assert recomputed.mixtures[0].base_mlp.act.recompute
     kept = copy.deepcopy(recomputed)
     _unwrap_activations(kept)
     assert _saved_bytes(recomputed, input_ids) < _saved_bytes(kept, input_ids)
@@ -394,8 +390,7 @@ def test_only_activations_that_keep_several_tensors_are_recomputed(activation, w
 
 def test_gpt2_tanh_gelu_runs_as_one_fused_kernel_keeping_one_tensor_with_the_same_outputs(input_ids):
     model = build(lambda seed: tiny_gpt2(seed)).train()  # GPT-2's gelu_new: a dozen element-wise ops
-    assert isinstance(model.mixtures[0].base_mlp.act, CoMiGSTanhGELU)
-    assert not keeps_several_tensors(model.mixtures[0].base_mlp.act)
+    assert model.mixtures[0].base_mlp.act.fused_tanh_gelu
     composite = copy.deepcopy(model)
     for mixture in composite.mixtures:
         mixture.base_mlp.act = ACT2FN["gelu_new"]
@@ -416,7 +411,7 @@ def test_recomputation_follows_the_top_k_of_the_client_swapped_in(input_ids):
 
 def test_activation_recomputation_can_be_switched_off():
     model = build(_quick_gelu_gpt2, top_k=2, recompute_activation=False)
-    assert not isinstance(model.mixtures[0].base_mlp.act, CoMiGSRecomputedActivation)
+    assert not isinstance(model.mixtures[0].base_mlp.act, CoMiGSPairActivation)
 
 
 # ---- the reference profile: uniform mixing, the attention adapter's rank, the reference balancing loss -----------
