@@ -6,10 +6,13 @@ package's own functions are wrapped with timers for the run:
 * local compute: every optimiser step of every client (forward, backward, clipping, the optimiser's step);
 * swap: a client swapped into the model and its trained tensors taken out (`run_client_round` beside its steps:
   loading the client's tensors, its optimisers' states in and out, splitting shared from private);
+* client state: a client's private state read from disk and saved after its round (`Client.latest_state`,
+  `Client._save`), the price of holding one client in memory at a time;
 * exchange, aggregation, checkpoint: the round's end;
 * evaluation, timed apart: it measures the run, the federation does not need it.
 
-The federation's own work (swap, exchange, aggregation, checkpoint) is printed as a share of local compute.
+The federation's own work (swap, client state, exchange, aggregation, checkpoint) is printed as a share of local
+compute.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from collections import defaultdict
 
 from accelerate import Accelerator
 
+import comigs_hf.client as client
 import comigs_hf.rounds as rounds
 import comigs_hf.trainer as trainer
 from comigs_hf.config import load_config
 from comigs_hf.recipe import run
 
-PHASES = ("local compute", "swap", "exchange", "aggregation", "checkpoint", "evaluation")
+PHASES = ("local compute", "swap", "client state", "exchange", "aggregation", "checkpoint", "evaluation")
+OVERHEAD = ("swap", "client state", "exchange", "aggregation", "checkpoint")
 
 
 class PhaseTimer:
@@ -64,12 +69,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
     args = parser.parse_args(argv)
     timer = PhaseTimer()
-    timer.wrap(rounds, "run_client_round", "swap")  # what its steps do not take is the client's swap in and out
+    timer.wrap(client, "run_client_round", "swap")  # what its steps do not take is the client's swap in and out
     timer.wrap(trainer, "_accumulated_step", "local compute")
+    timer.wrap(client.Client, "latest_state", "client state")
+    timer.wrap(client.Client, "_save", "client state")
+    timer.wrap(client.Client, "_test_metrics", "evaluation")
     timer.wrap(rounds, "_exchange", "exchange")
-    timer.wrap(rounds, "aggregate_updates", "aggregation")
+    timer.wrap(rounds, "server_step", "aggregation")
     timer.wrap(rounds, "save_checkpoint", "checkpoint")
-    timer.wrap(rounds, "_evaluate_held", "evaluation")
     timer.wrap(rounds, "evaluate_clients", "evaluation")
     with tempfile.TemporaryDirectory() as output:
         overrides = [f"rounds={args.rounds}", f"output_dir={output}", "plots=false", "trackers=[]", *args.overrides]
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         total = time.perf_counter() - started
     seconds = {phase: timer.seconds[phase] for phase in PHASES}
     compute = seconds["local compute"]
-    federation = sum(seconds[p] for p in ("swap", "exchange", "aggregation", "checkpoint"))
+    federation = sum(seconds[p] for p in OVERHEAD)
     print(
         f"{args.config}, strategy {cfg.strategy}, {args.rounds} rounds: {total:.1f} s in all (base and data included)"
     )
@@ -87,8 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     for phase in PHASES:
         print(f"{phase:<16}{seconds[phase] / args.rounds:>12.3f}{seconds[phase] / compute:>10.1%}")
     print(
-        f"{'federation':<16}{federation / args.rounds:>12.3f}{federation / compute:>10.1%}  (swap + exchange + "
-        "aggregation + checkpoint)"
+        f"{'federation':<16}{federation / args.rounds:>12.3f}{federation / compute:>10.1%}  ({' + '.join(OVERHEAD)})"
     )
     figures = {"rounds": args.rounds, "seconds": seconds, "federation_share": federation / compute}
     if args.json:

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,12 +168,33 @@ def _generalist_layers(model: CoMiGSForCausalLM, index: int) -> list[tuple[str, 
     return layers
 
 
-def generalist_state_dict(model: CoMiGSForCausalLM, index: int = 0) -> dict[str, torch.Tensor]:
-    """Generalist `index` under PEFT's key names (`base_model.model.<path>.lora_A.weight`)."""
-    state = {}
+def generalist_state_dict(
+    model: CoMiGSForCausalLM, index: int = 0, tensors: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Generalist `index` under PEFT's key names (`base_model.model.<path>.lora_A.weight`): the model's own tensors,
+    or `tensors`, keyed by the model's parameter names (a client update's shared tensors), which must be exactly that
+    generalist's and its attention adapter's.
+
+    Raises:
+        `ValueError`: `tensors` lacks one of the generalist's tensors or holds another one.
+    """
+    names = {id(module): name for name, module in model.named_modules()} if tensors is not None else {}
+    state, used = {}, set()
     for adapter, layer in _generalist_layers(model, index):
-        state[f"{_PEFT_PREFIX}{layer.base_path}.lora_A.weight"] = layer.lora_A[adapter].weight.detach()
-        state[f"{_PEFT_PREFIX}{layer.base_path}.lora_B.weight"] = layer.lora_B[adapter].weight.detach()
+        for factor in ("lora_A", "lora_B"):
+            module = getattr(layer, factor)[adapter]
+            if tensors is None:
+                value = module.weight.detach()
+            else:
+                key = f"{names[id(module)]}.weight"
+                if key not in tensors:
+                    raise ValueError(f"The tensors of generalist {index} lack {key!r}.")
+                value = tensors[key]
+                used.add(key)
+            state[f"{_PEFT_PREFIX}{layer.base_path}.{factor}.weight"] = value
+    extra = sorted(set(tensors or {}) - used)
+    if extra:
+        raise ValueError(f"Tensors {extra[:3]} are not generalist {index}'s: only its adapters travel as PEFT files.")
     return state
 
 
@@ -200,8 +222,14 @@ def generalist_peft_config(model: CoMiGSForCausalLM, index: int = 0) -> LoraConf
     )
 
 
-def export_generalist(model: CoMiGSForCausalLM, save_directory: str | os.PathLike, index: int = 0) -> Path:
-    """Write generalist `index` as a standard PEFT LoRA adapter directory.
+def export_generalist(
+    model: CoMiGSForCausalLM,
+    save_directory: str | os.PathLike,
+    index: int = 0,
+    tensors: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write generalist `index` as a standard PEFT LoRA adapter directory: the model's own tensors, or `tensors` (see
+    [`generalist_state_dict`]; a client update's shared tensors, which the model then only lays out).
 
     `PeftModel.from_pretrained(base, save_directory)` then computes what the CoMiGS model computes inside
     `model.route_all_to(index)`. Files are written next to their final names and renamed into place, so an
@@ -212,7 +240,7 @@ def export_generalist(model: CoMiGSForCausalLM, save_directory: str | os.PathLik
     """
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous().cpu() for k, v in generalist_state_dict(model, index).items()}
+    state = {k: v.contiguous().cpu() for k, v in generalist_state_dict(model, index, tensors).items()}
     peft_config = generalist_peft_config(model, index)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as tmp:
         save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})

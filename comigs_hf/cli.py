@@ -291,7 +291,7 @@ def _aggregate(args: argparse.Namespace) -> int:
 
         strategy = build_strategy(_recipe_config(args))
     else:
-        from .strategies import get_strategy
+        from .algorithms import get_strategy
 
         try:
             strategy = get_strategy(args.strategy)

@@ -4,7 +4,7 @@ A recipe config is a YAML mapping with top-level run keys and four sections, eac
 code it configures:
 
 ```yaml
-strategy: comigs          # comigs_hf.strategies.STRATEGIES; aggregation, aggregation_kwargs, weighting beside it
+strategy: comigs          # comigs_hf.algorithms.STRATEGIES; aggregation, aggregation_kwargs, weighting beside it
 rounds: 20                # comigs_hf.rounds.RoundsConfig: rounds, eval_every, seed, output_dir, resume
 model:                    # comigs_hf.model.ModelConfig, checked by building the CoMiGSConfig it describes
   num_specialists: [0, 1, 2, 3]   # one count per client: resource heterogeneity
@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import difflib
 import functools
-import importlib.util
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,13 +40,14 @@ from accelerate.utils import LoggerType
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from .algorithms import get_strategy
+from .algorithms.privacy import DEFAULT_DELTA
 from .data import DataConfig
 from .evaluation import EvaluationConfig
 from .model import ModelConfig
-from .privacy import DEFAULT_DELTA
 from .rounds import RoundsConfig
 from .server import check_secure_aggregation
-from .strategies import Strategy, get_strategy
+from .strategies import Strategy
 from .trainer import TrainingConfig
 
 __all__ = [
@@ -75,7 +75,7 @@ class RecipeConfig(RoundsConfig):
     """The whole recipe: the rounds section and the strategy at the top level, then the model, data, training and
     evaluation sections."""
 
-    strategy: str = field(default="comigs", metadata={"help": "Preset of comigs_hf.strategies.STRATEGIES."})
+    strategy: str = field(default="comigs", metadata={"help": "Preset of comigs_hf.algorithms.STRATEGIES."})
     aggregation: str | None = field(
         default=None, metadata={"help": "Aggregation rule (a key of AGGREGATORS); None: the strategy's own."}
     )
@@ -114,7 +114,7 @@ class RecipeConfig(RoundsConfig):
         default=None,
         metadata={
             "help": "Differential privacy: each client clips its round's update to this L2 norm, the server averages "
-            "with equal weights and refuses larger updates; None: no clipping (comigs_hf.privacy)."
+            "with equal weights and refuses larger updates; None: no clipping (comigs_hf.algorithms.privacy)."
         },
     )
     dp_noise_multiplier: float | None = field(
@@ -175,14 +175,17 @@ class RecipeConfig(RoundsConfig):
         except ValueError as error:
             problems += str(error).splitlines()
         try:
-            build_strategy(self)
+            strategy = build_strategy(self)
         except ValueError as error:
             problems.append(f"strategy: {error}")
+        else:  # optional packages an algorithm needs, refused now rather than after the training
+            for algorithm in strategy.algorithms:
+                try:
+                    algorithm.check_requirements()
+                except ImportError as error:
+                    problems.append(str(error))
         if isinstance(self.dp_delta, bool) or not 0 < self.dp_delta < 1:
             problems.append(f"dp_delta must be in (0, 1), got {self.dp_delta}.")
-        if (self.dp_noise_multiplier or 0) > 0 and importlib.util.find_spec("opacus") is None:
-            # refused now rather than after the training, when results.json counts the budget
-            problems.append("dp_noise_multiplier: opacus counts the privacy budget: pip install 'comigs-hf[dp]'.")
         unknown = [name for name in self.trackers if name not in KNOWN_TRACKERS]
         if unknown:
             problems.append(f"trackers: unknown tracker(s) {unknown}; known: {', '.join(KNOWN_TRACKERS)}.")
@@ -273,10 +276,11 @@ def check_client_layout(cfg: RecipeConfig, num_clients: int | None = None) -> li
     cfg.model.client_lora_ranks(len(counts))
     strategy = build_strategy(cfg)
     if strategy.requires_equal_experts and len(set(counts)) > 1:
+        reasons = [algorithm.equal_experts_because for algorithm in strategy.algorithms]
         why = (
-            "trains one model for every client"
-            if strategy.pool_clients
-            else f"averages {', '.join(sorted(strategy.shared_roles))}"
+            f"averages {', '.join(sorted(strategy.shared_roles))}"
+            if strategy.shared_roles & {"specialist", "router"}
+            else next(reason for reason in reasons if reason)
         )
         raise ValueError(
             f"strategy {strategy.name!r} {why}, so every client needs the same number of experts, but "
@@ -295,11 +299,7 @@ def validate_config(cfg: RecipeConfig) -> None:
     if cfg.secure_aggregation:
         check_secure_aggregation(build_strategy(cfg), cfg.secure_clipping_range)
     if cfg.clients_per_round is not None:
-        if build_strategy(cfg).pool_clients:
-            raise ValueError(
-                f"clients_per_round={cfg.clients_per_round} samples the clients that train, but strategy "
-                f"{cfg.strategy!r} trains one model on everyone's pooled data: leave it null."
-            )
+        build_strategy(cfg).check_participation(cfg.clients_per_round)
         num_clients = cfg.data.num_clients_known()
         if num_clients is not None and cfg.clients_per_round > num_clients:
             raise ValueError(f"clients_per_round={cfg.clients_per_round} is more than the {num_clients} clients.")

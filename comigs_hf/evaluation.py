@@ -17,9 +17,7 @@ client's test split (see [`~comigs_hf.data.mixed_test_splits`]).
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,12 +25,10 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from .aggregation import trust_weights
 from .data import interleave_blocks
 from .metrics import load_perplexity
 from .modeling_comigs import CoMiGSForCausalLM
-from .strategies import Strategy
-from .trainer import ClientState, ClientUpdate, activate_client, derived_seed
+from .trainer import derived_seed
 
 
 @dataclass
@@ -74,12 +70,6 @@ def evaluation_seed(seed: int, round_index: int, client_id: int) -> int:
     """The seed of a client's paper-protocol windows in one round, whichever transport evaluates it (distinct from
     every training seed of [`~comigs_hf.trainer.derived_seed`], whose client ids are -1 or more)."""
     return derived_seed(seed, round_index, -2 - client_id)
-
-
-def fusion_seed(seed: int, client_id: int) -> int:
-    """The seed of a client's FD-LoRA fusion search, whichever transport runs it (round -2 of
-    [`~comigs_hf.trainer.derived_seed`], which no round, initialisation or sampler uses)."""
-    return derived_seed(seed, -2, client_id)
 
 
 def _token_nll(
@@ -235,105 +225,8 @@ def evaluate_client(
     return metrics
 
 
-def client_trust_weights(
-    model: CoMiGSForCausalLM,
-    state: ClientState,
-    validation: torch.Tensor,
-    updates: Sequence[ClientUpdate],
-    cfg: EvaluationConfig,
-    accelerator: Accelerator,
-) -> tuple[list[float], list[float]]:
-    """PCL's trust weights of one client: each update's shared tensors, swapped into the client's model beside its
-    private ones, scored on the client's validation split (the full split's perplexity, capped at `cfg.batches`
-    micro-batches), then [`~comigs_hf.aggregation.trust_weights`].
-
-    Leaves the model holding the client with the last update's tensors: activate it again before using it.
-
-    Returns:
-        `tuple[list[float], list[float]]`: the weights and the perplexities, in the updates' order.
-    """
-    perplexities = []
-    model.eval()
-    try:
-        for update in updates:
-            activate_client(model, state, update.shared)
-            perplexities.append(evaluate_full_split(model, validation, cfg, accelerator)["test_ppl"])
-    finally:
-        model.train()
-    return trust_weights(perplexities), perplexities
-
-
-def require_nevergrad() -> None:
-    """Raise, before any training, when FD-LoRA's fusion search cannot run.
-
-    Raises:
-        `ImportError`: nevergrad is not installed, with the command that installs it.
-    """
-    if importlib.util.find_spec("nevergrad") is None:
-        raise ImportError(
-            "FD-LoRA's fusion search (strategy fusion_budget > 0) uses nevergrad, which is not installed: "
-            "pip install 'comigs-hf[fusion]'."
-        )
-
-
-def fusion_weights(
-    model: CoMiGSForCausalLM,
-    validation: torch.Tensor,
-    strategy: Strategy,
-    cfg: EvaluationConfig,
-    accelerator: Accelerator,
-    seed: int,
-) -> tuple[list[float], float]:
-    """FD-LoRA's adaptive fusion for the client the model holds: fixed expert weights `w` in
-    `[-strategy.fusion_bound, strategy.fusion_bound]^E` minimising the validation loss (the full split's, capped at
-    `cfg.batches` micro-batches) plus `strategy.fusion_l1 * ||w||_1`, searched by nevergrad's NGOpt with
-    `strategy.fusion_budget` evaluations from the weights the client trained with (1/E each).
-
-    The search is deterministic under `seed`, and never returns worse than its starting point: when nothing it
-    tried scores better, the training weights stay.
-
-    Returns:
-        `tuple[list[float], float]`: the weights (router order) and their objective. The model is left mixing with
-        them (see `CoMiGSForCausalLM.set_expert_weights`).
-    """
-    require_nevergrad()
-    import nevergrad as ng
-    import numpy as np
-
-    num_experts, bound = model.config.num_experts, strategy.fusion_bound
-    start = [1.0 / num_experts] * num_experts
-    scores: dict[tuple[float, ...], float] = {}
-
-    def objective(weights) -> float:
-        key = tuple(float(w) for w in weights)
-        if key not in scores:
-            model.set_expert_weights(list(key))
-            loss = evaluate_full_split(model, validation, cfg, accelerator)["test_loss"]
-            scores[key] = loss + strategy.fusion_l1 * sum(abs(w) for w in key)
-        return scores[key]
-
-    # sigma a quarter of the range: the bounds sit 4 standard deviations apart, as nevergrad advises (>= 3)
-    parametrization = ng.p.Array(init=np.array(start), lower=-bound, upper=bound).set_mutation(sigma=bound / 2)
-    parametrization.random_state = np.random.RandomState(seed % 2**32)
-    optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=strategy.fusion_budget)
-    model.eval()
-    try:
-        with warnings.catch_warnings():  # its backends' notes on their own settings, not the caller's business
-            warnings.simplefilter("ignore")
-            recommended = optimizer.minimize(objective).value
-        best = min([tuple(start), tuple(float(w) for w in recommended)], key=objective)
-        model.set_expert_weights(list(best))
-    finally:
-        model.train()
-    return list(best), scores[best]
-
-
 __all__ = [
     "EvaluationConfig",
-    "client_trust_weights",
-    "fusion_seed",
-    "fusion_weights",
-    "require_nevergrad",
     "check_paper_protocol",
     "evaluate_client",
     "evaluate_full_split",

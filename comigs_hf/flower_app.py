@@ -35,6 +35,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from .client import initial_shared_state
 from .config import RecipeConfig, build_strategy, check_client_layout, config_to_dict, load_config
 from .data import build_client_data
 from .evaluation import check_paper_protocol
@@ -48,8 +49,7 @@ from .flower import (
 )
 from .model import build_model, load_base
 from .outputs import RunLayout, write_run_summary
-from .recipe import default_accelerator
-from .trainer import check_accelerator, initial_shared_state
+from .recipe import build_client, build_client_model, default_accelerator
 
 logger = logging.getLogger("comigs_hf.flower")
 
@@ -115,47 +115,19 @@ def build_node(cfg: RecipeConfig, client_id: int, state_dir: str | os.PathLike) 
         return _NODES[key]
     strategy = check_flower_strategy(build_strategy(cfg))
     accelerator = default_accelerator()
-    check_accelerator(accelerator, cfg.training)
-    count = _client_value(cfg.model.num_specialists, client_id, "model.num_specialists")
-    rank = _client_value(cfg.model.lora_r, client_id, "model.lora_r")
+    num_specialists, _, _ = cfg.model.client_layout(client_id)
     if identity not in _MODELS:  # built with this client's layout; another client of the process is swapped in
-        base, tokenizer, base_name = load_base(cfg.model, progress=False)
-        model = build_model(cfg.model, base, base_name, count, strategy.expert_mixing).to(accelerator.device)
-        check_accelerator(accelerator, cfg.training, model)
-        _MODELS[identity] = (model, tokenizer)
+        _MODELS[identity] = build_client_model(cfg, strategy, num_specialists, accelerator)
     model, tokenizer = _MODELS[identity]
     data = build_client_data(cfg.data, tokenizer, cfg.seed, client_id)
     check_paper_protocol([data.test], [data.name], cfg.evaluation)
-    node = FlowerNode(
-        model,
-        data,
-        client_id,
-        count,
-        strategy,
-        cfg.training,
-        cfg.rounds,
-        cfg.seed,
-        state_dir,
-        accelerator,
-        cfg.evaluation,
-        top_k=cfg.model.client_top_k(count),
-        lora_rank=None if isinstance(cfg.model.lora_r, int) else rank,
-        models_dir=Path(cfg.output_dir) / "clients" if cfg.save_models else None,
-        include_base=cfg.save_base,
-        tokenizer=tokenizer,
+    client = build_client(
+        cfg, client_id, model=model, data=data, state_dir=state_dir, accelerator=accelerator, strategy=strategy
     )
+    models_dir = Path(cfg.output_dir) / "clients" if cfg.save_models else None
+    node = FlowerNode(client, models_dir=models_dir, include_base=cfg.save_base, tokenizer=tokenizer)
     _NODES[key] = node
     return node
-
-
-def _client_value(value: int | list[int], client_id: int, key: str) -> int:
-    if isinstance(value, int):
-        return value
-    if not 0 <= client_id < len(value):
-        raise ValueError(
-            f"partition-id must be in [0, {len(value)}) ({key} lists {len(value)} clients), got {client_id}."
-        )
-    return value[client_id]
 
 
 def client_app(cfg: RecipeConfig | None = None) -> ClientApp:
@@ -245,7 +217,7 @@ def run_flower_simulation(
     from flwr.simulation import run_simulation
 
     nodes = Path(cfg.output_dir) / "nodes"
-    if nodes.is_dir() and any(nodes.glob("client-*.pt")):
+    if nodes.is_dir() and any(nodes.glob("client-*/round-*.pt")):
         raise ValueError(f"{nodes} holds the node states of a run: choose another output_dir, or delete it.")
     num_clients = cfg.data.num_clients_known()
     check_flower_strategy(build_strategy(cfg))

@@ -184,6 +184,27 @@ class ModelConfig:
         """
         return _per_client(self.num_specialists, "num_specialists", "count", num_clients, source)
 
+    def client_layout(self, client_id: int) -> tuple[int, int, int | None]:
+        """Client `client_id`'s specialists, top-k and expert rank (`None`: one rank for every client, the model's
+        `lora_r`): the one look-up of the per-client lists.
+
+        Raises:
+            `ValueError`: a client id outside a per-client list.
+        """
+        values = []
+        for key in ("num_specialists", "lora_r"):
+            value = getattr(self, key)
+            if isinstance(value, int):
+                values.append(value if key == "num_specialists" else None)
+            elif isinstance(client_id, bool) or not isinstance(client_id, int) or not 0 <= client_id < len(value):
+                raise ValueError(
+                    f"client {client_id!r} is not in [0, {len(value)}): model.{key} lists {len(value)} clients."
+                )
+            else:
+                values.append(value[client_id])
+        count, rank = values
+        return count, self.client_top_k(count), rank
+
     def client_top_k(self, num_specialists: int) -> int:
         """Experts mixed per token by a client with `num_specialists` specialists: `top_k`, capped at its expert
         count when `cap_top_k`."""

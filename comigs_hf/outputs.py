@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,12 +13,12 @@ from accelerate.logging import get_logger
 
 from .adapters import export_generalist
 from .aggregation import lora_partner
+from .client import client_folder_name
 from .config import RecipeConfig, config_to_dict
 from .modeling_comigs import CoMiGSForCausalLM, is_attention_adapter
-from .privacy import privacy_spent
+from .ranks import payload_parameters
 from .rounds import Federation
-from .strategies import Strategy, lora_factor, payload_parameters
-from .trainer import activate_client, client_folder_name
+from .strategies import Strategy, lora_factor
 
 logger = get_logger(__name__)
 
@@ -92,14 +91,14 @@ class RunLayout:
 
     @classmethod
     def of(cls, federation: Federation) -> RunLayout:
-        config, count = federation.model.config, len(federation.clients)
+        layout = federation.layout
         return cls(
             federation.model,
             federation.strategy,
-            [data.name for data in federation.clients],
-            list(federation.num_specialists),
-            list(federation.top_k or [config.num_experts_per_tok] * count),
-            list(federation.lora_ranks or [config.lora_r] * count),
+            [data.name for data in federation.evaluated],
+            list(layout["num_specialists"]),
+            list(layout["top_k"]),
+            list(layout["lora_r"]),
         )
 
 
@@ -160,26 +159,13 @@ def summarise(records: list[dict], layout: RunLayout, cfg: RecipeConfig) -> dict
         "mean_test_ppl": sum(ppls) / len(ppls) if ppls else None,
         **means,
         "shared_roles": sorted(layout.strategy.shared_roles),
-        "privacy": privacy_report(layout.strategy, len(records), cfg.dp_delta),
+        "privacy": None,  # differential privacy's report, see `DifferentialPrivacy.report`
+        **{
+            key: value
+            for a in layout.strategy.algorithms
+            for key, value in a.report(len(records), cfg.dp_delta).items()
+        },
         "config": config_to_dict(cfg),
-    }
-
-
-def privacy_report(strategy: Strategy, rounds: int, delta: float) -> dict | None:
-    """`results.json`'s `privacy`: the mechanism's settings and epsilon at `delta` after each of the `rounds`
-    releases (`comigs_hf.privacy.privacy_spent`; null, unbounded, when clipping comes without noise); `None` without
-    differential privacy."""
-    if strategy.dp_clipping_norm is None:
-        return None
-    epsilons = [e if math.isfinite(e) else None for e in privacy_spent(strategy.dp_noise_multiplier, rounds, delta)]
-    return {
-        "mechanism": "gaussian (client-side clipping, noise on the server's mean)",
-        "clipping_norm": strategy.dp_clipping_norm,
-        "noise_multiplier": strategy.dp_noise_multiplier,
-        "delta": delta,
-        "accountant": "rdp (opacus), sampling rate 1",
-        "epsilon": epsilons[-1] if epsilons else None,
-        "epsilon_per_round": epsilons,
     }
 
 
@@ -224,11 +210,9 @@ def write_outputs(federation: Federation, cfg: RecipeConfig, accelerator: Accele
     extra = {"transport": "accelerate", "num_processes": accelerator.num_processes}
     results = {**summarise(federation.records, layout, cfg), **extra}
     if cfg.save_models:
-        for client_id, state in federation.states.items():
-            activate_client(federation.model, state, federation.shared)
-            directory = output / "clients" / client_folder_name(client_id, state.name)
-            federation.model.save_pretrained(directory, include_base=cfg.save_base)
-            federation.tokenizer.save_pretrained(directory)
+        for client in federation.local_clients(accelerator):
+            directory = output / "clients" / client_folder_name(client.client_id, client.spec.name)
+            client.save_model(directory, federation.shared, include_base=cfg.save_base, tokenizer=federation.tokenizer)
     if accelerator.is_main_process:
         write_run_summary(federation.records, layout, federation.shared, cfg, **extra)
     accelerator.wait_for_everyone()

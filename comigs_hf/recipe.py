@@ -18,11 +18,11 @@ config. The Hub functions here build one client's model and its own data only.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
@@ -31,6 +31,7 @@ from accelerate.state import AcceleratorState
 from accelerate.tracking import get_available_trackers
 from huggingface_hub import HfApi
 
+from .client import Client, ClientSpec, client_folder_name, initial_shared_state
 from .config import (
     RecipeConfig,
     build_strategy,
@@ -39,11 +40,10 @@ from .config import (
     config_to_dict,
     load_config,
 )
-from .data import build_client_data, build_client_datasets, mixed_test_splits, pool_client_data
-from .evaluation import check_paper_protocol, require_nevergrad
+from .data import ClientData, build_client_data, build_client_datasets, mixed_test_splits
+from .evaluation import check_paper_protocol
 from .hub import (
     FederationManifest,
-    HubClient,
     check_hub_strategy,
     evaluate_hub_client,
     hub_client_id,
@@ -53,13 +53,15 @@ from .hub import (
 from .model import build_model, load_base
 from .modeling_comigs import CoMiGSForCausalLM
 from .outputs import write_outputs
-from .rounds import Federation, run_federated, start_federation
+from .rounds import Federation, client_state_dir, run_federated, start_federation
 from .strategies import Strategy
-from .trainer import check_accelerator, initial_shared_state
+from .trainer import TrainingConfig, check_accelerator
 
 logger = get_logger(__name__)
 
 __all__ = [
+    "build_client",
+    "build_client_model",
     "evaluate_hub_round",
     "format_results",
     "main",
@@ -98,43 +100,125 @@ def default_accelerator(**kwargs: Any) -> Accelerator:
     return accelerator
 
 
+# ---- one client, whatever the transport ----------------------------------------------------------------------------
+def build_client_model(
+    cfg: RecipeConfig, strategy: Strategy, num_specialists: int, accelerator: Accelerator, progress: bool = False
+) -> tuple[CoMiGSForCausalLM, Any]:
+    """The recipe's base wrapped into a CoMiGS model with `num_specialists` specialists (another client of the same
+    process is swapped into it), on the accelerator's device, and the tokenizer."""
+    check_accelerator(accelerator, cfg.training)  # before any download or build
+    base, tokenizer, base_name = load_base(cfg.model, progress=progress)
+    model = build_model(cfg.model, base, base_name, num_specialists, strategy.expert_mixing).to(accelerator.device)
+    check_accelerator(accelerator, cfg.training, model)
+    return model, tokenizer
+
+
+def build_client(
+    cfg: RecipeConfig,
+    client_id: int,
+    *,
+    model: CoMiGSForCausalLM,
+    data: ClientData,
+    state_dir: str | os.PathLike,
+    accelerator: Accelerator,
+    strategy: Strategy,
+    training: TrainingConfig | None = None,
+    federation: str | None = None,
+    mixed_test: list | None = None,
+) -> Client:
+    """Client `client_id` of the recipe, on any transport: its settings (its specialists, top-k and rank from the
+    model section's per-client lists, its `init_from` folder), its own `data` and the process's `model`.
+
+    Args:
+        training ([`~comigs_hf.trainer.TrainingConfig`], *optional*): in place of the recipe's (a pooled client's).
+        federation (`str`, *optional*): what names the federation beyond the recipe (a Hub repo id).
+        mixed_test (`list[torch.Tensor]`, *optional*): every client's part of the out-of-distribution mixture,
+            where the process holds every client's data.
+    """
+    num_specialists, top_k, lora_rank = cfg.model.client_layout(client_id)
+    init_from = None if cfg.init_from is None else str(Path(cfg.init_from) / client_folder_name(client_id, data.name))
+    spec = ClientSpec(
+        client_id,
+        data.name,
+        num_specialists,
+        strategy,
+        training or cfg.training,
+        cfg.rounds,
+        cfg.seed,
+        cfg.evaluation,
+        top_k=top_k,
+        lora_rank=lora_rank,
+        federation=federation,
+        init_from=init_from,
+    )
+    return Client(spec, model, data, state_dir, accelerator, mixed_test=mixed_test)
+
+
 # ---- Accelerate ----------------------------------------------------------------------------------------------------
 def setup_federation(cfg: RecipeConfig, accelerator: Accelerator) -> Federation:
-    """Build the model, load and split every client's data, and initialise (or resume) this rank's client states."""
-    strategy = build_strategy(cfg)
+    """Build the model, load and split every client's data, build the clients, and start (or resume) the run."""
+    strategy = build_strategy(cfg).check_transport("accelerate")
     if cfg.secure_aggregation:
         raise ValueError(
             "secure_aggregation runs on Flower (comigs flower-sim, flwr run): Accelerate's processes are one "
             "organisation's, and its server step holds every update."
         )
     check_accelerator(accelerator, cfg.training)  # before any download or build
-    if strategy.fusion_budget:
-        require_nevergrad()
+    for algorithm in strategy.algorithms:
+        algorithm.check_requirements()
     with accelerator.main_process_first():
         base, tokenizer, base_name = load_base(cfg.model, progress=accelerator.is_main_process)
-        clients = build_client_datasets(cfg.data, tokenizer, cfg.seed)
-    counts = check_client_layout(cfg, num_clients=len(clients))
-    # client 0's layout: the shared reference is drawn from it (see trainer.initial_shared_state)
+        datasets = build_client_datasets(cfg.data, tokenizer, cfg.seed)
+    counts = check_client_layout(cfg, num_clients=len(datasets))
+    # client 0's layout: the shared reference is drawn from it (see client.initial_shared_state)
     model = build_model(cfg.model, base, base_name, counts[0], strategy.expert_mixing).to(accelerator.device)
     check_accelerator(accelerator, cfg.training, model)
-    top_k = [cfg.model.client_top_k(count) for count in counts]
-    check_paper_protocol([client.test for client in clients], [client.name for client in clients], cfg.evaluation)
-    mixed_test = mixed_test_splits(clients) if cfg.evaluation.out_of_distribution else None
-    pooled, training = None, cfg.training
-    if strategy.pool_clients:  # one client for all: it takes all their batches, so it sees as many tokens per step
-        if accelerator.num_processes > 1:
-            logger.warning(
-                "strategy %r trains one model on rank 0; the other %d processes wait for it.",
-                strategy.name,
-                accelerator.num_processes - 1,
-            )
-        pooled = pool_client_data(clients)
-        training = dataclasses.replace(training, batch_size=training.batch_size * len(clients))
+    check_paper_protocol([data.test for data in datasets], [data.name for data in datasets], cfg.evaluation)
+    mixed_test = mixed_test_splits(datasets) if cfg.evaluation.out_of_distribution else None
+    trainers, serving, training = datasets, list(range(len(datasets))), cfg.training
+    for algorithm in strategy.algorithms:  # the centralised baseline trains one client for all
+        pooled = algorithm.pool(trainers, training)
+        if pooled is not None:
+            trainers, serving, training = pooled
+    if len(trainers) < accelerator.num_processes:
+        logger.warning(
+            "strategy %r trains %d client(s) on %d processes: the others wait for them.",
+            strategy.name,
+            len(trainers),
+            accelerator.num_processes,
+        )
+    state_dir = client_state_dir(cfg.output_dir)
+    clients = [
+        build_client(
+            cfg,
+            client_id,
+            model=model,
+            data=data,
+            state_dir=state_dir,
+            accelerator=accelerator,
+            strategy=strategy,
+            training=training,
+            mixed_test=mixed_test,
+        )
+        for client_id, data in enumerate(trainers)
+    ]
+    layout = {
+        "num_specialists": counts,
+        "top_k": [cfg.model.client_top_k(count) for count in counts],
+        "lora_r": cfg.model.client_lora_ranks(len(datasets)),
+    }
     federation = Federation(
-        model, tokenizer, clients, counts, strategy, training, cfg, top_k, cfg.evaluation, mixed_test, pooled
+        model,
+        tokenizer,
+        strategy,
+        cfg,
+        clients,
+        datasets,
+        serving,
+        layout,
+        cfg.evaluation,
+        identity=config_to_dict(cfg),
     )
-    federation.lora_ranks = cfg.model.client_lora_ranks(len(clients))
-    federation.identity = config_to_dict(cfg)  # a resume checks it against the checkpoint's
     return start_federation(federation, accelerator)
 
 
@@ -215,55 +299,26 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 # ---- Hub-mediated rounds -------------------------------------------------------------------------------------------
-def _num_specialists_of(cfg: RecipeConfig, client_id: int) -> int:
-    # a per-client list was checked against the data section when the config loaded
-    counts = cfg.model.num_specialists
-    if isinstance(counts, int):
-        return counts
-    if not 0 <= client_id < len(counts):
-        raise ValueError(f"client_id must be in [0, {len(counts)}) (model.num_specialists), got {client_id}.")
-    return counts[client_id]
-
-
-def _hub_model(cfg: RecipeConfig, strategy: Strategy, num_specialists: int, accelerator: Accelerator):
-    base, tokenizer, base_name = load_base(cfg.model, progress=accelerator.is_main_process)
-    model = build_model(cfg.model, base, base_name, num_specialists, strategy.expert_mixing)
-    return model.to(accelerator.device), tokenizer
-
-
 def _hub_client(
-    cfg: RecipeConfig,
-    client_id: int,
-    repo_id: str,
-    state_dir: str | os.PathLike,
-    token: str | bool | None,
-    accelerator: Accelerator | None,
-) -> tuple[CoMiGSForCausalLM, Any, HubClient, Accelerator]:
-    """One client's model, its own data (no other client's source is opened) and its [`HubClient`]."""
+    cfg: RecipeConfig, client_id: int, repo_id: str, state_dir: str | os.PathLike, accelerator: Accelerator | None
+) -> Client:
+    """One client of Hub rounds: the recipe's model and its own data (no other client's source is opened)."""
     strategy = check_hub_strategy(build_strategy(cfg), cfg.model.num_generalists)
     accelerator = _one_process(accelerator)
-    check_accelerator(accelerator, cfg.training)
-    count = _num_specialists_of(cfg, client_id)
-    model, tokenizer = _hub_model(cfg, strategy, count, accelerator)
-    check_accelerator(accelerator, cfg.training, model)
+    num_specialists, _, _ = cfg.model.client_layout(client_id)
+    model, tokenizer = build_client_model(cfg, strategy, num_specialists, accelerator, progress=True)
     data = build_client_data(cfg.data, tokenizer, cfg.seed, client_id)
     check_paper_protocol([data.test], [data.name], cfg.evaluation)
-    ranks = cfg.model.lora_r
-    rank = None if isinstance(ranks, int) else ranks[client_id]  # a list was checked against the client count
-    client = HubClient(
-        repo_id,
+    return build_client(
+        cfg,
         client_id,
-        count,
-        state_dir,
-        strategy,
-        cfg.training,
-        cfg.rounds,
-        cfg.seed,
-        token,
-        cfg.evaluation,
-        lora_rank=rank,
+        model=model,
+        data=data,
+        state_dir=state_dir,
+        accelerator=accelerator,
+        strategy=strategy,
+        federation=repo_id,
     )
-    return model, data, client, accelerator
 
 
 def _one_process(accelerator: Accelerator | None) -> Accelerator:
@@ -325,10 +380,12 @@ def seed_hub(
         aggregator_user = seeder
     users = dict(zip(clients, client_users)) if client_users is not None else None
     manifest = FederationManifest(tuple(clients), aggregator_user, users)
+    if cfg.init_from is not None:
+        raise ValueError("init_from is not supported on Hub rounds: each client starts from its recipe's fresh state.")
     accelerator = _one_process(accelerator)
-    first = _num_specialists_of(cfg, 0)
-    model, _ = _hub_model(cfg, strategy, first, accelerator)
-    shared = initial_shared_state(model, strategy, first, cfg.seed)
+    num_specialists, top_k, _ = cfg.model.client_layout(0)
+    model, _ = build_client_model(cfg, strategy, num_specialists, accelerator, progress=True)
+    shared = initial_shared_state(model, strategy, num_specialists, cfg.seed, top_k)
     return seed_hub_rounds(model, shared, repo_id, strategy=strategy, token=token, private=private, manifest=manifest)
 
 
@@ -349,8 +406,8 @@ def run_hub_round(
             "secure_aggregation runs on Flower (comigs flower-sim, flwr run): every Hub client's update is a file "
             "the aggregator reads."
         )
-    model, data, client, accelerator = _hub_client(cfg, client_id, repo_id, state_dir, token, accelerator)
-    return run_hub_client_round(model, data, client, round_index, accelerator)
+    client = _hub_client(cfg, client_id, repo_id, state_dir, accelerator)
+    return run_hub_client_round(client, repo_id, round_index, token=token)
 
 
 def evaluate_hub_round(
@@ -365,8 +422,8 @@ def evaluate_hub_round(
 ) -> dict[str, Any]:
     """Client `client_id`'s test metrics after round `round_index` of Hub rounds (see
     `comigs_hf.hub.evaluate_hub_client`)."""
-    model, data, client, accelerator = _hub_client(cfg, client_id, repo_id, state_dir, token, accelerator)
-    return evaluate_hub_client(model, data, client, round_index, accelerator)
+    client = _hub_client(cfg, client_id, repo_id, state_dir, accelerator)
+    return evaluate_hub_client(client, repo_id, round_index, token=token)
 
 
 if __name__ == "__main__":  # `accelerate launch --module comigs_hf.recipe ...`, as `comigs table` launches runs

@@ -1,23 +1,25 @@
 """Federated rounds over Accelerate: the round protocol when the clients are processes of one job.
 
 N clients are spread over the P processes (client i runs on rank i % P). Each process holds one frozen base inside
-one CoMiGS model; a client's private state (its experts, router, optimisers, sampler) lives on CPU and is swapped in
-for its turn. Each round:
+one CoMiGS model; a client ([`~comigs_hf.client.Client`]) keeps its private state (its experts, router, optimisers,
+sampler) on disk and is swapped in for its turn, so a process holds one client's state at a time, whatever N. Each
+round:
 
-1. every process runs each of its clients through the client step, `trainer.run_client_round`, from the current
-   global shared tensors; it returns a `ClientUpdate` holding only the strategy's shared tensors;
+1. every process runs each of its clients asked this round through the client step, `Client.train`, from the
+   current global shared tensors; it returns a `ClientUpdate` whose `shared` tensors are all that leaves the client;
 2. `_exchange`, the only collective carrying tensors, gives every rank every client's update, in client order;
-3. every rank runs the server step, `server.aggregate_updates` (checks, then the strategy's rule and weighting), so
-   all hold the same new global state and P does not change the numbers; a strategy without a server (PCL,
-   `aggregator: clients`) has each client combine the updates itself (`server.combine_for_client`) instead, and
-   FD-LoRA's clients fuse their experts after the last round (`evaluation.fusion_weights`);
+3. every rank runs the server step, `server.server_step` (checks, then the strategy's rule and weighting, or an
+   algorithm's own step), so all hold the same new global state and P does not change the numbers; each client that
+   trained then takes its part of the outcome (`Client.receive`), and after the last round every client runs its
+   end-of-run step (`Client.finish`);
 4. clients are evaluated every `eval_every` rounds and after the last, right after their local steps (before the
-   server aggregates, the reference code's point) and with the new global state; the round is checkpointed
-   atomically.
+   server aggregates, the reference code's point) and with the new global state, one client at a time; the round is
+   checkpointed atomically (the global and the records; each client saved its own state in step 1).
 
 Reading this file alone tells what crosses a process boundary: `_exchange` carries the updates, `gather_object` in
-`evaluate_clients` carries metrics (floats), and `_noise_seed` rank 0's secret seed of a round's privacy noise (every
-rank runs the server step and must add the same noise).
+`evaluate_clients` carries metrics (floats), `_noise_seed` rank 0's secret seed of the server step's randomness (every
+rank runs the server step and must draw the same privacy noise), and `load_checkpoint` each rank's choice of
+checkpoint (an int).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import os
 import secrets
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,30 +39,13 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .client import Client, client_folder_name, fresh_parameters, initial_shared_state, saved_client_parameters
 from .data import ClientData
-from .evaluation import (
-    EvaluationConfig,
-    client_trust_weights,
-    evaluate_client,
-    evaluation_seed,
-    fusion_seed,
-    fusion_weights,
-)
+from .evaluation import EvaluationConfig
 from .modeling_comigs import CoMiGSForCausalLM
-from .server import aggregate_updates, combine_for_client, evaluation_row, round_row, sample_clients
+from .server import evaluation_row, sample_clients, server_step
 from .strategies import Strategy, partition_state_dict
-from .trainer import (
-    ClientState,
-    ClientUpdate,
-    TrainingConfig,
-    activate_client,
-    client_folder_name,
-    fresh_parameters,
-    initial_client_state,
-    initial_shared_state,
-    run_client_round,
-    saved_client_parameters,
-)
+from .trainer import ClientUpdate
 
 logger = logging.getLogger("comigs_hf.rounds")
 
@@ -101,49 +86,50 @@ class RoundsConfig:
             raise ValueError("\n".join(problems))
 
 
+def client_state_dir(output_dir: str | os.PathLike) -> Path:
+    """Where the clients of an Accelerate run keep their states: `<output_dir>/checkpoints/clients/`."""
+    return Path(output_dir) / "checkpoints" / "clients"
+
+
 @dataclass
 class Federation:
-    """The process-local view of a run: the model, every client's data, and the states of this rank's clients."""
+    """The process-local view of a run: the model, its clients and every client's test data, the global state and
+    the records.
+
+    Args:
+        clients (`list[Client]`): the clients that train, in order (each process trains those of its rank); they
+            hold no state in memory.
+        evaluated (`list[ClientData]`): the federation's clients, whose test splits are evaluated, in order.
+        serving (`list[int]`): `serving[i]` is the training client whose state serves client `i`'s evaluation (`i`
+            itself, unless a strategy pools every client into one).
+        layout (`dict[str, list[int]]`): each evaluated client's `num_specialists`, `top_k` and `lora_r`.
+    """
 
     model: CoMiGSForCausalLM
     tokenizer: object
-    clients: list[ClientData]
-    num_specialists: list[int]
     strategy: Strategy
-    training: TrainingConfig
     plan: RoundsConfig
-    top_k: list[int] | None = None  # experts each client mixes per token; None: the model's for every client
+    clients: list[Client]
+    evaluated: list[ClientData]
+    serving: list[int]
+    layout: dict[str, list[int]]
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    mixed_test: list[torch.Tensor] | None = None  # each client's part of the out-of-distribution mixture
-    pooled: ClientData | None = None  # under a pooling strategy, the one client that trains (see `training_data`)
-    states: dict[int, ClientState] = field(default_factory=dict)
     shared: dict[str, torch.Tensor] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)  # one per finished round, see `run_round`
     start_round: int = 1
     # the run's configuration minus what a resume may change (see `differing_keys`): stored with each checkpoint,
     # a resume under another one is refused naming the keys; `None` checks nothing
     identity: dict[str, Any] | None = None
-    lora_ranks: list[int] | None = None  # each client's expert rank; None: the model's lora_r for every client
 
-
-def local_client_ids(num_clients: int, accelerator: Accelerator) -> list[int]:
-    return list(range(accelerator.process_index, num_clients, accelerator.num_processes))
-
-
-def training_data(federation: Federation) -> list[ClientData]:
-    """The clients that train, in order: every client, or the one pooled client of the centralised baseline (which
-    then serves every client's evaluation)."""
-    return [federation.pooled] if federation.pooled is not None else federation.clients
-
-
-def _trainer_of(federation: Federation, client_id: int) -> int:
-    return 0 if federation.pooled is not None else client_id
+    def local_clients(self, accelerator: Accelerator) -> list[Client]:
+        """This rank's training clients: client i runs on rank i % P."""
+        return self.clients[accelerator.process_index :: accelerator.num_processes]
 
 
 def start_federation(federation: Federation, accelerator: Accelerator) -> Federation:
-    """Fill in the global shared state and this rank's client states: from the last checkpoint when `plan.resume`
-    finds one, else fresh (seeded per client, whatever process holds it; shared tensors start equal everywhere)."""
-    plan = federation.plan
+    """Fill in the global shared state: from the last checkpoint when `plan.resume` finds one (the clients' saved
+    states then continue), else fresh (shared tensors drawn equal everywhere, every client's saved state cleared)."""
+    plan, model, strategy = federation.plan, federation.model, federation.strategy
     saved = complete_checkpoints(plan.output_dir)
     if plan.resume and saved:
         load_checkpoint(federation, accelerator)
@@ -155,42 +141,26 @@ def start_federation(federation: Federation, accelerator: Accelerator) -> Federa
         )
     if plan.resume:
         logger.warning("resume=true, but %s holds no checkpoint: starting at round 1.", plan.output_dir)
-    model, counts = federation.model, federation.num_specialists
-    top_k = federation.top_k or [None] * len(counts)
-    ranks = federation.lora_ranks or [None] * len(counts)
-    trainers = training_data(federation)
+    if accelerator.is_main_process:  # a first round killed before its checkpoint may have left states of its own
+        shutil.rmtree(client_state_dir(plan.output_dir), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    first = federation.clients[0].spec
     if plan.init_from is None:
-        federation.shared = initial_shared_state(model, federation.strategy, counts[0], plan.seed, top_k[0])
+        federation.shared = initial_shared_state(model, strategy, first.num_specialists, plan.seed, first.top_k)
     else:  # every rank reads client 0's folder, so the shared tensors start equal everywhere
-        saved = Path(plan.init_from) / client_folder_name(0, trainers[0].name)
-        reference = saved_client_parameters(saved, fresh_parameters(model, counts[0], plan.seed, top_k[0]), model)
-        federation.shared = partition_state_dict(reference, federation.strategy)[0]
-    if federation.strategy.aggregator == "clients":  # no global state: every client starts from its own draw
-        federation.shared = {}
-    for client_id in local_client_ids(len(trainers), accelerator):
-        name = trainers[client_id].name
-        state = initial_client_state(
-            model,
-            client_id,
-            name,
-            counts[client_id],
-            plan.seed,
-            top_k[client_id],
-            frozen_factors=federation.strategy.frozen_factors,
-            lora_rank=ranks[client_id],
-        )
-        if plan.init_from is not None:
-            folder = Path(plan.init_from) / client_folder_name(client_id, name)
-            state.parameters = saved_client_parameters(folder, state.parameters, model)
-        federation.states[client_id] = state
+        fresh = fresh_parameters(model, first.num_specialists, plan.seed, first.top_k)
+        reference = saved_client_parameters(Path(plan.init_from) / client_folder_name(0, first.name), fresh, model)
+        federation.shared = partition_state_dict(reference, strategy)[0] if strategy.server_combines else {}
+        for client in federation.local_clients(accelerator):  # each folder checked now, not at its first round
+            client.fresh_state()
     return federation
 
 
 # ---- one round -----------------------------------------------------------------------------------------------------
-def _noise_seed(strategy: Strategy, accelerator: Accelerator) -> int | None:
-    """Rank 0's secret seed of this round's privacy noise, on every rank (`None`: no noise, or one process, which
-    draws its own)."""
-    if strategy.dp_noise_multiplier == 0 or accelerator.num_processes == 1:
+def _noise_seed(accelerator: Accelerator) -> int | None:
+    """Rank 0's secret seed of the server step's randomness, on every rank (`None` in one process, which draws its
+    own)."""
+    if accelerator.num_processes == 1:
         return None
     return broadcast_object_list([secrets.randbits(63)])[0]
 
@@ -203,136 +173,75 @@ def _exchange(accelerator: Accelerator, updates: list[ClientUpdate]) -> list[Cli
 
 def run_round(federation: Federation, round_index: int, accelerator: Accelerator) -> dict:
     """Train this rank's clients among those asked this round (`sample_clients`: all of them by default),
-    exchange their updates, aggregate, and evaluate every client when due; returns the round's record (a row per
-    client that trained, and per client evaluated without training, see `server.evaluation_row`)."""
+    exchange their updates, run the server step, and evaluate every client when due; returns the round's record (a
+    row per client that trained, and per client evaluated without training, see `server.evaluation_row`)."""
     plan, strategy = federation.plan, federation.strategy
     due = round_index % plan.eval_every == 0 or round_index == plan.rounds
+    asked = set(sample_clients(len(federation.clients), plan.clients_per_round, plan.seed, round_index))
+    trained = [client for client in federation.local_clients(accelerator) if client.client_id in asked]
+    # a client serving its own evaluation alone measures its test figures right after its local steps
+    evaluate = due and federation.serving == list(range(len(federation.clients)))
+    evaluate = evaluate and (federation.evaluation.before_aggregation or not strategy.shared_roles)
     updates, before = [], {}
-    trainers = training_data(federation)
-    local_ids = local_client_ids(len(trainers), accelerator)
-    asked = set(sample_clients(len(trainers), plan.clients_per_round, plan.seed, round_index))
-    for client_id in tqdm(
-        [client_id for client_id in local_ids if client_id in asked],
-        desc=f"round {round_index} clients",
-        leave=False,
-        disable=not accelerator.is_local_main_process,
-    ):
-        updates.append(
-            run_client_round(
-                federation.model,
-                federation.states[client_id],
-                trainers[client_id],
-                federation.shared,
-                strategy,
-                federation.training,
-                round_index=round_index,
-                total_rounds=plan.rounds,
-                seed=plan.seed,
-                accelerator=accelerator,
-            )
-        )
-        wanted = federation.evaluation.before_aggregation or not strategy.shared_roles
-        if due and wanted and federation.pooled is None:
-            before[client_id] = _evaluate_held(federation, client_id, round_index, accelerator)
-    if strategy.aggregator == "clients":
-        rows = _combine_on_clients(federation, round_index, updates, accelerator)
-    else:
-        everyone = _exchange(accelerator, updates)
-        if strategy.shared_roles:
-            federation.shared = aggregate_updates(
-                strategy, everyone, federation.shared, _noise_seed(strategy, accelerator)
-            )
-        rows = [round_row(update, federation.shared if strategy.shared_roles else {}) for update in everyone]
-    if federation.pooled is not None:  # one model trained for everyone: each client's row carries its figures
-        rows = [{**rows[0], "client_id": client_id} for client_id in range(len(federation.clients))]
-    if round_index == plan.rounds and strategy.fusion_budget:  # FD-LoRA: each client fuses its experts once
-        for client_id in local_ids:
-            state = federation.states[client_id]
-            activate_client(federation.model, state, federation.shared)
-            weights, _ = fusion_weights(
-                federation.model,
-                trainers[client_id].validation,
-                strategy,
-                federation.evaluation,
-                accelerator,
-                fusion_seed(plan.seed, client_id),
-            )
-            state.expert_weights = weights
+    progress = tqdm(
+        trained, desc=f"round {round_index} clients", leave=False, disable=not accelerator.is_local_main_process
+    )
+    for client in progress:
+        update, evaluation = client.train(round_index, federation.shared, evaluate=evaluate)
+        updates.append(update)
+        if evaluation is not None:
+            before[client.client_id] = evaluation
+    outcome = server_step(strategy, _exchange(accelerator, updates), federation.shared, _noise_seed(accelerator))
+    for client in trained:
+        client.receive(round_index, outcome)
+    federation.shared = outcome.shared
+    by_trainer = {row["client_id"]: row for row in outcome.rows}
+    rows = [
+        {**by_trainer[trainer], "client_id": client_id}
+        for client_id, trainer in enumerate(federation.serving)
+        if trainer in by_trainer
+    ]
+    if round_index == plan.rounds:
+        for client in federation.local_clients(accelerator):
+            client.finish(federation.shared)
     if due:  # every client is evaluated, those that sat the round out with their own state and the new global
-        trained = {row["client_id"]: row for row in rows}
+        trained_rows = {row["client_id"]: row for row in rows}
         for metrics in evaluate_clients(federation, round_index, accelerator, before):
-            if metrics["client_id"] in trained:
-                trained[metrics["client_id"]].update({k: v for k, v in metrics.items() if k != "client_id"})
+            if metrics["client_id"] in trained_rows:
+                trained_rows[metrics["client_id"]].update({k: v for k, v in metrics.items() if k != "client_id"})
             else:
                 rows.append(evaluation_row(metrics["client_id"], metrics))
         rows.sort(key=lambda row: row["client_id"])
     return {"round": round_index, "clients": rows}
 
 
-def _combine_on_clients(
-    federation: Federation, round_index: int, updates: list[ClientUpdate], accelerator: Accelerator
-) -> list[dict]:
-    """PCL's round end (`strategy.aggregator == "clients"`): no server average. In a combination round every rank
-    receives every client's update, and each of its clients replaces its own shared tensors with their mean under
-    its trust weights (scored on its own validation split); in the other rounds only the metrics travel and every
-    client keeps what it trained. Returns the round's rows."""
-    strategy = federation.strategy
-    for update in updates:  # without a global state, a client's shared tensors are its own until combined
-        federation.states[update.client_id].parameters.update(update.shared)
-    if not strategy.combines_in_round(round_index):
-        everyone = _exchange(accelerator, [replace(update, shared={}) for update in updates])
-        return [round_row(update, {}) for update in everyone]
-    everyone = _exchange(accelerator, updates)
-    for update in updates:
-        state, data = federation.states[update.client_id], federation.clients[update.client_id]
-        weights, _ = client_trust_weights(
-            federation.model, state, data.validation, everyone, federation.evaluation, accelerator
-        )
-        state.parameters.update(combine_for_client(strategy, everyone, update.shared, weights))
-    rows = [round_row(update, {}) for update in everyone]
-    for row in rows:  # each client received every other client's tensors
-        row["bytes_received"] = sum(other["bytes_sent"] for other in rows if other["client_id"] != row["client_id"])
-    return rows
-
-
-def _evaluate_held(federation: Federation, client_id: int, round_index: int, accelerator: Accelerator) -> dict:
-    """The test metrics of the client the model holds (see `comigs_hf.evaluation.evaluate_client`)."""
-    return evaluate_client(
-        federation.model,
-        federation.clients[client_id].test,
-        federation.evaluation,
-        accelerator,
-        seed=evaluation_seed(federation.plan.seed, round_index, client_id),
-        mixed_test=federation.mixed_test,
-    )
-
-
 def evaluate_clients(
     federation: Federation, round_index: int, accelerator: Accelerator, before: dict[int, dict] | None = None
 ) -> list[dict]:
     """Every client's test metrics with its current private state and the global shared state, beside `before`
-    (this rank's clients' metrics after their local steps, keys suffixed `_before_aggregation`).
+    (this rank's clients' metrics after their local steps, keys suffixed `_before_aggregation`), one client at a
+    time, each where the client that serves it trains.
 
     A strategy that shares nothing has nothing to aggregate: its figures after aggregation are those before."""
     before, shares = before or {}, bool(federation.strategy.shared_roles)
+    local = {client.client_id for client in federation.local_clients(accelerator)}
     rows = []
-    # each client is evaluated where the state that serves it lives (under pooling: the one trainer's rank)
-    for client_id in range(len(federation.clients)):
-        trainer = _trainer_of(federation, client_id)
-        if trainer not in federation.states:
+    for client_id, trainer in enumerate(federation.serving):
+        if trainer not in local:
             continue
-        if not shares and client_id in before:
-            after = before[client_id]
+        client = federation.clients[trainer]
+        if trainer == client_id:
+            after = client.evaluate(round_index, federation.shared)
         else:
-            activate_client(federation.model, federation.states[trainer], federation.shared)
-            after = _evaluate_held(federation, client_id, round_index, accelerator)
+            after = client.evaluate(
+                round_index, federation.shared, test=federation.evaluated[client_id].test, evaluated_id=client_id
+            )
         row = {"client_id": client_id, **after}
-        if federation.states[trainer].expert_weights is not None:
-            row["fusion_weights"] = list(federation.states[trainer].expert_weights)
         if federation.evaluation.before_aggregation:
             # without sharing, the state after aggregation is the one right after the local steps
-            trained = before.get(client_id, after if not shares else {})
-            row.update({f"{k}_before_aggregation": v for k, v in trained.items() if k.endswith(("_loss", "_ppl"))})
+            measured = before.get(client_id, after if not shares else {})
+            figures = {k: v for k, v in measured.items() if k.endswith(("_loss", "_ppl"))}
+            row.update({f"{k}_before_aggregation": v for k, v in figures.items()})
         rows.append(row)
     rows = gather_object(rows) if accelerator.num_processes > 1 else rows  # metrics only: floats, no tensors
     return sorted(rows, key=lambda row: row["client_id"])
@@ -386,19 +295,15 @@ def complete_checkpoints(output_dir: str) -> list[Path]:
 
 
 def save_checkpoint(federation: Federation, round_index: int, accelerator: Accelerator) -> None:
-    """Write round `round_index` into a temporary directory, then publish it with atomic renames: a kill at any
-    point leaves the previous complete checkpoints in place. The last `KEPT_CHECKPOINTS` are kept."""
+    """Write round `round_index`'s global state and records into a temporary directory, then publish it with
+    atomic renames: a kill at any point leaves the previous complete checkpoints in place. The last
+    `KEPT_CHECKPOINTS` are kept; every client saved its own state when it trained (`comigs_hf.client`)."""
     output_dir = federation.plan.output_dir
     root = Path(output_dir) / "checkpoints"
     staging, final = root / f"round-{round_index}.tmp", root / f"round-{round_index}"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    for client_id, state in federation.states.items():
-        torch.save(state.to_checkpoint(), staging / f"client-{client_id}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in federation.shared.items()}, staging / "global.safetensors")
         state = {"round": round_index, "records": federation.records, "identity": federation.identity}
         (staging / "state.json").write_text(json.dumps(state))
@@ -411,8 +316,9 @@ def save_checkpoint(federation: Federation, round_index: int, accelerator: Accel
     accelerator.wait_for_everyone()
 
 
-def _read_checkpoint(directory: Path, num_clients: int, local: list[int]) -> tuple[dict, dict, dict]:
-    # every rank reads every client's file, so all ranks agree on which checkpoint is readable; each keeps its own
+def _read_checkpoint(directory: Path, clients: list[Client], identity: dict[str, Any] | None) -> tuple[dict, dict]:
+    """A checkpoint's state and global, and the state of each of `clients` after its round, every file read; a
+    checkpoint of another run configuration than `identity` is refused naming the keys that differ."""
     current = directory / "state.json"
     try:
         saved = json.loads(current.read_text())
@@ -420,36 +326,47 @@ def _read_checkpoint(directory: Path, num_clients: int, local: list[int]) -> tup
             raise ValueError("not a checkpoint's state")
         current = directory / "global.safetensors"
         shared = load_file(current)
-        states = {}
-        for client_id in range(num_clients):
-            current = directory / f"client-{client_id}.pt"
-            # weights_only: tensors, numbers and plain containers, never arbitrary objects
-            state = ClientState.from_checkpoint(torch.load(current, weights_only=True))
-            if client_id in local:
-                states[client_id] = state
     except Exception as error:  # a truncated or garbage file: any reader's error, named with the file
         first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise ValueError(f"{current} is unreadable ({type(error).__name__}: {first_line})") from None
-    return saved, shared, states
+    saved_identity = saved.get("identity")
+    if identity is not None and saved_identity is not None:
+        differ = differing_keys(saved_identity, identity, ignore=RESUMABLE_KEYS)
+        if differ:
+            raise RunMismatch(
+                f"{directory} is a checkpoint of a run with other settings (differing keys: {', '.join(differ)}): "
+                "resume with the same settings (only rounds, eval_every and the outputs' keys may change), or "
+                "choose another output_dir."
+            )
+    for client in clients:  # one at a time: read, checked and dropped (the round trains from it again)
+        client.latest_state(saved["round"])
+    return saved, shared
+
+
+class RunMismatch(ValueError):
+    """A checkpoint of a run with other settings: a resume is refused, not sent to an older checkpoint."""
 
 
 def load_checkpoint(federation: Federation, accelerator: Accelerator) -> None:
-    """Restore the last complete round: global shared tensors, this rank's client states, metrics so far.
+    """Restore the last complete round: the global shared tensors and the metrics so far; each client continues from
+    its state saved at or before that round.
 
-    A checkpoint with an unreadable file falls back to the one before (a warning names the file). A checkpoint of
-    another run configuration is refused naming the keys that differ (see `RESUMABLE_KEYS` for those that may).
+    A checkpoint with an unreadable file, or whose round a client's saved state cannot be read for, falls back to the
+    one before (a warning names the file). A checkpoint of another run configuration is refused naming the keys that
+    differ (see `RESUMABLE_KEYS` for those that may).
 
     Raises:
         `ValueError`: no checkpoint can be read, or the run's configuration differs from the checkpoint's.
     """
     plan = federation.plan
-    num_clients = len(training_data(federation))
-    local = local_client_ids(num_clients, accelerator)
+    local = federation.local_clients(accelerator)
     problems, candidates = [], complete_checkpoints(plan.output_dir)
     choice, loaded = len(candidates), None
     for index, directory in enumerate(candidates):
         try:
-            loaded = _read_checkpoint(directory, num_clients, local)
+            loaded = _read_checkpoint(directory, local, federation.identity)
+        except RunMismatch:
+            raise
         except ValueError as error:
             problems.append(str(error))
             logger.warning("Checkpoint %s: %s; trying the one before.", directory.name, error)
@@ -460,29 +377,19 @@ def load_checkpoint(federation: Federation, accelerator: Accelerator) -> None:
         # every rank must resume from the same round: the newest checkpoint that all of them could read
         agreed = max(gather_object([choice]))
         if agreed != choice and agreed < len(candidates):
-            loaded = _read_checkpoint(candidates[agreed], num_clients, local)  # read by another rank: raises if not
+            loaded = _read_checkpoint(candidates[agreed], local, federation.identity)  # read by another rank
         choice = agreed
     if choice >= len(candidates) or loaded is None:
         where = Path(plan.output_dir) / "checkpoints"
         raise ValueError(f"No checkpoint in {where} that every process can read: {'; '.join(problems)}.")
     directory = candidates[choice]
-    saved, shared, states = loaded
-    identity = saved.get("identity")
-    if federation.identity is not None and identity is not None:
-        differ = differing_keys(identity, federation.identity, ignore=RESUMABLE_KEYS)
-        if differ:
-            raise ValueError(
-                f"{directory} is a checkpoint of a run with other settings (differing keys: {', '.join(differ)}): "
-                "resume with the same settings (only rounds, eval_every and the outputs' keys may change), or "
-                "choose another output_dir."
-            )
+    saved, shared = loaded
     if saved["round"] > plan.rounds:
         raise ValueError(
             f"{directory} holds round {saved['round']}, past rounds={plan.rounds}: resume with rounds >= "
             f"{saved['round']}."
         )
     federation.shared = shared
-    federation.states.update(states)
     federation.records = saved["records"]
     federation.start_round = saved["round"] + 1
 
@@ -492,8 +399,7 @@ def run_federated(federation: Federation, accelerator: Accelerator) -> Federatio
     """Run (or resume) the remaining rounds of a started federation (see [`start_federation`]), checkpointing each.
 
     Returns:
-        [`Federation`]: the same object, holding every round's record, the final global state and this rank's
-        client states.
+        [`Federation`]: the same object, holding every round's record and the final global state.
     """
     plan = federation.plan
     progress = tqdm(
@@ -528,9 +434,10 @@ __all__ = [
     "RESUMABLE_KEYS",
     "Federation",
     "RoundsConfig",
-    "evaluate_clients",
+    "client_state_dir",
     "complete_checkpoints",
     "differing_keys",
+    "evaluate_clients",
     "load_checkpoint",
     "run_federated",
     "run_round",

@@ -1,22 +1,25 @@
 """The server step of the round protocol: check every client update against the global state, then combine them.
 
-Every transport calls [`aggregate_updates`] with the updates that reached it and the global shared state the round
-started from (the reference). Each update must hold exactly the reference's tensor names, with its shapes and dtype
-and only finite values, and a positive token count; the strategy's rule from the `AGGREGATORS` registry then combines
-them with the strategy's weighting. A result that is not finite is never returned: an overflow in the average is an
-error, not a new global state.
+Every transport calls [`server_step`] with the updates that reached it and the global shared state the round started
+from (the reference), and sends what its [`RoundOutcome`] says: the new global, and (for an algorithm whose clients
+combine the updates themselves) every client's update. The default step is [`aggregate_updates`]: each update must
+hold exactly the reference's tensor names, with its shapes and dtype and only finite values, and a positive token
+count; the strategy's rule from the `AGGREGATORS` registry then combines them with the strategy's weighting, and the
+strategy's algorithms may change the result (differential privacy's noise). A result that is not finite is never
+returned: an overflow in the average is an error, not a new global state.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .aggregation import get_aggregator
-from .privacy import add_gaussian_noise, noise_std
-from .strategies import Strategy, aggregation_weights, lora_ranks, payload_bytes, payload_parameters
+from .ranks import lora_ranks, payload_bytes, payload_parameters
+from .strategies import Strategy, aggregation_weights
 from .trainer import ClientUpdate
 
 # a token count above this is no honest training split (it would overflow the float weights' exact integers)
@@ -82,6 +85,48 @@ def check_update(
             )
 
 
+@dataclass
+class RoundOutcome:
+    """What the server step gives back after a round.
+
+    Args:
+        shared (`dict[str, torch.Tensor]`): the new global shared state (empty when there is none).
+        rows (`list[dict]`): each update's row of the round's record (see [`round_row`]), in the updates' order.
+        relayed (`list[ClientUpdate]`): the updates every client that trained receives beside the global (an
+            algorithm whose clients combine them themselves, PCL); empty otherwise.
+    """
+
+    shared: dict[str, torch.Tensor]
+    rows: list[dict]
+    relayed: list[ClientUpdate] = field(default_factory=list)
+
+
+def server_step(
+    strategy: Strategy,
+    updates: Sequence[ClientUpdate],
+    reference: Mapping[str, torch.Tensor],
+    noise_seed: int | None = None,
+) -> RoundOutcome:
+    """The round's server step, whatever the transport: an algorithm's own (`Algorithm.server_step`) where the
+    strategy has one, else [`aggregate_updates`] when it shares tensors (the reference stays the global when it
+    shares none).
+
+    Args:
+        strategy ([`~comigs_hf.strategies.Strategy`]): what is shared and how it is combined.
+        updates (`Sequence[ClientUpdate]`): the updates that reached the server, sorted by client id.
+        reference (`Mapping[str, torch.Tensor]`): the global shared state the round started from.
+        noise_seed (`int`, *optional*): a secret seed of the step's randomness shared by the processes that run it
+            together (see [`aggregate_updates`]).
+    """
+    for algorithm in strategy.algorithms:
+        outcome = algorithm.server_step(strategy, list(updates), dict(reference), noise_seed)
+        if outcome is not None:
+            return outcome
+    shared = aggregate_updates(strategy, updates, reference, noise_seed) if strategy.shared_roles else dict(reference)
+    received = shared if strategy.shared_roles else {}
+    return RoundOutcome(shared=shared, rows=[round_row(update, received) for update in updates])
+
+
 def aggregate_updates(
     strategy: Strategy,
     updates: Sequence[ClientUpdate],
@@ -92,9 +137,9 @@ def aggregate_updates(
 
     The updates are combined in the order given (transports pass them sorted by client id, so the float sums do not
     depend on which process or transport carried them). Weights follow `strategy.weighting`: each update's
-    `train_tokens`, or uniform. With `strategy.dp_noise_multiplier`, Gaussian noise of standard deviation
-    `dp_noise_multiplier * dp_clipping_norm / len(updates)` is added to the mean (`comigs_hf.privacy`), from the
-    operating system's randomness: the one step of a run that no recipe seed reproduces.
+    `train_tokens`, or uniform. The strategy's algorithms then change the combined tensors where they need to
+    (`Algorithm.after_aggregation`: differential privacy's noise, from `noise_seed` or the operating system's
+    randomness, the one step of a run that no recipe seed reproduces).
 
     Args:
         strategy ([`~comigs_hf.strategies.Strategy`]): its `aggregation` (a key of `AGGREGATORS`),
@@ -102,8 +147,8 @@ def aggregate_updates(
         updates (`Sequence[ClientUpdate]`): at least one.
         reference (`Mapping[str, torch.Tensor]`): the global shared state the round started from; the result has its
             names, shapes and dtypes.
-        noise_seed (`int`, *optional*): the seed of the privacy noise, a secret shared by processes that run this
-            step together (the Accelerate ranks); `None` draws one from the operating system.
+        noise_seed (`int`, *optional*): the seed of the step's randomness (the privacy noise), a secret shared by
+            processes that run this step together (the Accelerate ranks); `None` draws one from the operating system.
 
     Returns:
         `dict[str, torch.Tensor]`: the new global shared state, keyed like the reference.
@@ -130,8 +175,9 @@ def apply_mean_update(
     noise_seed: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The new global shared state from the mean of `num_updates` updates (`shared - reference`) combined elsewhere:
-    secure aggregation, where the server only ever holds their sum. The rest is [`aggregate_updates`]'s: the privacy
-    noise for `num_updates` updates, and the refusal of a result that is not finite or beyond the value bound.
+    secure aggregation, where the server only ever holds their sum. The rest is [`aggregate_updates`]'s: the
+    algorithms' changes for `num_updates` updates (the privacy noise), and the refusal of a result that is not finite
+    or beyond the value bound.
 
     Raises:
         `ValueError`: a combined tensor that is not finite or beyond `MAX_ABS_VALUE`, or missing keys.
@@ -150,10 +196,9 @@ def _published(
     num_updates: int,
     noise_seed: int | None,
 ) -> dict[str, torch.Tensor]:
-    if strategy.dp_noise_multiplier > 0:  # every update was clipped (checked above): the noise covers any one client
-        std = noise_std(strategy.dp_noise_multiplier, strategy.dp_clipping_norm, num_updates)
-        generator = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
-        combined = add_gaussian_noise({key: combined[key] for key in reference}, std, generator)
+    combined = {key: combined[key] for key in reference}
+    for algorithm in strategy.algorithms:  # differential privacy's noise (every update was clipped: checked above)
+        combined = algorithm.after_aggregation(combined, num_updates, noise_seed)
     result = {}
     for key, expected in reference.items():
         tensor = combined[key].to(expected.dtype)
@@ -164,26 +209,6 @@ def _published(
             )
         result[key] = tensor
     return result
-
-
-def combine_for_client(
-    strategy: Strategy, updates: Sequence[ClientUpdate], own: Mapping[str, torch.Tensor], weights: Sequence[float]
-) -> dict[str, torch.Tensor]:
-    """PCL's step, which each client runs for itself (`strategy.aggregator == "clients"`): every client's update is
-    checked against the client's own shared tensors `own` as [`check_update`] checks against a global, then combined
-    by the strategy's rule with the client's `weights` (its trust weights) in place of the strategy's weighting.
-
-    Raises:
-        [`InvalidUpdate`]: an update does not fit the client's own layout or values.
-        `ValueError`: no update, or a weight count that differs from the update count.
-    """
-    if not updates or len(weights) != len(updates):
-        raise ValueError(f"Got {len(weights)} trust weights for {len(updates)} updates; need one per update.")
-    for update in updates:
-        check_update(update, own, strategy.max_update_norm)
-    rule = get_aggregator(strategy.aggregation)
-    combined = rule([update.shared for update in updates], list(weights), **strategy.aggregation_kwargs)
-    return {key: combined[key].to(expected.dtype) for key, expected in own.items()}
 
 
 def sample_clients(num_clients: int, clients_per_round: int | None, seed: int, round_index: int) -> list[int]:
@@ -235,7 +260,7 @@ def check_secure_aggregation(strategy: Strategy, clipping_range: float) -> None:
         `ValueError`: naming the keys.
     """
     problems = []
-    if strategy.aggregator != "server" or not strategy.shared_roles or strategy.pool_clients:
+    if not strategy.server_combines or not strategy.shared_roles:
         problems.append(f"strategy {strategy.name!r} has no server mean of shared tensors to secure")
     if strategy.aggregation != "weighted_mean" or strategy.weighting != "uniform":
         problems.append(
@@ -244,7 +269,7 @@ def check_secure_aggregation(strategy: Strategy, clipping_range: float) -> None:
         )
     if strategy.max_client_weight is not None:
         problems.append("max_client_weight: every client weighs the same under secure aggregation; leave it null")
-    if strategy.max_update_norm is not None and strategy.dp_clipping_norm is None:
+    if strategy.max_update_norm is not None and not strategy.clients_bound_updates:
         problems.append(
             "max_update_norm: the server cannot measure an update it never sees; bound updates with "
             "dp_clipping_norm (each client clips its own) or secure_clipping_range"
@@ -259,12 +284,13 @@ __all__ = [
     "MAX_ABS_VALUE",
     "MAX_TRAIN_TOKENS",
     "InvalidUpdate",
+    "RoundOutcome",
     "aggregate_updates",
     "apply_mean_update",
     "check_secure_aggregation",
     "check_update",
-    "combine_for_client",
     "evaluation_row",
     "round_row",
     "sample_clients",
+    "server_step",
 ]

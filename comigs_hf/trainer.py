@@ -8,36 +8,27 @@ groups have separate AdamW optimisers; the experts' learning rate follows a cosi
 `router_training` picks the variant: the same alternation on the train split, the router trained jointly with the
 experts in one optimiser (both on the cosine), or no router at all.
 
-Every transport (Accelerate, the Hub, Flower) runs a client's round through [`run_client_round`] and sends the server
-the [`ClientUpdate`] it returns; nothing here talks to other processes.
+Every transport (Accelerate, the Hub, Flower) runs a client's round through `comigs_hf.client.Client`, whose client
+step calls [`train_client_round`] and sends the server the [`ClientUpdate`] it returns; nothing here talks to other
+processes.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from .aggregation import lora_partner
 from .data import ClientData
 from .modeling_comigs import (
     EXPERT_ROLES,
-    ROLES,
     CoMiGSForCausalLM,
-    is_attention_adapter,
-    parameter_role,
-    read_adapter_tensors,
 )
-from .privacy import clip_update
-from .strategies import Strategy, lora_factor, partition_state_dict
+from .strategies import lora_factor
 
 
 @dataclass
@@ -185,225 +176,6 @@ def cosine_learning_rate(step: int, total_steps: int, peak: float, min_ratio: fl
     """Cosine decay from `peak` at step 0 to `peak * min_ratio` at `total_steps`."""
     progress = min(step / max(total_steps, 1), 1.0)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# ---- initial state -------------------------------------------------------------------------------------------------
-def fresh_parameters(
-    model: CoMiGSForCausalLM, num_specialists: int, seed: int, top_k: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Freshly initialised expert and router tensors for a client with `num_specialists` specialists (mixing `top_k`
-    experts per token; `None` keeps the model's)."""
-    model.set_num_specialists(num_specialists, top_k)  # draws from the global RNG when it adds experts: seed after
-    torch.manual_seed(seed)
-    model.reset_experts()
-    return {k: v.cpu() for k, v in model.role_state_dict(*ROLES).items()}
-
-
-def initial_shared_state(
-    model: CoMiGSForCausalLM, strategy: Strategy, num_specialists: int, seed: int, top_k: int | None = None
-) -> dict[str, torch.Tensor]:
-    """The global shared tensors before round 1, drawn once with client 0's expert count (`num_specialists`) and
-    top-k, the same for every transport."""
-    reference = fresh_parameters(model, num_specialists, derived_seed(seed, 0, -1), top_k)
-    return partition_state_dict(reference, strategy)[0]
-
-
-def initial_client_state(
-    model: CoMiGSForCausalLM,
-    client_id: int,
-    name: str,
-    num_specialists: int,
-    seed: int,
-    top_k: int | None = None,
-    frozen_factors: frozenset[str] = frozenset(),
-    lora_rank: int | None = None,
-) -> ClientState:
-    """Client `client_id`'s state before round 1: seeded by its id, whatever process or transport holds it; the
-    LoRA factors in `frozen_factors` (the strategy's, never trained) drawn as the shared tensors are, so that every
-    client holds the same. A `lora_rank` below the model's keeps every expert adapter to that rank (see
-    [`truncate_to_ranks`]).
-
-    Raises:
-        `ValueError`: a `lora_rank` above the model's `lora_r` or below 1.
-    """
-    full = model.config.lora_r
-    if lora_rank is not None and not 1 <= lora_rank <= full:
-        raise ValueError(
-            f"Client {client_id}: lora_rank must be in [1, {full}] (the model's lora_r), got {lora_rank}."
-        )
-    parameters = fresh_parameters(model, num_specialists, derived_seed(seed, 0, client_id), top_k)
-    if frozen_factors:
-        common = fresh_parameters(model, num_specialists, derived_seed(seed, 0, -1), top_k)
-        parameters |= {k: v for k, v in common.items() if lora_factor(k) in frozen_factors}
-    ranks = {}
-    if lora_rank is not None and lora_rank < full:
-        ranks = {key: lora_rank for key in expert_adapter_keys(parameters)}
-        parameters = truncate_to_ranks(parameters, ranks)
-    generator = torch.Generator().manual_seed(derived_seed(seed, -1, client_id))
-    return ClientState(
-        client_id, name, num_specialists, parameters, generator=generator.get_state(), top_k=top_k, lora_ranks=ranks
-    )
-
-
-# ---- heterogeneous ranks -------------------------------------------------------------------------------------------
-# One model serves every client, so it holds the largest rank; a client of rank r keeps its experts' A rows and B
-# columns beyond r at zero. Training keeps them there (their gradients are zero: each multiplies the other), the LoRA
-# scaling is the model's for every client, and the leading r slices of an SVD-factorised global are its best rank-r
-# approximation (FlexLoRA).
-def expert_adapter_keys(names: Iterable[str]) -> list[str]:
-    """The `lora_A` parameter names of the experts' adapters among `names` (not the attention adapter's): one per
-    adapter, the keys of [`ClientState`]'s `lora_ranks`."""
-    return [
-        n
-        for n in names
-        if lora_factor(n) == "lora_A" and parameter_role(n) in EXPERT_ROLES and not is_attention_adapter(n)
-    ]
-
-
-def truncate_to_ranks(tensors: dict[str, torch.Tensor], ranks: dict[str, int]) -> dict[str, torch.Tensor]:
-    """`tensors` with each adapter in `ranks` cut to its rank: rows of `lora_A` and columns of `lora_B` from the
-    rank on are zero (copies; the other tensors are passed through)."""
-    result = dict(tensors)
-    for key_a, rank in ranks.items():
-        key_b = lora_partner(key_a)
-        if key_a in result:
-            result[key_a] = result[key_a].clone()
-            result[key_a][rank:] = 0
-        if key_b in result:
-            result[key_b] = result[key_b].clone()
-            result[key_b][:, rank:] = 0
-    return result
-
-
-def _tail_norm(a: torch.Tensor, b: torch.Tensor, rank: int, strength: float) -> torch.Tensor:
-    """HetLoRA's tail of a rank-`rank` adapter: `||A[k:rank]|| ||B[:, k:rank]||` with `k = int(strength * rank)`."""
-    cut = int(strength * rank)
-    return torch.linalg.vector_norm(a[cut:rank]) * torch.linalg.vector_norm(b[:, cut:rank])
-
-
-def prune_ranks(
-    trained: dict[str, torch.Tensor],
-    start: dict[str, torch.Tensor],
-    ranks: dict[str, int],
-    full_rank: int,
-    strength: float,
-) -> dict[str, int]:
-    """HetLoRA's rank self-pruning: the new ranks after a round, each expert adapter cut from rank `r` to
-    `int(strength * r)` (never below 1) when its tail (see `_tail_norm`) in `trained` is smaller than in `start`, the
-    tensors the client began the round with."""
-    pruned = dict(ranks)
-    for key_a in expert_adapter_keys(trained):
-        key_b = lora_partner(key_a)
-        rank = ranks.get(key_a, full_rank)
-        cut = int(strength * rank)
-        if cut < 1:
-            continue
-        after = _tail_norm(trained[key_a], trained[key_b], rank, strength)
-        before = _tail_norm(start[key_a], start[key_b], rank, strength)
-        if after < before:
-            pruned[key_a] = cut
-    return pruned
-
-
-def client_folder_name(client_id: int, name: str) -> str:
-    """The folder a run saves client `client_id` in (under `clients/`) and `init_from` reads it from."""
-    return f"{client_id}-{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_') or 'client'}"
-
-
-# what a saved client must share with the run that starts from it, beyond its tensors' names and shapes
-_SAVED_CLIENT_FIELDS = ("base_model_name_or_path", "num_generalists", "lora_alpha", "use_rslora", "attention_lora_r")
-
-
-def saved_client_parameters(
-    directory: str | Path, fresh: dict[str, torch.Tensor], model: CoMiGSForCausalLM
-) -> dict[str, torch.Tensor]:
-    """A saved client's experts, attention adapter and routers (a `save_pretrained` folder, adapter-only or a
-    single-file full checkpoint), in the layout, dtype and device of `fresh` (a client's [`fresh_parameters`] on
-    `model`, whose config the saved one must match: base, generalists, scaling).
-
-    Raises:
-        `ValueError`: naming the folder: no saved client there, another base, number of experts or LoRA scaling, or
-        tensors whose names, shapes, dtypes or values do not fit.
-    """
-    directory = Path(directory)
-    weights, config = directory / "model.safetensors", directory / "config.json"
-    if not (weights.is_file() and config.is_file()):
-        raise ValueError(
-            f"{directory} holds no saved client (config.json and a single-file model.safetensors; a sharded full "
-            "checkpoint is not read here)."
-        )
-    saved = json.loads(config.read_text())
-    wanted = len({match.group(1) for key in fresh if (match := re.search(r"\.specialist_(\d+)\.", key))})
-    if saved.get("num_specialists") != wanted:
-        raise ValueError(
-            f"{directory} holds a client with {saved.get('num_specialists')} specialists, this run gives it {wanted}."
-        )
-    for name in _SAVED_CLIENT_FIELDS:
-        if saved.get(name) != getattr(model.config, name):
-            raise ValueError(
-                f"{directory} holds a client with {name}={saved.get(name)!r}, this run's is "
-                f"{getattr(model.config, name)!r}."
-            )
-    state = read_adapter_tensors(str(weights), str(directory), {k: tuple(v.shape) for k, v in fresh.items()}, True)
-    for key, value in state.items():
-        if not torch.isfinite(value).all():
-            raise ValueError(f"{str(directory)!r}: {key!r} holds NaN or infinite values.")
-    return {key: state[key].to(dtype=value.dtype, device=value.device) for key, value in fresh.items()}
-
-
-def rank_pruning_penalty(
-    model: CoMiGSForCausalLM, ranks: dict[str, int], strategy: Strategy
-) -> Callable[[], torch.Tensor]:
-    """HetLoRA's regulariser: `strategy.rank_pruning_coef` times the sum of every expert adapter's tail norm (see
-    `_tail_norm`) at its current rank in `ranks` (the model's `lora_r` where absent), as a function of the model's
-    live parameters."""
-    params = dict(model.named_parameters_by_role(*EXPERT_ROLES))
-    full, strength, coef = model.config.lora_r, strategy.rank_pruning, strategy.rank_pruning_coef
-    pairs = [
-        (params[key_a], params[lora_partner(key_a)], ranks.get(key_a, full)) for key_a in expert_adapter_keys(params)
-    ]
-
-    def penalty() -> torch.Tensor:
-        return coef * sum(_tail_norm(a, b, rank, strength) for a, b, rank in pairs)
-
-    return penalty
-
-
-def check_saved_run(
-    saved_run: dict[str, object], expected: dict[str, object], keys: tuple[str, ...], path: Path
-) -> None:
-    """Refuse a saved client state whose run settings (`saved_run`) differ from this run's (`expected`) in any of
-    `keys`: a state from another federation or recipe would silently change what the round computes.
-
-    Raises:
-        `ValueError`: naming `path` and every differing key with both values.
-    """
-    differing = [
-        f"{key}={saved_run.get(key)!r}, now {expected[key]!r}" for key in keys if saved_run.get(key) != expected[key]
-    ]
-    if differing:
-        raise ValueError(f"{path} belongs to another federation or recipe: {'; '.join(differing)}.")
-
-
-def save_state_atomically(path: Path, payload: dict) -> None:
-    """Write a client's private state next to `path`, flush it to disk, rename it over `path`: a kill at any point
-    leaves the previous state whole. Read it back with `torch.load(path, weights_only=True)`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(staging, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
-
-
-def activate_client(model: CoMiGSForCausalLM, state: ClientState, shared: dict[str, torch.Tensor]) -> None:
-    """Swap a client into the model: its expert count and top-k, its private tensors, then the global shared ones,
-    each adapter cut to the client's rank (the leading slices of the global's factors)."""
-    model.set_num_specialists(state.num_specialists, state.top_k)
-    model.load_role_state_dict(truncate_to_ranks({**state.parameters, **shared}, state.lora_ranks))
-    if model.config.expert_mixing == "uniform":
-        model.set_expert_weights(state.expert_weights)
 
 
 # ---- local training ------------------------------------------------------------------------------------------------
@@ -591,88 +363,12 @@ def train_client_round(
     }
 
 
-def run_client_round(
-    model: CoMiGSForCausalLM,
-    state: ClientState,
-    data: ClientData,
-    shared: dict[str, torch.Tensor],
-    strategy: Strategy,
-    cfg: TrainingConfig,
-    *,
-    round_index: int,
-    total_rounds: int,
-    seed: int,
-    accelerator: Accelerator,
-) -> ClientUpdate:
-    """One client's round: start from the global `shared` tensors, train locally, return what leaves the client.
-
-    The client is swapped into `model`, seeded with [`derived_seed`]`(seed, round_index, client_id)` and trained
-    ([`train_client_round`]); [`~comigs_hf.strategies.partition_state_dict`] then splits the result. The private
-    part goes back into `state` and the model keeps the trained tensors; only the shared part is in the update.
-
-    Args:
-        model ([`CoMiGSForCausalLM`]): the process's model; the client's state is swapped into it.
-        state ([`ClientState`]): the client's private state; updated in place.
-        data ([`~comigs_hf.data.ClientData`]): the client's blocks.
-        shared (`dict[str, torch.Tensor]`): the global shared tensors the round starts from (empty for `local`).
-        strategy ([`~comigs_hf.strategies.Strategy`]): decides what is shared.
-        cfg ([`TrainingConfig`]): the local optimisation.
-        round_index (`int`): the round, from 1.
-        total_rounds (`int`): rounds in the run; with `cfg.local_steps` it sets the length of the cosine schedule.
-        seed (`int`): the run's seed.
-        accelerator (`Accelerator`): device, autocast and backward.
-
-    Returns:
-        [`ClientUpdate`]: the shared tensors (on CPU), the training split's token count and the round's metrics.
-    """
-    state.expert_weights = None  # fusion weights are chosen after the last round: training mixes as the model does
-    activate_client(model, state, shared)
-    start = truncate_to_ranks({**state.parameters, **shared}, state.lora_ranks)
-    torch.manual_seed(derived_seed(seed, round_index, state.client_id))
-    total_steps = total_rounds * cfg.local_steps
-    penalty = rank_pruning_penalty(model, state.lora_ranks, strategy) if strategy.rank_pruning_coef > 0 else None
-    metrics = train_client_round(
-        model, state, data, cfg, total_steps, accelerator, strategy.router_training, strategy.frozen_factors, penalty
-    )
-    trained = {k: v.cpu() for k, v in model.role_state_dict(*ROLES).items()}
-    if strategy.rank_pruning is not None:
-        ranks = prune_ranks(trained, start, state.lora_ranks, model.config.lora_r, strategy.rank_pruning)
-        if ranks != state.lora_ranks:  # the cut tails leave the model too: what it evaluates is what it sends
-            state.lora_ranks = ranks
-            trained = truncate_to_ranks(trained, ranks)
-            model.load_role_state_dict(trained)
-    shared_after, private = partition_state_dict(trained, strategy)
-    if strategy.dp_clipping_norm is not None:  # differential privacy: what leaves the client is clipped here
-        shared_after = clip_update(shared_after, shared, strategy.dp_clipping_norm)
-    state.parameters = {**state.parameters, **private}
-    return ClientUpdate(
-        client_id=state.client_id,
-        round=round_index,
-        shared=shared_after,
-        train_tokens=data.num_train_tokens,
-        metrics={**metrics, "tokens_seen": cfg.local_steps * cfg.batch_size * data.train.shape[1]},
-    )
-
-
 __all__ = [
     "ClientState",
     "ClientUpdate",
     "TrainingConfig",
-    "activate_client",
     "check_accelerator",
-    "check_saved_run",
-    "client_folder_name",
     "cosine_learning_rate",
     "derived_seed",
-    "expert_adapter_keys",
-    "fresh_parameters",
-    "initial_client_state",
-    "initial_shared_state",
-    "prune_ranks",
-    "rank_pruning_penalty",
-    "run_client_round",
-    "save_state_atomically",
-    "saved_client_parameters",
     "train_client_round",
-    "truncate_to_ranks",
 ]

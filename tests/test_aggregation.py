@@ -14,7 +14,8 @@ from comigs_hf.aggregation import (
     get_aggregator,
     trust_weights,
 )
-from comigs_hf.strategies import aggregation_weights, capped_shares, get_strategy
+from comigs_hf.algorithms import get_strategy
+from comigs_hf.strategies import aggregation_weights, capped_shares
 
 
 def test_weighted_mean_matches_hand_computation():

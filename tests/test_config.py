@@ -233,8 +233,8 @@ def test_override_below_a_plain_value_is_rejected():
     ("overrides", "fragments"),
     [
         (
-            ["strategy=fedprox"],
-            ["strategy: Unknown strategy 'fedprox'", "known: centralized, comigs, comigs_2s, comigs_tr, "],
+            ["strategy=scaffold"],
+            ["strategy: Unknown strategy 'scaffold'", "known: centralized, comigs, comigs_2s, comigs_tr, "],
         ),
         (["model.num_generalists=0"], ["model: `num_generalists` must be at least 1, got 0"]),
         (

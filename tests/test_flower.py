@@ -19,6 +19,7 @@ from federated_setup import tiny_overrides, write_tiny_world
 from flwr.app import ConfigRecord, RecordDict
 
 from comigs_hf.cli import main as comigs
+from comigs_hf.client import initial_shared_state
 from comigs_hf.config import build_strategy, config_to_dict, load_config
 from comigs_hf.flower import (
     CoMiGSStrategy,
@@ -34,7 +35,7 @@ from comigs_hf.outputs import TEST_FIGURES
 from comigs_hf.recipe import main as accelerate_run
 from comigs_hf.server import InvalidUpdate, aggregate_updates, sample_clients
 from comigs_hf.tables import free_port
-from comigs_hf.trainer import ClientUpdate, initial_shared_state
+from comigs_hf.trainer import ClientUpdate
 
 CLIENTS = "[cooking,finance,science,sports]"
 
@@ -54,7 +55,12 @@ def _train_message(node, round_index: int, shared: dict, evaluate: bool = False)
 
 
 def _global(node, cfg) -> dict:
-    return initial_shared_state(node.model, node.strategy, node.num_specialists, cfg.seed, node.top_k)
+    spec = node.client.spec
+    return initial_shared_state(node.client.model, spec.strategy, spec.num_specialists, cfg.seed, spec.top_k)
+
+
+def _saved(node, round_index: int) -> dict:
+    return torch.load(node.client.directory / f"round-{round_index}.pt", weights_only=True)
 
 
 # ---- the node ------------------------------------------------------------------------------------------------------
@@ -63,9 +69,9 @@ def test_node_sends_the_saved_update_again_for_a_round_it_already_trained(world,
     node = build_node(cfg, 1, tmp_path / "nodes")
     shared = _global(node, cfg)
     first = update_from_reply(node.train(_train_message(node, 1, shared, evaluate=True)), shared, 4, 1)
-    saved = torch.load(node.state_path, weights_only=True)
+    saved = _saved(node, 1)
     again = update_from_reply(node.train(_train_message(node, 1, shared, evaluate=True)), shared, 4, 1)
-    assert torch.load(node.state_path, weights_only=True)["state"]["expert_steps"] == saved["state"]["expert_steps"]
+    assert _saved(node, 1)["state"]["expert_steps"] == saved["state"]["expert_steps"]
     assert first[1] == again[1] == "finance" and first[2] == again[2] and "test_ppl" in first[2]
     assert first[0].metrics == again[0].metrics
     assert all(torch.equal(first[0].shared[key], again[0].shared[key]) for key in shared)
@@ -78,7 +84,7 @@ def test_node_that_sat_out_rounds_trains_from_the_global_it_receives(world, tmp_
     update_from_reply(node.train(_train_message(node, 1, shared)), shared, 4, 1)
     update, _, evaluation = update_from_reply(node.train(_train_message(node, 3, shared)), shared, 4, 3)
     assert update.round == 3 and evaluation is None
-    assert torch.load(node.state_path, weights_only=True)["round"] == 3
+    assert node.client.saved_rounds() == [3, 1] and _saved(node, 3)["round"] == 3
     with pytest.raises(ValueError, match="trained up to round 3"):
         node.train(_train_message(node, 2, shared))
 
@@ -104,7 +110,7 @@ def test_node_refuses_a_global_that_does_not_fit_its_layout(world, tmp_path):
     poisoned = {**shared, key: torch.full_like(shared[key], float("nan"))}
     with pytest.raises(InvalidUpdate, match="NaN"):
         node.train(_train_message(node, 1, poisoned))
-    assert not node.state_path.exists()  # nothing trained, nothing saved
+    assert not node.client.directory.exists()  # nothing trained, nothing saved
 
 
 def test_node_config_may_point_at_its_own_data_and_nothing_else(world, tmp_path):
@@ -128,12 +134,13 @@ def test_a_node_process_trains_without_importing_peft_or_every_causal_lm_of_tran
 import sys
 from comigs_hf.config import load_config
 from comigs_hf.flower_app import build_node
-from comigs_hf.trainer import initial_shared_state
+from comigs_hf.client import initial_shared_state
 from flwr.app import ConfigRecord, RecordDict
 from comigs_hf.flower import shared_to_arrays
 cfg = load_config({str(recipe)!r}, [])
 node = build_node(cfg, 1, {str(tmp_path / "state")!r})
-shared = initial_shared_state(node.model, node.strategy, node.num_specialists, cfg.seed, node.top_k)
+spec = node.client.spec
+shared = initial_shared_state(node.client.model, spec.strategy, spec.num_specialists, cfg.seed, spec.top_k)
 settings = ConfigRecord({{"round": 1, "evaluate": False}})
 node.train(RecordDict({{"arrays": shared_to_arrays(shared), "config": settings}}))
 print(sorted(name for name in ("peft", "bitsandbytes", "transformers.models.gpt_neo.modeling_gpt_neo")
@@ -142,7 +149,7 @@ print(sorted(name for name in ("peft", "bitsandbytes", "transformers.models.gpt_
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
-    assert (tmp_path / "state" / "client-1.pt").is_file()
+    assert (tmp_path / "state" / "client-1" / "round-1.pt").is_file()
 
 
 # ---- the server strategy -------------------------------------------------------------------------------------------
@@ -500,7 +507,7 @@ def test_a_superlink_and_four_authenticated_supernodes_over_tls_give_the_acceler
     for ours, theirs in zip(flower["clients"], accelerate["clients"]):
         for key in ("test_loss", "paper_test_ppl", "bytes_sent", "bytes_received", "tokens_seen", "train_tokens"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5), (ours["name"], key)
-    assert all((tmp_path / f"organisation-{client}" / f"client-{client}.pt").is_file() for client in range(4))
+    assert all((tmp_path / f"organisation-{client}" / f"client-{client}").is_dir() for client in range(4))
 
 
 @pytest.mark.slow
@@ -515,7 +522,7 @@ def test_a_supernode_killed_mid_round_rejoins_from_its_saved_state_while_the_oth
     for client in range(2):
         deployment.start_supernode(client, tmp_path / f"organisation-{client}")
     run = deployment.submit(recipe)
-    state, log = tmp_path / "organisation-1" / "client-1.pt", deployment.root / "supernode-1.log"
+    state, log = tmp_path / "organisation-1" / "client-1" / "round-1.pt", deployment.root / "supernode-1.log"
     deadline = time.monotonic() + 300
     # its second train message received: a ClientApp process is starting (imports alone take seconds)
     while not (state.is_file() and log.read_text(errors="replace").count("Receiving: train message") >= 2):
@@ -528,7 +535,7 @@ def test_a_supernode_killed_mid_round_rejoins_from_its_saved_state_while_the_oth
         rows = [row for row in csv.DictReader(handle) if row["trained"] == "True"]
     trained = {t: {row["client"] for row in rows if int(row["round"]) == t} for t in (1, 2, 3)}
     assert trained == {1: {"cooking", "finance"}, 2: {"cooking"}, 3: {"cooking", "finance"}}
-    saved = torch.load(state, weights_only=True)
+    saved = torch.load(state.with_name("round-3.pt"), weights_only=True)
     assert saved["round"] == 3
     # its round 1 before the kill and its round 3 after: it resumed from its state (a fresh start would lack round 1)
     assert saved["state"]["expert_steps"] == 2 * 2

@@ -10,9 +10,9 @@ import pytest
 import torch
 from flwr.app import Array, RecordDict
 
+from comigs_hf.algorithms import get_strategy
 from comigs_hf.flower import update_from_reply, update_to_reply
 from comigs_hf.server import InvalidUpdate, aggregate_updates
-from comigs_hf.strategies import get_strategy
 from comigs_hf.trainer import ClientUpdate
 
 REFERENCE = {

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from accelerate import Accelerator
 from federated_setup import tiny_overrides, write_tiny_world
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import bytes_to_ndarray
 from flwr.common.serde import message_from_proto, message_to_proto
 
+from comigs_hf.client import initial_shared_state
 from comigs_hf.config import build_strategy, load_config
 from comigs_hf.flower import CoMiGSStrategy, SecureAggregation, secure_aggregation_mod, shared_to_arrays
 from comigs_hf.flower_app import build_node
 from comigs_hf.recipe import run
-from comigs_hf.trainer import initial_shared_state
 
 CLIENTS = "[cooking,finance,science,sports]"
 
@@ -33,7 +32,7 @@ class _Wire:
     is kept."""
 
     def __init__(self, nodes):
-        self.nodes = {10 + node.client_id: node for node in nodes}
+        self.nodes = {10 + node.client.client_id: node for node in nodes}
         self.contexts = {
             node_id: Context(run_id=1, node_id=node_id, node_config={}, state=RecordDict(), run_config={})
             for node_id in self.nodes
@@ -78,7 +77,8 @@ def test_the_server_holds_only_masked_vectors_and_their_mean_is_the_plain_mean_w
     nodes = [build_node(cfg, client, tmp_path / "nodes") for client in range(4)]
     strategy = build_strategy(cfg)
     assert strategy.weighting == "uniform"  # secure aggregation's default: the server takes an equal-weight mean
-    start = initial_shared_state(nodes[0].model, strategy, nodes[0].num_specialists, cfg.seed, nodes[0].top_k)
+    spec = nodes[0].client.spec
+    start = initial_shared_state(nodes[0].client.model, strategy, spec.num_specialists, cfg.seed, spec.top_k)
     settings = SecureAggregation(clipping_range=1.0)
     server = CoMiGSStrategy(strategy, start, 4, rounds=cfg.rounds, eval_every=1, secure_aggregation=settings)
     wire = _Wire(nodes)
@@ -86,7 +86,7 @@ def test_the_server_holds_only_masked_vectors_and_their_mean_is_the_plain_mean_w
     server.aggregate_train(1, [])
     updates = []
     for node in nodes:  # what each node trained, from its own private state
-        saved = torch.load(node.state_path, weights_only=True)["update"]["shared"]
+        saved = node.client.read_state(1)["update"]["shared"]
         updates.append({key: saved[key].double() - start[key].double() for key in start})
     for key in start:
         plain = start[key].double() + sum(update[key] for update in updates) / 4

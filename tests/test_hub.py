@@ -25,6 +25,7 @@ from safetensors.torch import load, load_file, save
 
 from comigs_hf import CoMiGSForCausalLM
 from comigs_hf.adapters import export_generalist, generalist_state_dict, load_generalist
+from comigs_hf.algorithms import get_strategy
 from comigs_hf.hub import (
     FederationManifest,
     aggregate_round,
@@ -38,7 +39,6 @@ from comigs_hf.hub import (
     template_path,
 )
 from comigs_hf.hub.federation import ForgedRound, trusted_round_commit
-from comigs_hf.strategies import get_strategy
 
 try:  # default pytest import mode: `tests/` (no __init__.py) is on sys.path
     from hub_server import LocalHub, configure_hf_client

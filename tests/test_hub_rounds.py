@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 from comigs_hf.cli import main as comigs
 from comigs_hf.config import build_strategy, load_config
 from comigs_hf.data import build_client_datasets
-from comigs_hf.hub import aggregate_round, client_state_path, hub_client_id, update_folder
+from comigs_hf.hub import aggregate_round, hub_client_id, update_folder
 from comigs_hf.recipe import evaluate_hub_round, run, run_hub_round, seed_hub
 
 try:  # default pytest import mode: `tests/` (no __init__.py) is on sys.path
@@ -48,6 +48,12 @@ def hub(local_hub: LocalHub) -> Iterator[LocalHub]:
 
 def overrides(world, output_dir: Path, **extra) -> list[str]:
     return tiny_overrides(*world, output_dir, rounds=ROUNDS, save_models=False, **extra)
+
+
+def saved_states(state_dir: Path, client_id: int) -> dict[str, bytes]:
+    """Every state a client saved, by file name (`comigs_hf.client`'s folder of the client)."""
+    folder = state_dir / f"client-{client_id}"
+    return {path.name: path.read_bytes() for path in sorted(folder.glob("*.pt"))} if folder.is_dir() else {}
 
 
 def global_at(round_index: int) -> dict[str, torch.Tensor]:
@@ -124,14 +130,14 @@ def test_a_rerun_round_reuploads_the_saved_update_and_refused_rounds_leave_the_s
     client = ["hub-client", "--repo-id", REPO, "--client-id", "1", "--round", "1", "--state-dir", str(tmp_path)]
     assert comigs([*client, *args]) == 0
     assert "Client 1 (finance) trained round 1" in capsys.readouterr().out
-    path = client_state_path(tmp_path, 1)
-    state_bytes = path.read_bytes()
+    state_bytes = saved_states(tmp_path, 1)
+    assert list(state_bytes) == ["round-1.pt"]
     update = f"{update_folder(1, hub_client_id(1))}/adapter_model.safetensors"
     first_upload = hf_hub_download(REPO, update)
 
     cfg = load_config(None, args)
     again = run_hub_round(cfg, 1, 1, REPO, tmp_path, accelerator=Accelerator(cpu=True))
-    assert path.read_bytes() == state_bytes  # nothing trained, nothing saved
+    assert saved_states(tmp_path, 1) == state_bytes  # nothing trained, nothing saved
     assert again["commit_sha"] == HfApi().list_repo_refs(REPO).branches[0].target_commit
     for key, value in load_file(first_upload).items():
         assert torch.equal(load_file(hf_hub_download(REPO, update, revision=again["commit_sha"]))[key], value)
@@ -139,9 +145,9 @@ def test_a_rerun_round_reuploads_the_saved_update_and_refused_rounds_leave_the_s
     # running ahead of the aggregator: round-2 is not published, and the round-1 state stays as it was
     with pytest.raises(RevisionNotFoundError):
         run_hub_round(cfg, 1, 2, REPO, tmp_path, accelerator=Accelerator(cpu=True))
-    with pytest.raises(ValueError, match="belongs to another federation or recipe: repo_id="):
+    with pytest.raises(ValueError, match="belongs to another federation or recipe: federation="):
         run_hub_round(cfg, 1, 2, "local-user/another-federation", tmp_path, accelerator=Accelerator(cpu=True))
-    assert path.read_bytes() == state_bytes
+    assert saved_states(tmp_path, 1) == state_bytes
 
 
 def test_a_client_cannot_skip_a_round_nor_train_past_the_last(world, tmp_path):
@@ -150,7 +156,7 @@ def test_a_client_cannot_skip_a_round_nor_train_past_the_last(world, tmp_path):
         run_hub_round(cfg, 0, 2, REPO, tmp_path)
     with pytest.raises(ValueError, match=r"round_index must be in \[1, rounds=2\], got 3"):
         run_hub_round(cfg, 0, ROUNDS + 1, REPO, tmp_path)
-    assert not client_state_path(tmp_path, 0).exists()
+    assert saved_states(tmp_path, 0) == {}
 
 
 def test_the_hub_client_command_reports_a_refused_recipe_as_a_usage_error(world, tmp_path, capsys):
@@ -225,11 +231,11 @@ def test_a_client_killed_before_its_upload_landed_uploads_the_same_update_when_r
     process.kill()
     process.wait()
     hub.release.set()
-    state = client_state_path(tmp_path / "s", 1)
-    saved = state.read_bytes()  # trained and saved before the upload
+    saved = saved_states(tmp_path / "s", 1)  # trained and saved before the upload
+    assert list(saved) == ["round-1.pt"]
     assert not HfApi().file_exists(REPO, update)
 
     run_hub_round(cfg, 1, 1, REPO, tmp_path / "s", accelerator=Accelerator(cpu=True))
-    assert state.read_bytes() == saved  # not trained twice
+    assert saved_states(tmp_path / "s", 1) == saved  # not trained twice
     uploaded = load_file(hf_hub_download(REPO, update))
     assert uploaded.keys() == expected.keys() and all(torch.equal(uploaded[k], v) for k, v in expected.items())

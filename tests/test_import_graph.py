@@ -3,8 +3,8 @@
 ```
 4 face        config, recipe, cli, outputs, tables
 3 transports  rounds (Accelerate), hub/ (Hub), flower/  never each other
-2 protocol    trainer (client step), evaluation, server (server step)
-1 pieces      strategies, aggregation, privacy, data/, embedded/, metrics/, adapters, model
+2 protocol    trainer (local steps), client (the client), evaluation, server (server step), algorithms/
+1 pieces      strategies, aggregation, ranks, data/, embedded/, metrics/, adapters, model
 0 model       configuration_comigs, layer_comigs, experts_comigs, modeling_comigs: travel with saved models
 ```
 """
@@ -25,13 +25,15 @@ LAYERS = {
     "modeling_comigs": 0,
     "strategies": 1,
     "aggregation": 1,
-    "privacy": 1,
+    "ranks": 1,
     "data": 1,
     "embedded": 1,
     "metrics": 1,
     "adapters": 1,
     "model": 1,
     "trainer": 2,
+    "client": 2,
+    "algorithms": 2,
     "evaluation": 2,
     "server": 2,
     "rounds": 3,

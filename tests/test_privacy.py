@@ -14,19 +14,14 @@ from federated_setup import finished, launch, tiny_overrides
 from safetensors.torch import load_file
 
 from comigs_hf import CoMiGSForCausalLM, parameter_role
+from comigs_hf.algorithms import get_strategy
+from comigs_hf.algorithms.privacy import clip_update, privacy_spent, update_norm
+from comigs_hf.client import initial_client_state, initial_shared_state, run_client_round
 from comigs_hf.config import load_config
 from comigs_hf.data import ClientData
-from comigs_hf.privacy import clip_update, privacy_spent, update_norm
 from comigs_hf.recipe import run
 from comigs_hf.server import InvalidUpdate, aggregate_updates
-from comigs_hf.strategies import get_strategy
-from comigs_hf.trainer import (
-    ClientUpdate,
-    TrainingConfig,
-    initial_client_state,
-    initial_shared_state,
-    run_client_round,
-)
+from comigs_hf.trainer import ClientUpdate, TrainingConfig
 
 REFERENCE = {"a": torch.ones(3), "b": torch.zeros(2, 2)}
 

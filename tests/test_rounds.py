@@ -17,11 +17,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from comigs_hf import parameter_role
 from comigs_hf import rounds as rounds_module
+from comigs_hf.algorithms import PCL, get_strategy
+from comigs_hf.algorithms import pcl as pcl_module
+from comigs_hf.algorithms.hetlora import prune_ranks
+from comigs_hf.client import activate_client, client_folder_name
 from comigs_hf.config import load_config
 from comigs_hf.recipe import run, setup_federation
 from comigs_hf.server import sample_clients
-from comigs_hf.strategies import get_strategy
-from comigs_hf.trainer import ClientUpdate, activate_client, client_folder_name, prune_ranks, train_client_round
+from comigs_hf.trainer import ClientUpdate, train_client_round
 
 
 @pytest.fixture
@@ -36,6 +39,11 @@ def exchanged(monkeypatch) -> list[list[ClientUpdate]]:
 
     monkeypatch.setattr(rounds_module, "_exchange", audited)
     return seen
+
+
+def states(federation) -> dict:
+    """Every training client's state as it is saved now (a client holds none in memory between its calls)."""
+    return {client.client_id: client.latest_state()[0] for client in federation.clients}
 
 
 def config(world, output_dir, **extra):
@@ -114,10 +122,10 @@ def test_outputs_hold_results_curves_models_generalist_and_plots(world, tmp_path
 def test_router_steps_zero_never_change_the_router(world, tmp_path):
     cfg = config(world, tmp_path / "out", **{"training.router_steps": 0, "save_models": False})
     federation = setup_federation(cfg, Accelerator(cpu=True))
-    before = {i: {k: v.clone() for k, v in s.parameters.items()} for i, s in federation.states.items()}
+    before = {i: {k: v.clone() for k, v in s.parameters.items()} for i, s in states(federation).items()}
     for round_index in (1, 2):
         rounds_module.run_round(federation, round_index, Accelerator(cpu=True))
-    for client_id, state in federation.states.items():
+    for client_id, state in states(federation).items():
         for key, value in before[client_id].items():
             if parameter_role(key) == "router":
                 assert torch.equal(state.parameters[key], value), key
@@ -135,7 +143,7 @@ def test_expert_steps_never_touch_the_router_and_router_steps_never_touch_expert
         **{"training.local_steps": 2, "training.router_update_every": 1, "training.router_steps": 2},
     )
     federation = setup_federation(cfg, Accelerator(cpu=True))
-    model, state = federation.model, federation.states[0]
+    model, state = federation.model, federation.clients[0].latest_state()[0]
     activate_client(model, state, federation.shared)
     names = {id(p): n for n, p in model.named_parameters()}
     changes = []
@@ -149,7 +157,7 @@ def test_expert_steps_never_touch_the_router_and_router_steps_never_touch_expert
 
     handle = register_optimizer_step_post_hook(record)
     try:
-        train_client_round(model, state, federation.clients[0], cfg.training, 10, Accelerator(cpu=True))
+        train_client_round(model, state, federation.clients[0].data, cfg.training, 10, Accelerator(cpu=True))
     finally:
         handle.remove()
     assert len(changes) == 2 + 2 * 2  # each expert step is followed by a router phase of 2 steps
@@ -203,7 +211,7 @@ def test_clients_are_weighted_by_the_tokens_of_their_training_split(world, tmp_p
     federation = setup_federation(cfg, Accelerator(cpu=True))
     rounds_module.run_round(federation, 1, Accelerator(cpu=True))
     updates = exchanged[0]
-    assert [update.train_tokens for update in updates] == caps == [c.num_train_tokens for c in federation.clients]
+    assert [update.train_tokens for update in updates] == caps == [c.data.num_train_tokens for c in federation.clients]
     tokens_seen = cfg.training.local_steps * cfg.training.batch_size * cfg.data.block_size
     assert all(update.metrics["tokens_seen"] == tokens_seen for update in updates)  # the same for every client
     for key, value in federation.shared.items():
@@ -222,16 +230,17 @@ def test_results_record_the_split_size_and_the_tokens_seen(world, tmp_path):
 def test_clients_per_round_trains_the_drawn_clients_and_evaluates_everyone_with_their_own_state(world, tmp_path):
     cfg = config(world, tmp_path / "out", rounds=4, eval_every=2, clients_per_round=2)
     federation = setup_federation(cfg, Accelerator(cpu=True))
-    states = federation.states
     for round_index in range(1, 5):
         asked = sample_clients(4, 2, cfg.seed, round_index)
-        before = {c: {k: v.clone() for k, v in s.parameters.items() if "specialist" in k} for c, s in states.items()}
+        held = states(federation)
+        before = {c: {k: v.clone() for k, v in s.parameters.items() if "specialist" in k} for c, s in held.items()}
         record = rounds_module.run_round(federation, round_index, Accelerator(cpu=True))
         federation.records.append(record)
         trained = [row["client_id"] for row in record["clients"] if row["trained"]]
         assert trained == asked
+        after = states(federation)
         for client, specialists in before.items():  # a client that sat the round out kept its private experts
-            changed = any(not torch.equal(v, states[client].parameters[k]) for k, v in specialists.items())
+            changed = any(not torch.equal(v, after[client].parameters[k]) for k, v in specialists.items())
             assert changed == (client in asked), (round_index, client)
         if round_index % 2 == 0:  # evaluated: every client, those that sat out in a row of their own
             assert [row["client_id"] for row in record["clients"]] == [0, 1, 2, 3]
@@ -280,12 +289,12 @@ def test_a_run_starts_from_the_clients_a_previous_run_saved(world, tmp_path):
     run(config(world, tmp_path / "first", rounds=1), Accelerator(cpu=True))
     clients = tmp_path / "first" / "clients"
     federation = setup_federation(config(world, tmp_path / "second", init_from=str(clients)), Accelerator(cpu=True))
-    assert len(federation.states) == len(federation.clients) > 1
-    for client_id, state in federation.states.items():
+    assert len(federation.clients) > 1
+    for client_id, state in states(federation).items():
         saved = load_file(clients / client_folder_name(client_id, state.name) / "model.safetensors")
         assert state.parameters.keys() <= saved.keys()
         assert all(torch.equal(value, saved[key]) for key, value in state.parameters.items()), client_id
-    first = load_file(clients / client_folder_name(0, federation.states[0].name) / "model.safetensors")
+    first = load_file(clients / client_folder_name(0, federation.clients[0].spec.name) / "model.safetensors")
     assert federation.shared and all(torch.equal(value, first[key]) for key, value in federation.shared.items())
 
 
@@ -320,6 +329,7 @@ def test_a_resume_may_extend_the_rounds_and_keeps_the_last_two_checkpoints(world
     extended = ran(world, tmp_path / "out", rounds=3, resume="true")  # (the cosine schedule is now over 3 rounds)
     assert extended["rounds"] == 3
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == [
+        "clients",  # each client's last states, beside the rounds' global states
         "latest.json",
         "round-2",
         "round-3",
@@ -331,10 +341,10 @@ def test_a_resume_may_extend_the_rounds_and_keeps_the_last_two_checkpoints(world
 def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before_naming_the_file(world, tmp_path, caplog, two_rounds):
     ran(world, tmp_path / "out", rounds=2)
     checkpoints = tmp_path / "out" / "checkpoints"
-    (checkpoints / "round-2" / "client-1.pt").write_bytes(b"garbage")
+    (checkpoints / "clients" / "client-1" / "round-2.pt").write_bytes(b"garbage")
     with caplog.at_level("WARNING", logger="comigs_hf.rounds"):
         resumed = ran(world, tmp_path / "out", rounds=2, resume="true")  # round 2 again, from round 1
-    assert "round-2/client-1.pt is unreadable" in caplog.text
+    assert "client-1/round-2.pt is unreadable" in caplog.text
     assert [c["test_loss"] for c in resumed["clients"]] == pytest.approx(two_rounds, rel=1e-5)
     (checkpoints / "round-2" / "global.safetensors").write_bytes(b"\x00" * 7)
     (checkpoints / "round-1" / "state.json").write_text("{")
@@ -367,12 +377,12 @@ def test_single_factor_strategies_send_one_factor_and_ffa_lora_never_trains_its_
     one_expert = {"model.num_specialists": 0, "model.top_k": 1, "model.attention_lora": True}  # the papers' runs
     cfg = config(world, tmp_path / "out", strategy=strategy, **one_expert)
     federation = setup_federation(cfg, Accelerator(cpu=True))
-    start = {i: {k: v.clone() for k, v in state.parameters.items()} for i, state in federation.states.items()}
+    start = {i: {k: v.clone() for k, v in state.parameters.items()} for i, state in states(federation).items()}
     for round_index in (1, 2):
         rounds_module.run_round(federation, round_index, Accelerator(cpu=True))
     for updates in exchanged:
         assert all(update.shared and all(f".{sent}." in key for key in update.shared) for update in updates)
-    kept_by_client = [{k: v for k, v in s.parameters.items() if f".{kept}." in k} for s in federation.states.values()]
+    kept_by_client = [{k: v for k, v in s.parameters.items() if f".{kept}." in k} for s in states(federation).values()]
     assert kept_by_client[0]
     if strategy == "ffa_lora":  # every client's A: the one shared initialisation, never trained
         for client_id, kept_state in enumerate(kept_by_client):
@@ -403,7 +413,7 @@ def test_clients_of_lower_rank_train_send_and_take_back_their_leading_slices_onl
     # rank 2 of 4 sends half of each A and B (the router is not shared: no router)
     assert rows[0]["params_sent"] * 2 == rows[1]["params_sent"]
     assert rows[0]["bytes_received"] * 2 == rows[1]["bytes_received"]
-    state = federation.states[0]
+    state = states(federation)[0]
     assert set(state.lora_ranks.values()) <= {1, 2}  # HetLoRA may have pruned 2 to int(0.99 * 2) = 1
     activate_client(federation.model, state, federation.shared)
     held = expert_factors(federation.model)
@@ -435,9 +445,9 @@ def test_hetlora_self_pruning_shrinks_the_rank_of_a_tail_that_fell_below_the_glo
     federation = setup_federation(config(world, tmp_path / "out", strategy="hetlora", **extra), Accelerator(cpu=True))
     for round_index in (1, 2, 3):
         rounds_module.run_round(federation, round_index, Accelerator(cpu=True))
-    ranks = [rank for state in federation.states.values() for rank in state.lora_ranks.values()]
+    ranks = [rank for state in states(federation).values() for rank in state.lora_ranks.values()]
     assert ranks and max(ranks) < 4  # round 1 never prunes (the global's B is zero), rounds 2 and 3 cut 4 to 3 to 2
-    for state in federation.states.values():  # a cut rank stays cut: the client never takes the global's tail back
+    for state in states(federation).values():  # a cut rank stays cut: the client never takes the global's tail back
         activate_client(federation.model, state, federation.shared)
         held = expert_factors(federation.model)
         assert all(not held[key_a][rank:].any() for key_a, rank in state.lora_ranks.items())
@@ -481,15 +491,18 @@ def test_pcl_combines_only_on_its_schedule_with_each_clients_own_trust_weights(
 ):
     federation = setup_federation(config(world, tmp_path / "out", strategy="pcl", rounds=4), Accelerator(cpu=True))
     assert federation.shared == {}  # no global state, ever
-    federation.strategy = dataclasses.replace(federation.strategy, combine_from_round=2, combine_every=2)
+    sooner = dataclasses.replace(federation.strategy, algorithms=(PCL(from_round=2, every=2),))
+    federation.strategy = sooner
+    for client in federation.clients:
+        client.spec = dataclasses.replace(client.spec, strategy=sooner)
     scored = []
-    trust = rounds_module.client_trust_weights
+    trust = pcl_module.client_trust_weights
 
     def recorded(model, state, validation, updates, cfg, accelerator):
         scored.append((state.client_id, trust(model, state, validation, updates, cfg, accelerator)))
         return scored[-1][1]
 
-    monkeypatch.setattr(rounds_module, "client_trust_weights", recorded)
+    monkeypatch.setattr(pcl_module, "client_trust_weights", recorded)
     rows = {}
     for round_index in (1, 2, 3, 4):
         rows[round_index] = rounds_module.run_round(federation, round_index, Accelerator(cpu=True))["clients"]
@@ -510,7 +523,7 @@ def test_pcl_combines_only_on_its_schedule_with_each_clients_own_trust_weights(
     for client_id, (weights, _) in scored[-4:]:
         key = next(k for k in last[0].shared if ".lora_B." in k)
         expected = sum(w * update.shared[key].double() for w, update in zip(weights, last))
-        torch.testing.assert_close(federation.states[client_id].parameters[key].double(), expected)
+        torch.testing.assert_close(states(federation)[client_id].parameters[key].double(), expected)
 
 
 def test_pcl_and_the_hub_refuse_each_other_saying_why(world, tmp_path):
@@ -539,17 +552,19 @@ def test_fd_lora_fuses_each_clients_experts_once_after_the_last_round(world, tmp
 
 
 def test_fd_lora_fusion_is_deterministic_under_a_seed_and_never_worse_than_training_mixing(world, tmp_path):
-    from comigs_hf.evaluation import evaluate_full_split, fusion_weights
+    from comigs_hf.algorithms.fd_lora import fusion_weights
+    from comigs_hf.evaluation import evaluate_full_split
 
     federation = setup_federation(config(world, tmp_path / "out", strategy="fd_lora"), Accelerator(cpu=True))
     rounds_module.run_round(federation, 1, Accelerator(cpu=True))
-    state, data, strategy = federation.states[0], federation.clients[0], federation.strategy
+    state, data = federation.clients[0].latest_state()[0], federation.clients[0].data
+    (fusion,) = federation.strategy.algorithms
     searches = []
     for seed in (7, 7):
         activate_client(federation.model, state, federation.shared)
         searches.append(
             fusion_weights(
-                federation.model, data.validation, strategy, federation.evaluation, Accelerator(cpu=True), seed
+                federation.model, data.validation, fusion, federation.evaluation, Accelerator(cpu=True), seed
             )
         )
     assert searches[0] == searches[1]
@@ -557,7 +572,7 @@ def test_fd_lora_fusion_is_deterministic_under_a_seed_and_never_worse_than_train
     activate_client(federation.model, state, federation.shared)  # mixing 1/2 each, as in training
     federation.model.eval()
     uniform = evaluate_full_split(federation.model, data.validation, federation.evaluation, Accelerator(cpu=True))
-    assert objective <= uniform["test_loss"] + strategy.fusion_l1 * 1.0 + 1e-9
+    assert objective <= uniform["test_loss"] + fusion.l1 * 1.0 + 1e-9
     federation.model.set_expert_weights(weights)
     fused = evaluate_full_split(federation.model, data.validation, federation.evaluation, Accelerator(cpu=True))
-    assert objective == pytest.approx(fused["test_loss"] + strategy.fusion_l1 * sum(abs(w) for w in weights))
+    assert objective == pytest.approx(fused["test_loss"] + fusion.l1 * sum(abs(w) for w in weights))

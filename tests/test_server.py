@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from comigs_hf import aggregation
+from comigs_hf.algorithms import get_strategy
 from comigs_hf.server import InvalidUpdate, aggregate_updates, check_update, sample_clients
-from comigs_hf.strategies import get_strategy
 from comigs_hf.trainer import ClientUpdate
 
 REFERENCE = {"a": torch.zeros(2), "b": torch.zeros(1, 2)}

@@ -1,17 +1,10 @@
 import pytest
 import torch
 
+from comigs_hf.algorithms import PCL, STRATEGIES, Centralized, FDLoRAFusion, FedProx, HetLoRA, get_strategy
 from comigs_hf.hub import check_hub_strategy
-from comigs_hf.strategies import (
-    STRATEGIES,
-    Strategy,
-    aggregation_weights,
-    get_strategy,
-    lora_ranks,
-    partition_state_dict,
-    payload_bytes,
-    payload_parameters,
-)
+from comigs_hf.ranks import lora_ranks, payload_bytes, payload_parameters
+from comigs_hf.strategies import Strategy, aggregation_weights, partition_state_dict
 
 GENERALIST_A = "model.transformer.h.0.mlp.c_fc.lora_A.generalist_0.weight"
 GENERALIST_B = "model.transformer.h.0.mlp.c_fc.lora_B.generalist_0.weight"
@@ -129,6 +122,15 @@ PRESETS = {
     "hetlora": ({"generalist"}, "none"),
     "pcl": ({"generalist", "specialist"}, "none"),
     "fd_lora": ({"generalist"}, "none"),
+    "fedprox": ({"generalist", "specialist"}, "none"),
+}
+# the presets that need an algorithm of their own, and its settings
+ALGORITHMS = {
+    "hetlora": HetLoRA(strength=0.99, coef=0.005),
+    "pcl": PCL(from_round=5, every=2),
+    "fd_lora": FDLoRAFusion(budget=10, l1=0.05, bound=1.0),
+    "centralized": Centralized(),
+    "fedprox": FedProx(mu=0.01),
 }
 # the baselines with their own server rule; the others average
 RULES = {"flexlora": "product_svd", "hetlora": "norm_weighted_mean"}
@@ -142,20 +144,13 @@ def test_presets_are_as_documented():
         assert (STRATEGIES[name].shared_roles, STRATEGIES[name].router_training) == (roles, router_training), name
         assert STRATEGIES[name].expert_mixing == ("uniform" if router_training == "none" else "router")
     assert not any("router" in s.shared_roles for s in STRATEGIES.values() if s.name != "fedavg_all")
-    assert [name for name, s in STRATEGIES.items() if s.pool_clients] == ["centralized"]
+    assert {name: s.algorithms for name, s in STRATEGIES.items() if s.algorithms} == {
+        name: (algorithm,) for name, algorithm in ALGORITHMS.items()
+    }
     assert {name: s.aggregation for name, s in STRATEGIES.items() if s.aggregation != "weighted_mean"} == RULES
     # PCL alone has no server: from round 5, every 2 rounds, each client combines every client's experts
-    assert {
-        name: (s.combine_from_round, s.combine_every) for name, s in STRATEGIES.items() if s.aggregator != "server"
-    } == {"pcl": (5, 2)}
-    assert [r for r in range(1, 12) if STRATEGIES["pcl"].combines_in_round(r)] == [5, 7, 9, 11]
-    assert all(STRATEGIES["comigs"].combines_in_round(r) for r in range(1, 12))
-    assert {
-        name: (s.fusion_budget, s.fusion_l1, s.fusion_bound) for name, s in STRATEGIES.items() if s.fusion_budget
-    } == {"fd_lora": (10, 0.05, 1.0)}
-    assert {name: (s.rank_pruning, s.rank_pruning_coef) for name, s in STRATEGIES.items() if s.rank_pruning} == {
-        "hetlora": (0.99, 0.005)
-    }
+    assert [name for name, s in STRATEGIES.items() if not s.server_combines] == ["pcl"]
+    assert [r for r in range(1, 12) if PCL().combines_in_round(r)] == [5, 7, 9, 11]
     assert all(strategy.weighting == "train_tokens" for strategy in STRATEGIES.values())
     for name, strategy in STRATEGIES.items():
         factors = ONE_FACTOR.get(name, ({"lora_A", "lora_B"}, set()))
@@ -195,9 +190,9 @@ def test_strategy_rejects_unknown_values(kwargs, message):
 def test_unknown_strategy_lists_the_known_ones():
     with pytest.raises(
         ValueError,
-        match="Unknown strategy 'fedprox'; known: centralized, comigs, comigs_2s, comigs_tr, fd_lora, fedavg, ",
+        match="Unknown strategy 'scaffold'; known: centralized, comigs, comigs_2s, comigs_tr, fd_lora, fedavg, ",
     ):
-        get_strategy("fedprox")
+        get_strategy("scaffold")
 
 
 def test_payload_bytes_sums_numel_times_element_size():
@@ -233,28 +228,34 @@ def test_a_strategy_sharing_one_lora_factor_partitions_by_factor_and_the_hub_ref
 
 
 @pytest.mark.parametrize(
-    ("fields", "message"),
+    ("algorithm", "fields", "message"),
     [
-        ({"rank_pruning": 1.0}, "rank_pruning must be in"),
-        ({"rank_pruning": 0}, "rank_pruning must be in"),
-        ({"rank_pruning": 0.9, "rank_pruning_coef": -1}, "rank_pruning_coef must be a finite number"),
-        ({"rank_pruning": 0.9, "rank_pruning_coef": float("inf")}, "rank_pruning_coef must be a finite number"),
-        ({"rank_pruning_coef": 0.1}, "but rank_pruning is null"),
-        ({"aggregator": "peers"}, "unknown aggregator 'peers'; known: server, clients"),
-        ({"fusion_budget": 10}, "fusion needs router_training 'none'"),
-        ({"fusion_budget": -1, "router_training": "none"}, "fusion_budget must be an integer >= 0"),
-        ({"fusion_l1": -0.1}, "fusion_l1 must be finite and >= 0"),
-        ({"aggregator": "clients", "combine_every": 0}, "combine_every must be an integer >= 1"),
+        (HetLoRA(strength=1.0), {}, "HetLoRA's strength must be in"),
+        (HetLoRA(strength=0), {}, "HetLoRA's strength must be in"),
+        (HetLoRA(strength=0.9, coef=-1), {}, "rank_pruning_coef must be a finite number"),
+        (HetLoRA(strength=0.9, coef=float("inf")), {}, "rank_pruning_coef must be a finite number"),
+        (FDLoRAFusion(budget=10), {}, "fusion needs router_training 'none'"),
+        (FDLoRAFusion(budget=-1), {"router_training": "none"}, "fusion budget must be an integer >= 1"),
+        (FDLoRAFusion(budget=10, l1=-0.1), {"router_training": "none"}, "l1 must be finite and >= 0"),
+        (PCL(every=0), {}, "PCL's every must be an integer >= 1"),
+        (FedProx(mu=-1.0), {}, "FedProx's mu must be a finite number >= 0"),
+        (Centralized(), {}, "pools the clients into one, so it has nobody to share with"),
     ],
 )
-def test_bad_rank_pruning_settings_fail_at_construction(fields, message):
+def test_bad_algorithm_settings_fail_at_construction(algorithm, fields, message):
     with pytest.raises(ValueError, match=message):
-        Strategy("custom", {"generalist"}, **fields)
+        Strategy("custom", {"generalist"}, algorithms=(algorithm,), **fields)
+
+
+def test_a_pruning_coefficient_without_pruning_is_refused_naming_the_strategy():
+    with pytest.raises(ValueError, match="rank_pruning_coef=0.1 regularises .* strategy prunes no rank"):
+        get_strategy("comigs", rank_pruning_coef=0.1)
+    assert get_strategy("comigs", rank_pruning_coef=0.0).algorithms == ()
 
 
 def test_recipe_sweeps_hetlora_regulariser_through_get_strategy():
-    assert get_strategy("hetlora", rank_pruning_coef=0.05).rank_pruning_coef == 0.05
-    assert get_strategy("hetlora").rank_pruning_coef == 0.005
+    assert get_strategy("hetlora", rank_pruning_coef=0.05).algorithms == (HetLoRA(strength=0.99, coef=0.05),)
+    assert get_strategy("hetlora").algorithms == (HetLoRA(strength=0.99, coef=0.005),)
 
 
 def test_lora_ranks_count_the_leading_slices_a_client_uses():

@@ -117,9 +117,9 @@ def test_columns_runs_and_tabulates_only_the_named_columns(world, tmp_path, monk
 
 def test_a_bad_column_is_refused_naming_it_before_anything_runs(world, tmp_path):
     table = load_table_config(tiny_table(world, tmp_path))
-    table.columns[1].overrides.append("strategy=fedprox")
+    table.columns[1].overrides.append("strategy=scaffold")
     calls = []
-    with pytest.raises(ValueError, match="column 'comigs', seed 0: .*Unknown strategy 'fedprox'"):
+    with pytest.raises(ValueError, match="column 'comigs', seed 0: .*Unknown strategy 'scaffold'"):
         run_table(table, tmp_path / "out", launch=lambda t, o: calls.append(o))
     assert calls == []
 

@@ -13,17 +13,12 @@ from conftest import tiny_gpt2
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from comigs_hf import CoMiGSForCausalLM, parameter_role
+from comigs_hf.algorithms import STRATEGIES, get_strategy
+from comigs_hf.client import initial_client_state, initial_shared_state, run_client_round
 from comigs_hf.data import ClientData
-from comigs_hf.strategies import STRATEGIES, get_strategy, partition_state_dict, payload_parameters
-from comigs_hf.trainer import (
-    TrainingConfig,
-    _accumulated_step,
-    check_accelerator,
-    initial_client_state,
-    initial_shared_state,
-    run_client_round,
-    train_client_round,
-)
+from comigs_hf.ranks import payload_parameters
+from comigs_hf.strategies import partition_state_dict
+from comigs_hf.trainer import TrainingConfig, _accumulated_step, check_accelerator, train_client_round
 
 # train tokens are below 50, validation tokens 50 and above: every forward tells which split it read
 DATA = ClientData(
@@ -47,7 +42,7 @@ def trainable(model: CoMiGSForCausalLM, *roles: str) -> bool:
     return any(p.requires_grad for _, p in model.named_parameters_by_role(*roles))
 
 
-def run_recorded(strategy_name: str, cfg: TrainingConfig = CFG):
+def run_recorded(strategy_name: str, cfg: TrainingConfig = CFG, round_index: int = 1):
     """One round of one client; returns its update, its router before and after, and per forward: the split read
     and whether the experts and the router were trainable."""
     strategy = get_strategy(strategy_name)
@@ -63,17 +58,30 @@ def run_recorded(strategy_name: str, cfg: TrainingConfig = CFG):
     model.register_forward_pre_hook(record)
     router_before = {k: v.clone() for k, v in state.parameters.items() if parameter_role(k) == "router"}
     update = run_client_round(
-        model, state, DATA, shared, strategy, cfg, round_index=1, total_rounds=1, seed=0, accelerator=ACCELERATOR
+        model,
+        state,
+        DATA,
+        shared,
+        strategy,
+        cfg,
+        round_index=round_index,
+        total_rounds=round_index,
+        seed=0,
+        accelerator=ACCELERATOR,
     )
     return update, router_before, {k: v.cpu() for k, v in model.role_state_dict("router").items()}, records
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_each_preset_sends_exactly_its_shared_roles(name):
-    update, *_ = run_recorded(name)
+    update, *_ = run_recorded(name, round_index=5)  # a round PCL's clients combine in
     sent = {parameter_role(key) for key in update.shared}
     assert sent == set(STRATEGIES[name].shared_roles)
     assert all(torch.isfinite(t).all() for t in update.shared.values())
+
+
+def test_pcl_clients_send_nothing_in_the_rounds_they_do_not_combine_in():
+    assert run_recorded("pcl", round_index=4)[0].shared == {}
 
 
 @pytest.mark.parametrize("name", [n for n, s in STRATEGIES.items() if s.router_training in ("validation", "train")])

@@ -19,12 +19,11 @@ from .messages import (
     update_from_reply,
     update_to_reply,
 )
-from .node import STATE_FORMAT, FlowerNode, check_flower_strategy
+from .node import FlowerNode, check_flower_strategy
 from .secure import SecureAggregation, secure_aggregation_mod
 from .strategy import CoMiGSStrategy, FederationIncomplete
 
 __all__ = [
-    "STATE_FORMAT",
     "CoMiGSStrategy",
     "FederationIncomplete",
     "FlowerNode",

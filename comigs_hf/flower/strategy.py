@@ -8,7 +8,7 @@ differential-privacy ones, for instance) compose with it. Each round:
    round (`server.sample_clients`: every client, or `clients_per_round` of them drawn as the Accelerate rounds draw);
 2. `aggregate_train` reads each reply as an untrusted update (`messages.update_from_reply`, then
    `server.check_update`): a failed, malformed or misattributed reply is dropped with a warning, and the round goes
-   on while at least `min_train_nodes` updates arrived; the server step (`server.aggregate_updates`) runs over them
+   on while at least `min_train_nodes` updates arrived; the server step (`server.server_step`) runs over them
    in client order, as on every transport, and each client's row of the round's record is
    `server.round_row`'s;
 3. `configure_evaluate` and `aggregate_evaluate` collect every client's test metrics with the new global in the
@@ -32,13 +32,13 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 from ..evaluation import EvaluationConfig
 from ..server import (
     InvalidUpdate,
-    aggregate_updates,
     apply_mean_update,
     check_secure_aggregation,
     check_update,
     evaluation_row,
     round_row,
     sample_clients,
+    server_step,
 )
 from ..strategies import Strategy
 from ..trainer import ClientUpdate
@@ -262,10 +262,9 @@ class CoMiGSStrategy(FlowerStrategy):
                 f"Round {server_round}: {len(updates)} usable updates (clients {sorted(updates)}), fewer than "
                 f"min_train_nodes={self.min_train_nodes}; refused: {refused}, sent: {sorted(self._sent.values())}."
             )
-        everyone = [updates[client] for client in sorted(updates)]
-        if self.strategy.shared_roles:
-            self.shared = aggregate_updates(self.strategy, everyone, self.shared)
-        return self._record_train(server_round, everyone, before)
+        outcome = server_step(self.strategy, [updates[client] for client in sorted(updates)], self.shared)
+        self.shared = outcome.shared
+        return self._record_train(server_round, outcome.rows, before)
 
     def _aggregate_secure(self, server_round: int) -> tuple[ArrayRecord, MetricRecord]:
         """A secure round: the unmasked mean of the updates becomes the new global through the server step's
@@ -297,13 +296,13 @@ class CoMiGSStrategy(FlowerStrategy):
             updates[client], before[client] = update, evaluation
             self.names.setdefault(client, name)
         self.shared = apply_mean_update(self.strategy, outcome.mean, self.shared, len(outcome.metrics))
-        return self._record_train(server_round, [updates[client] for client in sorted(updates)], before)
+        rows = [round_row(updates[client], self.shared) for client in sorted(updates)]
+        return self._record_train(server_round, rows, before)
 
     def _record_train(
-        self, server_round: int, everyone: list[ClientUpdate], before: dict[int, dict | None]
+        self, server_round: int, rows: list[dict], before: dict[int, dict | None]
     ) -> tuple[ArrayRecord, MetricRecord]:
-        received = self.shared if self.strategy.shared_roles else {}
-        self._round = {"round": server_round, "clients": [round_row(update, received) for update in everyone]}
+        self._round = {"round": server_round, "clients": rows}
         self._before = {client: metrics for client, metrics in before.items() if metrics is not None}
         rows = self._round["clients"]
         totals = {

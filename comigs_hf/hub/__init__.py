@@ -20,14 +20,7 @@ updates/round-<t>/<client_id>/...                            a client's generali
 
 from .aggregator import AcceptedUpdate, AggregationReport, RejectedUpdate, aggregate_round
 from .cards import hub_base_model, render_client_model_card, render_generalist_card, template_path
-from .client import (
-    HubClient,
-    client_state_path,
-    evaluate_hub_client,
-    hub_client_id,
-    run_hub_client_round,
-    seed_hub_rounds,
-)
+from .client import evaluate_hub_client, hub_client_id, run_hub_client_round, seed_hub_rounds
 from .federation import MANIFEST_NAME, FederationManifest, check_client_id, read_manifest
 from .repo import check_hub_strategy, pull_global, push_client_model_to_hub, push_generalist_to_hub, round_tag
 from .updates import submit_update, update_folder
@@ -37,12 +30,10 @@ __all__ = [
     "AcceptedUpdate",
     "AggregationReport",
     "FederationManifest",
-    "HubClient",
     "RejectedUpdate",
     "aggregate_round",
     "check_client_id",
     "check_hub_strategy",
-    "client_state_path",
     "evaluate_hub_client",
     "hub_base_model",
     "hub_client_id",

@@ -2,7 +2,7 @@
 
 Round `t` starts from the global tagged `round-<t>`; clients upload their updates under `updates/round-<t>/`
 (`comigs_hf.hub.updates`), and [`aggregate_round`] combines the valid ones through the server step
-(`comigs_hf.server.aggregate_updates`) into the global tagged `round-<t+1>`, with `aggregation.json` reporting what
+(`comigs_hf.server.server_step`) into the global tagged `round-<t+1>`, with `aggregation.json` reporting what
 was accepted and what was rejected, and why.
 """
 
@@ -32,8 +32,9 @@ from ..adapters import (
     quote_untrusted,
     read_untrusted_json,
 )
-from ..server import InvalidUpdate, aggregate_updates, check_update
-from ..strategies import Strategy, aggregation_weights, get_strategy
+from ..algorithms import get_strategy
+from ..server import InvalidUpdate, check_update, server_step
+from ..strategies import Strategy, aggregation_weights
 from .cards import README_NAME, render_generalist_card
 from .federation import (
     MANIFEST_NAME,
@@ -475,7 +476,7 @@ def aggregate_round(
     (`comigs_hf.hub` warnings) and listed in the report; they never block the others. Without a global `round-<t>`,
     or with `expected_shapes`, the format most updates share (of those shapes) is the reference.
 
-    The accepted updates are combined by the server step, [`~comigs_hf.server.aggregate_updates`], with the
+    The accepted updates are combined by the server step, [`~comigs_hf.server.server_step`], with the
     strategy's rule and weighting (the recipe's `aggregation`, `aggregation_kwargs` and `weighting`, so
     `trimmed_mean` works here as in the Accelerate rounds). The result is committed at the repo root as a PEFT
     adapter with its card and `aggregation.json`, in one commit tagged `round-<t+1>`. If that tag already exists,
@@ -554,7 +555,7 @@ def aggregate_round(
         )
 
     updates = [candidate.update for candidate in accepted]
-    state = aggregate_updates(strategy, updates, reference_tensors)
+    state = server_step(strategy, updates, reference_tensors).shared
     weights = aggregation_weights(strategy, [update.train_tokens for update in updates])
     total = sum(update.train_tokens for update in updates)
     report = AggregationReport(

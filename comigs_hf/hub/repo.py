@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -143,10 +144,13 @@ def _commit_and_tag(
     return sha
 
 
-def _generalist_files(model: CoMiGSForCausalLM, index: int) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """Adapter files of generalist `index` (name -> bytes) and its adapter config."""
+def _generalist_files(
+    model: CoMiGSForCausalLM, index: int, tensors: Mapping[str, torch.Tensor] | None = None
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Adapter files of generalist `index` (name -> bytes), of the model's tensors or of `tensors` (see
+    `comigs_hf.adapters.generalist_state_dict`), and its adapter config."""
     with tempfile.TemporaryDirectory(prefix="comigs-generalist-") as tmp:
-        export_generalist(model, tmp, index=index)
+        export_generalist(model, tmp, index=index, tensors=tensors)
         files = {path.name: path.read_bytes() for path in sorted(Path(tmp).iterdir()) if path.is_file()}
     return files, json.loads(files[ADAPTER_CONFIG_NAME])
 
@@ -329,15 +333,11 @@ def check_hub_strategy(strategy: Strategy, num_generalists: int | None = None) -
     `capped_train_tokens` (no client weighs more than twice the median one).
 
     Raises:
-        `ValueError`: the strategy shares something else than the generalists (specialists and routers are not PEFT
-        adapters of the base and never leave a client here), or the model has more than one generalist.
+        `ValueError`: an algorithm of the strategy the Hub cannot carry (see `Strategy.check_transport`), a strategy
+        that shares something else than the generalists (specialists and routers are not PEFT adapters of the base
+        and never leave a client here), or a model with more than one generalist.
     """
-    if strategy.aggregator != "server":
-        raise ValueError(
-            f"Hub rounds publish one server aggregate per round, but strategy {strategy.name!r} has none: each client "
-            "combines every client's tensors itself (PCL), which a Hub repo would have to publish to every client. "
-            "Run it over Accelerate."
-        )
+    strategy.check_transport("hub")
     if strategy.shared_roles != {"generalist"}:
         shared = ", ".join(sorted(strategy.shared_roles)) or "nothing"
         raise ValueError(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -58,6 +59,7 @@ def submit_update(
     num_tokens: int,
     *,
     index: int = 0,
+    tensors: Mapping[str, torch.Tensor] | None = None,
     token: str | bool | None = None,
 ) -> str:
     """Upload this client's generalist after local training in round `round`, for
@@ -67,12 +69,16 @@ def submit_update(
     training tokens and base model) in one commit. Submitting again for the same round replaces the update.
 
     Args:
-        model ([`CoMiGSForCausalLM`]): the client model.
+        model ([`CoMiGSForCausalLM`]): the client model: its generalist is uploaded, or only its layout with
+            `tensors`.
         repo_id (`str`): the shared repo (it must exist: the coordinator creates it with the round-1 seed).
         client_id (`str`): letters, digits, `.`, `_`, `-`; the folder name.
         round (`int`): the round trained (starting from the global tagged `round-<t>`).
         num_tokens (`int`): training tokens this round, the aggregation weight; at least 1.
         index (`int`, defaults to 0): which generalist.
+        tensors (`Mapping[str, torch.Tensor]`, *optional*): the generalist's tensors to upload, keyed by the model's
+            parameter names: a client round's update (`ClientUpdate.shared`), what leaves the client, clipped under
+            differential privacy. `None`: the model's own.
         token (`str` or `bool`, *optional*): Hub token; defaults to `HF_TOKEN` or the stored login.
 
     Returns:
@@ -84,7 +90,7 @@ def submit_update(
         raise ValueError(
             f"`num_tokens` must be an integer in [1, 2**53] (the aggregation weight), got {num_tokens!r}."
         )
-    files, _ = _generalist_files(model, index)
+    files, _ = _generalist_files(model, index, tensors)
     update = {
         "client_id": client_id,
         "round": round,
