@@ -6,14 +6,9 @@ models load without `trust_remote_code`.
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration_comigs import CoMiGSConfig
-from .modeling_comigs import (
-    BASE_RESOLVERS,
-    CoMiGSCausalLMOutputWithPast,
-    CoMiGSForCausalLM,
-    CoMiGSPreTrainedModel,
-    parameter_role,
-)
+from .checkpoint_comigs import BASE_RESOLVERS
+from .configuration_comigs import CoMiGSConfig, parameter_role
+from .modeling_comigs import CoMiGSCausalLMOutputWithPast, CoMiGSForCausalLM, CoMiGSPreTrainedModel
 
 __version__ = "0.1.0"
 

@@ -26,7 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .modeling_comigs import CoMiGSForCausalLM, parameter_role
+from .configuration_comigs import parameter_role
+from .modeling_comigs import CoMiGSForCausalLM
 
 if TYPE_CHECKING:
     from peft import LoraConfig

@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import functools
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +35,11 @@ from typing import Any
 import yaml
 from accelerate.utils import LoggerType
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
 from .algorithms import get_strategy
 from .algorithms.privacy import DEFAULT_DELTA
+from .config_parsing import ConfigSchema, parse_override, type_hints
 from .data import DataConfig
 from .evaluation import EvaluationConfig
 from .model import ModelConfig
@@ -197,7 +195,7 @@ def config_reference() -> list[tuple[str, str, str]]:
     """Every recipe key as `(key, default, meaning)`, section by section (top level, then `model.`, `training.`,
     `evaluation.`, `data.`), from the dataclass fields' metadata: the rows of the README's configuration reference
     and of `comigs run --help`."""
-    sections = [(RecipeConfig, "")] + [(_hints(RecipeConfig)[name], f"{name}.") for name in REFERENCE_ORDER]
+    sections = [(RecipeConfig, "")] + [(type_hints(RecipeConfig)[name], f"{name}.") for name in REFERENCE_ORDER]
     rows = []
     for section, prefix in sections:
         for item in dataclasses.fields(section):
@@ -306,36 +304,10 @@ def validate_config(cfg: RecipeConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# YAML and overrides -> OmegaConf -> dataclasses
+# YAML and overrides -> OmegaConf -> dataclasses (comigs_hf.config_parsing)
 # ---------------------------------------------------------------------------------------------------------------------
-
-
 def _invalid(problems: list[str]) -> str:
     return problems[0] if len(problems) == 1 else "Invalid recipe config:\n- " + "\n- ".join(problems)
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _section_type(cls: type | None, key: str) -> type | None:
-    """The dataclass type of field `key` of `cls` when that field is a section, else `None`."""
-    if cls is None or key not in {f.name for f in dataclasses.fields(cls)}:
-        return None
-    hint = _hints(cls)[key]
-    return hint if dataclasses.is_dataclass(hint) else None
-
-
-def _schema_at(path: Sequence[str]) -> tuple[type | None, int]:
-    """The dataclass holding `path`'s last section-level key, and how many components name sections."""
-    cls, depth = RecipeConfig, 0
-    for part in path[:-1]:
-        section = _section_type(cls, part)
-        if section is None:
-            break
-        cls, depth = section, depth + 1
-    return cls, depth
 
 
 # keys that moved, and where to: an old config gets the new place, not a guess
@@ -345,98 +317,7 @@ MOVED_KEYS = {
 }
 
 
-def _unknown_key_message(path: Sequence[str]) -> str:
-    cls, depth = _schema_at(path)
-    prefix = "".join(f"{part}." for part in path[:depth])
-    key = path[depth]
-    valid = [f.name for f in dataclasses.fields(cls) if f.init]
-    message = f"Unknown config key {prefix + key!r}."
-    if prefix + key in MOVED_KEYS:
-        return message + f" It moved: use {MOVED_KEYS[prefix + key]}."
-    close = difflib.get_close_matches(key, valid, n=1)
-    if close:
-        message += f" Did you mean {prefix + close[0]!r}?"
-    else:
-        # a section key written at the wrong level, e.g. `local_steps=5` for `training.local_steps=5`
-        for name in valid:
-            section = _section_type(cls, name)
-            if section is not None and key in {f.name for f in dataclasses.fields(section)}:
-                message += f" Did you mean {prefix + name + '.' + key!r}?"
-                break
-    return message + f" Valid keys of {prefix.rstrip('.') or 'the top level'}: {', '.join(valid)}."
-
-
-def _field_at(path: Sequence[str]) -> tuple[str | None, type | None]:
-    """The annotation of the field `path` names and its dataclass when it is a section; `(None, None)` when `path`
-    reaches into a dict-valued field (`data.data_files.train`) or below a plain one."""
-    cls, depth = _schema_at(path)
-    if depth < len(path) - 1:
-        return None, None
-    annotation = next((f.type for f in dataclasses.fields(cls) if f.name == path[-1]), None)
-    return annotation, _section_type(cls, path[-1])
-
-
-def _type_message(path: Sequence[str], value: Any) -> str:
-    cls, depth = _schema_at(path)
-    if depth < len(path) - 1 and _section_type(cls, path[depth]) is None and path[depth] in _hints(cls):
-        parent = ".".join(path[: depth + 1])
-        return f"Config key {parent!r} is a plain value, not a section with keys (got {'.'.join(path)!r})."
-    annotation, _ = _field_at(path)
-    return f"Config key {'.'.join(path)!r} expects {annotation}, got {value!r} ({type(value).__name__})."
-
-
-def _leaves(cls: type, mapping: Mapping, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
-    """`(path, value)` for every value of a parsed YAML mapping, descending into sections only (a dict-valued field
-    such as `data.data_files` is one value)."""
-    leaves = []
-    for key, value in mapping.items():
-        section = _section_type(cls, str(key))
-        here = (*path, str(key))
-        if section is not None and isinstance(value, Mapping):
-            leaves.extend(_leaves(section, value, here))
-        elif section is None or value is not None:  # `model:` with nothing below keeps the section's defaults
-            leaves.append((here, value))
-    return leaves
-
-
-def _merge(merged: Any, path: Sequence[str], value: Any) -> Any:
-    """`merged` with `value` at `path`, type-checked by OmegaConf; a `ValueError` naming the key otherwise."""
-    dotted = ".".join(path)
-    annotation, section = _field_at(path)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and annotation in ("str", "str | None"):
-        # YAML read a number where a name was meant (a revision `1234`, a sha `1e100`): never guess its text
-        raise ValueError(
-            f"Config key {dotted!r} expects {annotation}, got {value!r} ({type(value).__name__}) (quote it in YAML "
-            "to make it a string)."
-        )
-    if section is not None and not isinstance(value, Mapping):
-        raise ValueError(
-            f"{dotted!r}: expected a mapping of {section.__name__} fields, got {value!r} ({type(value).__name__})."
-        )
-    nested = value
-    for part in reversed(path):
-        nested = {part: nested}
-    try:
-        return OmegaConf.merge(merged, nested)
-    except ConfigKeyError:
-        raise ValueError(_unknown_key_message(path)) from None
-    except OmegaConfBaseException:
-        raise ValueError(_type_message(path, value)) from None
-
-
-def _parse_override(override: str) -> tuple[list[str], Any]:
-    key, sep, text = override.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ValueError(f"Override {override!r} is not of the form key=value (e.g. training.local_steps=5).")
-    parts = key.split(".")
-    if any(not part for part in parts):
-        raise ValueError(f"Override {override!r} has an empty component in its key {key!r}.")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ValueError(f"Override {override!r}: the value is not valid YAML ({error}).") from None
-    return parts, value
+SCHEMA = ConfigSchema(RecipeConfig, MOVED_KEYS)
 
 
 def _instantiate(merged: Any) -> RecipeConfig:
@@ -480,12 +361,12 @@ def config_from_dict(data: Mapping[str, Any] | None, overrides: Sequence[str] = 
         section's own rejection (prefixed with the section) or any rejection of [`validate_config`].
     """
     merged = OmegaConf.structured(RecipeConfig)
-    for path, value in _leaves(RecipeConfig, copy.deepcopy(dict(data or {}))):
-        merged = _merge(merged, path, value)
+    for path, value in SCHEMA.leaves(copy.deepcopy(dict(data or {}))):
+        merged = SCHEMA.merge(merged, path, value)
     for override in overrides:
-        path, value = _parse_override(override)
+        path, value = parse_override(override)
         try:
-            merged = _merge(merged, path, value)
+            merged = SCHEMA.merge(merged, path, value)
         except ValueError as error:
             raise ValueError(f"Override {override!r}: {error}") from None
     cfg = _instantiate(merged)

@@ -5,6 +5,7 @@ This file travels with saved models as remote code: it imports only the standard
 """
 
 import math
+import re
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -26,6 +27,33 @@ KNOWN_ATTENTION_TARGETS: tuple[tuple[str, ...], ...] = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
     ("attention.query_key_value", "attention.dense"),
 )
+
+# The one definition of the trainable roles: generalists are shared with the federation, specialists and routers
+# stay on the client (unless a strategy says otherwise); everything else is the frozen "base".
+ROLES = ("generalist", "specialist", "router")
+EXPERT_ROLES = ("generalist", "specialist")
+_ROLE_PATTERN = re.compile(r"\.(?:lora_[AB]\.(generalist|specialist|attention)(?:_\d+)?\.|(router)\.)")
+
+
+def parameter_role(name: str) -> str:
+    """The role of a parameter or state-dict key of a [`CoMiGSForCausalLM`].
+
+    Returns `"generalist"` for generalist experts and the shared attention adapter (both averaged across clients),
+    `"specialist"` for specialist experts, `"router"` for the token routers, and `"base"` for the frozen base model.
+    Training and federation select tensors with this one rule.
+    """
+    match = _ROLE_PATTERN.search(name)
+    if match is None:
+        return "base"
+    role = match.group(1) or match.group(2)
+    return "generalist" if role == "attention" else role
+
+
+def is_attention_adapter(name: str) -> bool:
+    """Whether a parameter or state-dict key belongs to the attention adapter (role `"generalist"`, not an expert)."""
+    match = _ROLE_PATTERN.search(name)
+    return match is not None and match.group(1) == "attention"
+
 
 EXPERT_MIXINGS = ("router", "uniform")
 ROUTER_AUX_LOSS_VARIANTS = ("switch", "reference")
@@ -239,4 +267,4 @@ class CoMiGSConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["CoMiGSConfig"]
+__all__ = ["EXPERT_ROLES", "ROLES", "is_attention_adapter", "parameter_role", "CoMiGSConfig"]

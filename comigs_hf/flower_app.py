@@ -35,7 +35,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from .client import initial_shared_state
+from .client_state import initial_shared_state
 from .config import RecipeConfig, build_strategy, check_client_layout, config_to_dict, load_config
 from .data import build_client_data
 from .evaluation import check_paper_protocol

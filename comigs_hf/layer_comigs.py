@@ -310,3 +310,88 @@ class CoMiGSMoeMLP(nn.Module):
                 self._active.expert = None
             output = output.index_add(0, token, weights[token, slot, None] * expert_output)
         return output.view(hidden_states.shape)
+
+
+# ---- routing losses and statistics ----------------------------------------------------------------------------------
+def load_balancing_loss(
+    routings: list[CoMiGSRouting], target_share: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch-style load balancing toward a target share per expert, averaged over layers.
+
+    Per layer `sum_e f_e * P_e / t_e`, with `f_e` the fraction of routed token copies going to expert `e`, `P_e` its
+    mean router probability and `t_e` its target share. Its minimum, 1, is reached when both match the target; with a
+    uniform target it is Switch Transformer's `E * sum_e f_e P_e`. CoMiGS gives the generalists together the share
+    `generalist_importance`, so they are not crowded out by the specialists.
+    """
+    losses = []
+    for routing in routings:
+        probs = routing.router_logits.float().softmax(dim=-1)  # (B, T, E)
+        losses.append(_balancing_term(routing.expert_index, probs, target_share, attention_mask))
+    return torch.stack(losses).mean()
+
+
+def _balancing_term(
+    expert_index: torch.LongTensor,
+    probs: torch.Tensor,
+    target_share: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """One layer's `sum_e f_e * P_e / t_e`: `f_e` from the chosen experts `(B, T, K)`, `P_e` the mean of `probs`
+    `(B, T, E)`, padding (attention mask 0) left out."""
+    chosen = nn.functional.one_hot(expert_index, probs.shape[-1]).float().sum(dim=-2)  # (B, T, E)
+    if attention_mask is not None and attention_mask.shape == probs.shape[:-1]:
+        mask = attention_mask.to(probs.dtype).unsqueeze(-1)
+        fraction = (chosen * mask).sum(dim=(0, 1)) / (mask.sum() * expert_index.shape[-1]).clamp_min(1)
+        mean_prob = (probs * mask).sum(dim=(0, 1)) / mask.sum().clamp_min(1)
+    else:
+        fraction = chosen.mean(dim=(0, 1)) / expert_index.shape[-1]
+        mean_prob = probs.mean(dim=(0, 1))
+    return (fraction * mean_prob / target_share.to(probs.device)).sum()
+
+
+def reference_load_balancing_loss(
+    routers: list[CoMiGSRouter],
+    block_outputs: list[torch.Tensor],
+    target_share: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The balancing loss as the CoMiGS reference code computes it, averaged over layers.
+
+    Each router scores the output hidden state of its decoder block (not the MLP input it routes), chooses its top-k
+    again, and the mean probability `P_e` uses top-k-masked probabilities: with top-1 the chosen expert's softmax
+    probability and zero elsewhere; with top-k > 1 a softmax over a vector holding the chosen logits and zeros
+    elsewhere. The loss per layer is then `sum_e f_e * P_e / t_e`, as in [`load_balancing_loss`].
+    """
+    losses = []
+    for router, hidden in zip(routers, block_outputs):
+        logits = nn.functional.linear(hidden.to(router.weight.dtype), router.weight).float()  # (B, T, E)
+        if router.top_k == 1:
+            top, index = logits.softmax(dim=-1).topk(1, dim=-1)  # (B, T, 1)
+            select = torch.zeros_like(logits).scatter(-1, index, top)
+        else:
+            top, index = logits.topk(router.top_k, dim=-1)  # (B, T, K)
+            select = torch.zeros_like(logits).scatter(-1, index, top).softmax(dim=-1)
+        losses.append(_balancing_term(index, select, target_share, attention_mask))
+    return torch.stack(losses).mean()
+
+
+def routing_statistics(routings: list[CoMiGSRouting], attention_mask: torch.Tensor | None = None) -> list[dict]:
+    """Tokens routed to, and mean mixing weight received by, each expert, per layer (detached)."""
+    stats = []
+    for routing in routings:
+        num_experts = routing.router_logits.shape[-1]
+        onehot = nn.functional.one_hot(routing.expert_index, num_experts)  # (B, T, K, E)
+        weight = (onehot * routing.expert_weight.unsqueeze(-1)).sum(dim=-2).float()  # (B, T, E)
+        tokens = onehot.sum(dim=-2)  # (B, T, E)
+        if attention_mask is not None and attention_mask.shape == weight.shape[:-1]:
+            mask = attention_mask.unsqueeze(-1).to(weight.dtype)
+            tokens, weight, count = tokens * mask.long(), weight * mask, mask.sum()
+        else:
+            count = torch.tensor(float(weight.shape[0] * weight.shape[1]))
+        stats.append(
+            {
+                "tokens": tokens.sum(dim=(0, 1)).detach(),
+                "weight": (weight.sum(dim=(0, 1)) / count.clamp_min(1)).detach(),
+            }
+        )
+    return stats

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .checkpoint_comigs import set_base_dropout
 from .configuration_comigs import CoMiGSConfig
 from .embedded import (
     EMBEDDED_BASE_NAME,
@@ -24,7 +25,7 @@ from .embedded import (
     build_smollm2_base,
     embedded_base_name,
 )
-from .modeling_comigs import CoMiGSForCausalLM, set_base_dropout
+from .modeling_comigs import CoMiGSForCausalLM
 
 KNOWN_DTYPES = ("float32", "bfloat16", "float16")
 

@@ -13,9 +13,10 @@ from accelerate.logging import get_logger
 
 from .adapters import export_generalist
 from .aggregation import lora_partner
-from .client import client_folder_name
+from .client_state import client_folder_name
 from .config import RecipeConfig, config_to_dict
-from .modeling_comigs import CoMiGSForCausalLM, is_attention_adapter
+from .configuration_comigs import is_attention_adapter
+from .modeling_comigs import CoMiGSForCausalLM
 from .ranks import payload_parameters
 from .rounds import Federation
 from .strategies import Strategy, lora_factor

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .aggregation import lora_partner
-from .modeling_comigs import EXPERT_ROLES, is_attention_adapter, parameter_role
+from .configuration_comigs import EXPERT_ROLES, is_attention_adapter, parameter_role
 from .strategies import lora_factor
 
 

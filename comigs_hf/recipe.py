@@ -31,7 +31,8 @@ from accelerate.state import AcceleratorState
 from accelerate.tracking import get_available_trackers
 from huggingface_hub import HfApi
 
-from .client import Client, ClientSpec, client_folder_name, initial_shared_state
+from .client import Client, ClientSpec
+from .client_state import client_folder_name, initial_shared_state
 from .config import (
     RecipeConfig,
     build_strategy,

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from . import modeling_comigs
+from . import configuration_comigs
 from .aggregation import AGGREGATORS
-from .modeling_comigs import parameter_role
+from .configuration_comigs import parameter_role
 
 __all__ = [
     "ROLES",
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 # roles that can be shared; "base" (the frozen backbone) is never sent, whatever the strategy
-ROLES = frozenset(modeling_comigs.ROLES)
+ROLES = frozenset(configuration_comigs.ROLES)
 WEIGHTINGS = ("train_tokens", "capped_train_tokens", "uniform")
 LORA_FACTORS = frozenset({"lora_A", "lora_B"})
 # `capped_train_tokens`: no client weighs more than this many times the median client, whatever it reports

@@ -23,11 +23,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from .configuration_comigs import EXPERT_ROLES
 from .data import ClientData
-from .modeling_comigs import (
-    EXPERT_ROLES,
-    CoMiGSForCausalLM,
-)
+from .modeling_comigs import CoMiGSForCausalLM
 from .strategies import lora_factor
 
 

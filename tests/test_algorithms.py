@@ -142,7 +142,7 @@ def test_the_accelerate_rounds_hold_no_more_client_states_than_clients_per_round
 
     def counted(accelerator, updates):  # mid-round: every asked client trained, none yet evaluated
         gc.collect()
-        held.append(sum(isinstance(thing, ClientState) for thing in gc.get_objects()))
+        held.append(sum(type(thing) is ClientState for thing in gc.get_objects()))
         return exchange(accelerator, updates)
 
     monkeypatch.setattr(rounds_module, "_exchange", counted)
@@ -150,4 +150,4 @@ def test_the_accelerate_rounds_hold_no_more_client_states_than_clients_per_round
         rounds_module.run_round(federation, round_index, Accelerator(cpu=True))
     assert len(held) == 2 and max(held) <= cfg.clients_per_round
     gc.collect()
-    assert sum(isinstance(thing, ClientState) for thing in gc.get_objects()) == 0  # between rounds, none
+    assert sum(type(thing) is ClientState for thing in gc.get_objects()) == 0  # between rounds, none

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from comigs_hf import CoMiGSForCausalLM
 from comigs_hf.adapters import generalist_state_dict
-from comigs_hf.cli import main, summarize
+from comigs_hf.cli import main
+from comigs_hf.commands import summarize
 
 try:  # default pytest import mode: `tests/` (no __init__.py) is on sys.path
     from hub_server import LocalHub, configure_hf_client

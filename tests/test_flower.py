@@ -19,7 +19,7 @@ from federated_setup import tiny_overrides, write_tiny_world
 from flwr.app import ConfigRecord, RecordDict
 
 from comigs_hf.cli import main as comigs
-from comigs_hf.client import initial_shared_state
+from comigs_hf.client_state import initial_shared_state
 from comigs_hf.config import build_strategy, config_to_dict, load_config
 from comigs_hf.flower import (
     CoMiGSStrategy,
@@ -134,7 +134,7 @@ def test_a_node_process_trains_without_importing_peft_or_every_causal_lm_of_tran
 import sys
 from comigs_hf.config import load_config
 from comigs_hf.flower_app import build_node
-from comigs_hf.client import initial_shared_state
+from comigs_hf.client_state import initial_shared_state
 from flwr.app import ConfigRecord, RecordDict
 from comigs_hf.flower import shared_to_arrays
 cfg = load_config({str(recipe)!r}, [])

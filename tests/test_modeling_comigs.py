@@ -12,8 +12,7 @@ from transformers.activations import ACT2FN
 
 from comigs_hf import CoMiGSConfig, CoMiGSForCausalLM, parameter_role
 from comigs_hf.experts_comigs import CoMiGSPairActivation, keeps_several_tensors
-from comigs_hf.layer_comigs import CoMiGSRouting
-from comigs_hf.modeling_comigs import load_balancing_loss
+from comigs_hf.layer_comigs import CoMiGSRouting, load_balancing_loss
 
 
 def build(make_base, seed=0, **kwargs):
@@ -195,7 +194,13 @@ def test_saved_model_loads_as_remote_code_where_comigs_hf_cannot_be_imported(tmp
     saved = json.loads((tmp_path / "model" / "config.json").read_text())
     assert saved["weights_include_base"] is (checkpoint == "full")
     shipped = sorted(f for f in os.listdir(tmp_path / "model") if f.endswith(".py"))
-    assert shipped == ["configuration_comigs.py", "experts_comigs.py", "layer_comigs.py", "modeling_comigs.py"]
+    assert shipped == [
+        "checkpoint_comigs.py",
+        "configuration_comigs.py",
+        "experts_comigs.py",
+        "layer_comigs.py",
+        "modeling_comigs.py",
+    ]
     with torch.no_grad():
         expected = model(input_ids).logits
     assert_loads_as_remote_code(tmp_path / "model", {"input_ids": input_ids}, expected, tmp_path)

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from comigs_hf import CoMiGSForCausalLM, parameter_role
 from comigs_hf.algorithms import get_strategy
 from comigs_hf.algorithms.privacy import clip_update, privacy_spent, update_norm
-from comigs_hf.client import initial_client_state, initial_shared_state, run_client_round
+from comigs_hf.client import run_client_round
+from comigs_hf.client_state import initial_client_state, initial_shared_state
 from comigs_hf.config import load_config
 from comigs_hf.data import ClientData
 from comigs_hf.recipe import run

@@ -20,7 +20,7 @@ from comigs_hf import rounds as rounds_module
 from comigs_hf.algorithms import PCL, get_strategy
 from comigs_hf.algorithms import pcl as pcl_module
 from comigs_hf.algorithms.hetlora import prune_ranks
-from comigs_hf.client import activate_client, client_folder_name
+from comigs_hf.client_state import activate_client, client_folder_name
 from comigs_hf.config import load_config
 from comigs_hf.recipe import run, setup_federation
 from comigs_hf.server import sample_clients

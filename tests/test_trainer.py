@@ -14,7 +14,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from comigs_hf import CoMiGSForCausalLM, parameter_role
 from comigs_hf.algorithms import STRATEGIES, get_strategy
-from comigs_hf.client import initial_client_state, initial_shared_state, run_client_round
+from comigs_hf.client import run_client_round
+from comigs_hf.client_state import initial_client_state, initial_shared_state
 from comigs_hf.data import ClientData
 from comigs_hf.ranks import payload_parameters
 from comigs_hf.strategies import partition_state_dict

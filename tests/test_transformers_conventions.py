@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from comigs_hf import CoMiGSForCausalLM, parameter_role, recipe
+from comigs_hf.checkpoint_comigs import BASE_RESOLVERS, set_base_dropout
 from comigs_hf.cli import main as comigs
 from comigs_hf.embedded import embedded_base_name, resolve_embedded_base
-from comigs_hf.modeling_comigs import BASE_RESOLVERS, set_base_dropout
 from comigs_hf.recipe import default_accelerator, missing_trackers
 from comigs_hf.trainer import TrainingConfig, check_accelerator
 
@@ -172,7 +172,7 @@ def test_base_resolvers_map_names_that_are_not_hub_ids_to_local_bases(client, tm
     model.config.base_model_name_or_path = "my-org/offline-base"
     model.save_pretrained(tmp_path / "client")
     resolvers = [lambda name: str(base_dir) if name == "my-org/offline-base" else None, *BASE_RESOLVERS]
-    monkeypatch.setattr("comigs_hf.modeling_comigs.BASE_RESOLVERS", resolvers)
+    monkeypatch.setattr("comigs_hf.checkpoint_comigs.BASE_RESOLVERS", resolvers)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "client")
     torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from comigs_hf import rounds as rounds_module
 from comigs_hf.adapters import generalist_state_dict
 from comigs_hf.algorithms.privacy import update_norm
-from comigs_hf.client import Client, initial_shared_state
+from comigs_hf.client import Client
+from comigs_hf.client_state import initial_shared_state
 from comigs_hf.config import load_config
 from comigs_hf.flower import shared_to_arrays, update_from_reply
 from comigs_hf.flower_app import build_node

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from ..client import activate_client
+from ..client_state import activate_client
 from ..evaluation import EvaluationConfig, evaluate_full_split
 from ..modeling_comigs import CoMiGSForCausalLM
 from ..trainer import derived_seed

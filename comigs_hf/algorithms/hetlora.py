@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..aggregation import lora_partner
-from ..modeling_comigs import EXPERT_ROLES, CoMiGSForCausalLM
+from ..configuration_comigs import EXPERT_ROLES
+from ..modeling_comigs import CoMiGSForCausalLM
 from ..ranks import expert_adapter_keys, truncate_to_ranks
 from .base import Algorithm
 

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from ..aggregation import get_aggregator, trust_weights
-from ..client import activate_client
+from ..client_state import activate_client
 from ..evaluation import EvaluationConfig, evaluate_full_split
 from ..modeling_comigs import CoMiGSForCausalLM
 from ..server import RoundOutcome, check_update, round_row

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from flwr.app import RecordDict
 
-from ..client import Client, client_folder_name
+from ..client import Client
+from ..client_state import client_folder_name
 from ..strategies import Strategy
 from ..trainer import ClientUpdate
 from .messages import (

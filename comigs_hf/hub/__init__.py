@@ -18,11 +18,12 @@ updates/round-<t>/<client_id>/...                            a client's generali
 ```
 """
 
-from .aggregator import AcceptedUpdate, AggregationReport, RejectedUpdate, aggregate_round
+from .aggregator import aggregate_round
 from .cards import hub_base_model, render_client_model_card, render_generalist_card, template_path
 from .client import evaluate_hub_client, hub_client_id, run_hub_client_round, seed_hub_rounds
 from .federation import MANIFEST_NAME, FederationManifest, check_client_id, read_manifest
 from .repo import check_hub_strategy, pull_global, push_client_model_to_hub, push_generalist_to_hub, round_tag
+from .report import AcceptedUpdate, AggregationReport, RejectedUpdate
 from .updates import submit_update, update_folder
 
 __all__ = [

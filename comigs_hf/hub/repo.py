@@ -26,7 +26,8 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from ..adapters import ADAPTER_CONFIG_NAME, export_generalist, load_generalist
-from ..modeling_comigs import CoMiGSForCausalLM, check_publication_confirmed
+from ..checkpoint_comigs import check_publication_confirmed
+from ..modeling_comigs import CoMiGSForCausalLM
 from ..strategies import LORA_FACTORS, Strategy
 from .cards import README_NAME, EvalResults, render_client_model_card, render_generalist_card
 
