@@ -48,9 +48,9 @@ def write_world(root: Path, documents: int = 8192, length: int = 64, seed: int =
 def child(num_clients: int, base: str, data: str, output: str) -> dict:
     from accelerate import Accelerator
 
-    from comigs_hf import rounds
     from comigs_hf.config import load_config
     from comigs_hf.recipe import run
+    from comigs_hf.transports import accelerate as rounds
 
     overrides = {
         "model.base_model": base,

@@ -27,8 +27,8 @@ from collections import defaultdict
 from accelerate import Accelerator
 
 import comigs_hf.client as client
-import comigs_hf.rounds as rounds
 import comigs_hf.trainer as trainer
+import comigs_hf.transports.accelerate as rounds
 from comigs_hf.config import load_config
 from comigs_hf.recipe import run
 

@@ -40,7 +40,7 @@ def array_record_bytes(output: Path) -> tuple[int, int]:
     saved: the tensors that travel each way)."""
     from safetensors.torch import load_file
 
-    from comigs_hf.flower import shared_to_arrays
+    from comigs_hf.transports.flower import shared_to_arrays
 
     tensors = {}
     for path in sorted(output.glob("global_generalist/**/*.safetensors")):

@@ -298,9 +298,11 @@ class Client:
 
     def shared_layout(self) -> dict[str, torch.Tensor]:
         """The names, shapes and dtypes of the global this client takes (on the meta device): the shared part of
-        its own tensors at the model's rank."""
-        state, _ = self.latest_state()
-        return {k: v.to("meta") for k, v in partition_state_dict(state.parameters, self.spec.strategy)[0].items()}
+        its layout at the model's rank (nothing of its state is read)."""
+        spec = self.spec
+        self.model.set_num_specialists(spec.num_specialists, spec.top_k)
+        tensors = {name: p.detach().to("meta") for name, p in self.model.named_parameters_by_role(*ROLES)}
+        return partition_state_dict(tensors, spec.strategy)[0]
 
     def _save(self, record: dict[str, Any], retrained: bool = False) -> None:
         """Write `record` as the state after its round, atomically (written beside, flushed, renamed: a kill at any

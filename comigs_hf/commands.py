@@ -109,7 +109,7 @@ def _load_tokenizer(source: str) -> Any:
 
 
 def push_command(args: argparse.Namespace) -> int:
-    from .hub import push_generalist_to_hub
+    from .transports.hub import push_generalist_to_hub
 
     model = _load_model(args.model)
     _check_index(model, args.index)
@@ -200,7 +200,7 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 
 def submit_command(args: argparse.Namespace) -> int:
-    from .hub import check_client_id, submit_update
+    from .transports.hub import check_client_id, submit_update
 
     try:
         check_client_id(args.client_id)
@@ -215,7 +215,7 @@ def submit_command(args: argparse.Namespace) -> int:
 
 def aggregate_command(args: argparse.Namespace) -> int:
     from .adapters import quote_untrusted
-    from .hub import aggregate_round
+    from .transports.hub import aggregate_round
 
     if args.config is not None:
         from .config import build_strategy

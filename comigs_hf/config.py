@@ -5,7 +5,7 @@ code it configures:
 
 ```yaml
 strategy: comigs          # comigs_hf.algorithms.STRATEGIES; aggregation, aggregation_kwargs, weighting beside it
-rounds: 20                # comigs_hf.rounds.RoundsConfig: rounds, eval_every, seed, output_dir, resume
+rounds: 20                # comigs_hf.transports.accelerate.RoundsConfig: rounds, eval_every, seed, output_dir, resume
 model:                    # comigs_hf.model.ModelConfig, checked by building the CoMiGSConfig it describes
   num_specialists: [0, 1, 2, 3]   # one count per client: resource heterogeneity
 training:                 # comigs_hf.trainer.TrainingConfig
@@ -43,10 +43,10 @@ from .config_parsing import ConfigSchema, parse_override, type_hints
 from .data import DataConfig
 from .evaluation import EvaluationConfig
 from .model import ModelConfig
-from .rounds import RoundsConfig
 from .server import check_secure_aggregation
 from .strategies import Strategy
 from .trainer import TrainingConfig
+from .transports.accelerate import RoundsConfig
 
 __all__ = [
     "KNOWN_TRACKERS",

@@ -39,7 +39,10 @@ from .client_state import initial_shared_state
 from .config import RecipeConfig, build_strategy, check_client_layout, config_to_dict, load_config
 from .data import build_client_data
 from .evaluation import check_paper_protocol
-from .flower import (
+from .model import build_model, load_base
+from .outputs import RunLayout, write_run_summary
+from .recipe import build_client, build_client_model, default_accelerator
+from .transports.flower import (
     CoMiGSStrategy,
     FlowerNode,
     SecureAggregation,
@@ -47,11 +50,8 @@ from .flower import (
     secure_aggregation_mod,
     shared_to_arrays,
 )
-from .model import build_model, load_base
-from .outputs import RunLayout, write_run_summary
-from .recipe import build_client, build_client_model, default_accelerator
 
-logger = logging.getLogger("comigs_hf.flower")
+logger = logging.getLogger("comigs_hf.transports.flower")
 
 # a node may point the recipe at its own data, and write where it likes; nothing else of the recipe is its to change
 NODE_OVERRIDABLE = ("data.", "output_dir=")
@@ -160,7 +160,8 @@ def serve(cfg: RecipeConfig, grid: Grid) -> dict:
 
     Raises:
         `ValueError`: a recipe the Flower transport cannot carry, or whose number of clients only its data reveals.
-        [`~comigs_hf.flower.FederationIncomplete`]: too few nodes joined, or too few updates arrived in a round.
+        [`~comigs_hf.transports.flower.FederationIncomplete`]: too few nodes joined, or too few updates arrived in a
+        round.
     """
     strategy = check_flower_strategy(build_strategy(cfg))
     if cfg.init_from is not None:

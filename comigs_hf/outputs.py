@@ -18,8 +18,8 @@ from .config import RecipeConfig, config_to_dict
 from .configuration_comigs import is_attention_adapter
 from .modeling_comigs import CoMiGSForCausalLM
 from .ranks import payload_parameters
-from .rounds import Federation
 from .strategies import Strategy, lora_factor
+from .transports.accelerate import Federation
 
 logger = get_logger(__name__)
 

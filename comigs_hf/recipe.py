@@ -11,8 +11,9 @@ On a CPU-only machine, `accelerate launch --multi_gpu --num_processes 2 ...` giv
 `output_dir` (see the README).
 
 This module is where a config becomes objects: the base and the CoMiGS model (`comigs_hf.model`), the clients' data
-(`comigs_hf.data`), the strategy; the transports (`comigs_hf.rounds`, `comigs_hf.hub`) take those objects, never the
-config. The Hub functions here build one client's model and its own data only.
+(`comigs_hf.data`), the strategy and the clients (`build_client`, the one builder of every transport); the transports
+(`comigs_hf.transports`) take those objects, never the config. The Hub functions here build one client's model and its
+own data only.
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ from .config import (
 )
 from .data import ClientData, build_client_data, build_client_datasets, mixed_test_splits
 from .evaluation import check_paper_protocol
-from .hub import (
+from .model import build_model, load_base
+from .modeling_comigs import CoMiGSForCausalLM
+from .outputs import write_outputs
+from .strategies import Strategy
+from .trainer import TrainingConfig, check_accelerator
+from .transports.accelerate import Federation, client_state_dir, run_federated, start_federation
+from .transports.hub import (
     FederationManifest,
     check_hub_strategy,
     evaluate_hub_client,
@@ -51,12 +58,6 @@ from .hub import (
     run_hub_client_round,
     seed_hub_rounds,
 )
-from .model import build_model, load_base
-from .modeling_comigs import CoMiGSForCausalLM
-from .outputs import write_outputs
-from .rounds import Federation, client_state_dir, run_federated, start_federation
-from .strategies import Strategy
-from .trainer import TrainingConfig, check_accelerator
 
 logger = get_logger(__name__)
 
@@ -344,7 +345,7 @@ def seed_hub(
     accelerator: Accelerator | None = None,
 ) -> str:
     """Push the recipe's round-1 global generalist, tagged `round-1`: the tensors the Accelerate rounds start from,
-    with the federation's manifest (`comigs_hf.hub.federation`): its clients `client-0000` ... fixed now.
+    with the federation's manifest (`comigs_hf.transports.hub.federation`): its clients `client-0000` ... fixed now.
 
     Needs the base model but no client data. Publishing again with the same config is a no-op.
 
@@ -357,8 +358,8 @@ def seed_hub(
             rounds (with `client_users`, defaults to the user of `token`).
 
     Raises:
-        `ValueError`: a recipe the Hub rounds cannot carry (see `comigs_hf.hub.check_hub_strategy`), an unknown
-        number of clients, or `round-1` already tagged on other content.
+        `ValueError`: a recipe the Hub rounds cannot carry (see `comigs_hf.transports.hub.check_hub_strategy`), an
+        unknown number of clients, or `round-1` already tagged on other content.
     """
     strategy = check_hub_strategy(build_strategy(cfg), cfg.model.num_generalists)
     num_clients = num_clients or cfg.data.num_clients_known() or (len(client_users) if client_users else None)
@@ -401,7 +402,7 @@ def run_hub_round(
     accelerator: Accelerator | None = None,
 ) -> dict[str, Any]:
     """Client `client_id`'s round `round_index` through the Hub, built from the recipe (see
-    `comigs_hf.hub.run_hub_client_round`); only this client's data source is opened."""
+    `comigs_hf.transports.hub.run_hub_client_round`); only this client's data source is opened."""
     if cfg.secure_aggregation:
         raise ValueError(
             "secure_aggregation runs on Flower (comigs flower-sim, flwr run): every Hub client's update is a file "
@@ -422,7 +423,7 @@ def evaluate_hub_round(
     accelerator: Accelerator | None = None,
 ) -> dict[str, Any]:
     """Client `client_id`'s test metrics after round `round_index` of Hub rounds (see
-    `comigs_hf.hub.evaluate_hub_client`)."""
+    `comigs_hf.transports.hub.evaluate_hub_client`)."""
     client = _hub_client(cfg, client_id, repo_id, state_dir, accelerator)
     return evaluate_hub_client(client, repo_id, round_index, token=token)
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 
 from .config import config_to_dict, load_config
-from .rounds import differing_keys
+from .transports.accelerate import differing_keys
 
 logger = logging.getLogger(__name__)
 

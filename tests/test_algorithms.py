@@ -14,16 +14,16 @@ from accelerate import Accelerator
 from federated_setup import tiny_overrides
 
 import comigs_hf.algorithms as algorithms
-from comigs_hf import rounds as rounds_module
 from comigs_hf.algorithms import STRATEGIES, Algorithm, FedProx
 from comigs_hf.algorithms.privacy import update_norm
 from comigs_hf.config import load_config
 from comigs_hf.recipe import setup_federation
 from comigs_hf.trainer import ClientState
+from comigs_hf.transports import accelerate as rounds_module
 
 PACKAGE = Path(algorithms.__file__).resolve().parents[1]
 # the round loop and every transport: what they may call is the protocol's points, never an algorithm
-TRANSPORT_FILES = [PACKAGE / "rounds.py", *sorted((PACKAGE / "hub").glob("*.py")), *(PACKAGE / "flower").glob("*.py")]
+TRANSPORT_FILES = sorted((PACKAGE / "transports").rglob("*.py"))
 # what used to be read by the transports: one flag per baseline on the strategy record
 RETIRED_FLAGS = {
     "fusion_budget",
@@ -66,7 +66,7 @@ def identifiers(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("path", TRANSPORT_FILES, ids=lambda path: f"{path.parent.name}/{path.name}")
+@pytest.mark.parametrize("path", TRANSPORT_FILES, ids=lambda path: str(path.relative_to(PACKAGE / "transports")))
 def test_no_transport_nor_the_round_loop_names_an_algorithm(path):
     # an algorithm's settings that are also plain words (FD-LoRA's `bound`, PCL's `every`) count only as attributes
     words = {"bound", "every", "budget"}
@@ -77,7 +77,7 @@ def test_no_transport_nor_the_round_loop_names_an_algorithm(path):
 
 
 def test_the_check_sees_an_algorithm_named_in_a_transport(tmp_path):
-    branch = tmp_path / "rounds.py"
+    branch = tmp_path / "accelerate.py"
     branch.write_text("if strategy.fusion_budget:\n    fuse()\nfrom .algorithms.pcl import PCL\n")
     assert {"fusion_budget", "PCL", "pcl"} <= identifiers(branch) & algorithm_names()
 

@@ -21,7 +21,13 @@ from flwr.app import ConfigRecord, RecordDict
 from comigs_hf.cli import main as comigs
 from comigs_hf.client_state import initial_shared_state
 from comigs_hf.config import build_strategy, config_to_dict, load_config
-from comigs_hf.flower import (
+from comigs_hf.flower_app import build_node, node_settings
+from comigs_hf.outputs import TEST_FIGURES
+from comigs_hf.recipe import main as accelerate_run
+from comigs_hf.server import InvalidUpdate, aggregate_updates, sample_clients
+from comigs_hf.tables import free_port
+from comigs_hf.trainer import ClientUpdate
+from comigs_hf.transports.flower import (
     CoMiGSStrategy,
     FederationIncomplete,
     evaluation_to_reply,
@@ -30,12 +36,6 @@ from comigs_hf.flower import (
     update_from_reply,
     update_to_reply,
 )
-from comigs_hf.flower_app import build_node, node_settings
-from comigs_hf.outputs import TEST_FIGURES
-from comigs_hf.recipe import main as accelerate_run
-from comigs_hf.server import InvalidUpdate, aggregate_updates, sample_clients
-from comigs_hf.tables import free_port
-from comigs_hf.trainer import ClientUpdate
 
 CLIENTS = "[cooking,finance,science,sports]"
 
@@ -136,7 +136,7 @@ from comigs_hf.config import load_config
 from comigs_hf.flower_app import build_node
 from comigs_hf.client_state import initial_shared_state
 from flwr.app import ConfigRecord, RecordDict
-from comigs_hf.flower import shared_to_arrays
+from comigs_hf.transports.flower import shared_to_arrays
 cfg = load_config({str(recipe)!r}, [])
 node = build_node(cfg, 1, {str(tmp_path / "state")!r})
 spec = node.client.spec

@@ -11,9 +11,9 @@ import torch
 from flwr.app import Array, RecordDict
 
 from comigs_hf.algorithms import get_strategy
-from comigs_hf.flower import update_from_reply, update_to_reply
 from comigs_hf.server import InvalidUpdate, aggregate_updates
 from comigs_hf.trainer import ClientUpdate
+from comigs_hf.transports.flower import update_from_reply, update_to_reply
 
 REFERENCE = {
     "model.layers.0.mlp.experts.generalist_0.up_proj.lora_A.weight": torch.zeros(4, 8),

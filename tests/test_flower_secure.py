@@ -14,9 +14,9 @@ from flwr.common.serde import message_from_proto, message_to_proto
 
 from comigs_hf.client_state import initial_shared_state
 from comigs_hf.config import build_strategy, load_config
-from comigs_hf.flower import CoMiGSStrategy, SecureAggregation, secure_aggregation_mod, shared_to_arrays
 from comigs_hf.flower_app import build_node
 from comigs_hf.recipe import run
+from comigs_hf.transports.flower import CoMiGSStrategy, SecureAggregation, secure_aggregation_mod, shared_to_arrays
 
 CLIENTS = "[cooking,finance,science,sports]"
 

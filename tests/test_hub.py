@@ -26,7 +26,7 @@ from safetensors.torch import load, load_file, save
 from comigs_hf import CoMiGSForCausalLM
 from comigs_hf.adapters import export_generalist, generalist_state_dict, load_generalist
 from comigs_hf.algorithms import get_strategy
-from comigs_hf.hub import (
+from comigs_hf.transports.hub import (
     FederationManifest,
     aggregate_round,
     pull_global,
@@ -38,7 +38,7 @@ from comigs_hf.hub import (
     submit_update,
     template_path,
 )
-from comigs_hf.hub.federation import ForgedRound, trusted_round_commit
+from comigs_hf.transports.hub.federation import ForgedRound, trusted_round_commit
 
 try:  # default pytest import mode: `tests/` (no __init__.py) is on sys.path
     from hub_server import LocalHub, configure_hf_client
@@ -222,7 +222,7 @@ def test_client_model_push_is_refused_without_confirmation(hub):
 @pytest.mark.parametrize("include_base", [None, True])
 def test_client_model_push_with_confirmation_warns_and_uploads_model_and_card(hub, caplog, input_ids, include_base):
     model = build(seed=1)
-    with caplog.at_level(logging.WARNING, logger="comigs_hf.hub"):
+    with caplog.at_level(logging.WARNING, logger="comigs_hf.transports.hub"):
         push_client_model_to_hub(
             model,
             REPO,
@@ -304,7 +304,7 @@ def test_aggregator_proceeds_with_the_clients_that_came_after_the_timeout(client
     for client, model in clients.items():  # 4 expected, 3 submit
         submit_update(model, REPO, client, round=1, num_tokens=CLIENT_TOKENS[client])
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="comigs_hf.hub"):
+    with caplog.at_level(logging.WARNING, logger="comigs_hf.transports.hub"):
         report = aggregate_round(REPO, 1, min_clients=4, timeout_s=1.0, poll_interval_s=0.2)
     assert time.monotonic() - start >= 1.0
     assert report.accepted_clients == ["alice", "bob", "carol"] and report.min_clients == 4
@@ -379,7 +379,7 @@ def test_each_bad_update_is_rejected_with_its_reason_and_the_valid_ones_are_aggr
     for folder, (files, _) in bad.items():
         _upload(folder, files)
 
-    with caplog.at_level(logging.WARNING, logger="comigs_hf.hub"):
+    with caplog.at_level(logging.WARNING, logger="comigs_hf.transports.hub"):
         report = aggregate_round(REPO, 1, min_clients=2, timeout_s=5, poll_interval_s=0.05)
 
     assert report.accepted_clients == ["alice", "bob"]
@@ -505,7 +505,7 @@ def test_a_scaled_update_is_held_by_the_robust_rules(hub, tmp_path, rule, influe
     ids=["other-commits-first", "other-comes-between-commit-and-tag"],
 )
 def test_of_two_racing_aggregators_exactly_one_publishes_and_main_matches_the_tag(clients, monkeypatch, race_at):
-    from comigs_hf.hub import aggregator
+    from comigs_hf.transports.hub import aggregator
 
     for client, model in clients.items():
         submit_update(model, REPO, client, round=1, num_tokens=CLIENT_TOKENS[client])
@@ -531,13 +531,13 @@ def test_of_two_racing_aggregators_exactly_one_publishes_and_main_matches_the_ta
 
 
 def test_rate_limits_and_server_errors_are_retried_with_backoff(clients, hub, monkeypatch, caplog):
-    from comigs_hf.hub import repo
+    from comigs_hf.transports.hub import repo
 
     monkeypatch.setattr(repo, "RETRY_DELAYS_S", (0.01, 0.02, 0.04))
     hub.faults += [("POST", r"/commit/main$", 429), ("POST", r"/commit/main$", 503)]  # the first submit's
     submit_update(clients["alice"], REPO, "alice", round=1, num_tokens=100)
     hub.faults += [("POST", r"/commit/main$", 502), ("POST", r"/tag/", 429)]  # the aggregator's commit and tag
-    with caplog.at_level(logging.WARNING, logger="comigs_hf.hub"):
+    with caplog.at_level(logging.WARNING, logger="comigs_hf.transports.hub"):
         report = aggregate_round(REPO, 1, min_clients=1, timeout_s=5, poll_interval_s=0.05)
     assert hub.faults == [] and report.accepted_clients == ["alice"]
     assert HfApi().revision_exists(REPO, "round-2")

@@ -26,8 +26,8 @@ from transformers import AutoTokenizer
 from comigs_hf.cli import main as comigs
 from comigs_hf.config import build_strategy, load_config
 from comigs_hf.data import build_client_datasets
-from comigs_hf.hub import aggregate_round, hub_client_id, update_folder
 from comigs_hf.recipe import evaluate_hub_round, run, run_hub_round, seed_hub
+from comigs_hf.transports.hub import aggregate_round, hub_client_id, update_folder
 
 try:  # default pytest import mode: `tests/` (no __init__.py) is on sys.path
     from hub_server import LocalHub

@@ -2,7 +2,7 @@
 
 ```
 4 face        config, config_parsing, recipe, cli, commands, outputs, tables, flower_app
-3 transports  rounds (Accelerate), hub/ (Hub), flower/  never each other
+3 transports  transports/: accelerate, hub/, flower/  never each other
 2 protocol    trainer (local steps), client, client_state, evaluation, server (server step), algorithms/
 1 pieces      strategies, aggregation, ranks, data/, embedded/, metrics/, adapters, model
 0 model       configuration_comigs, layer_comigs, experts_comigs, checkpoint_comigs, modeling_comigs: travel
@@ -39,9 +39,10 @@ LAYERS = {
     "algorithms": 2,
     "evaluation": 2,
     "server": 2,
-    "rounds": 3,
-    "hub": 3,
-    "flower": 3,
+    "transports": 3,
+    "transports.accelerate": 3,
+    "transports.hub": 3,
+    "transports.flower": 3,
     "config": 4,
     "config_parsing": 4,
     "commands": 4,
@@ -51,7 +52,7 @@ LAYERS = {
     "tables": 4,
     "flower_app": 4,
 }
-TRANSPORTS = {"rounds", "hub", "flower"}
+TRANSPORTS = {"transports.accelerate", "transports.hub", "transports.flower"}
 REMOTE_CODE = {"configuration_comigs", "checkpoint_comigs", "experts_comigs", "layer_comigs", "modeling_comigs"}
 # what a model loaded with trust_remote_code may import: transformers' own model files import huggingface_hub
 # (`huggingface_hub.dataclasses.strict`), a hard dependency of transformers
@@ -67,8 +68,11 @@ MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 
 def unit(module: str) -> str | None:
-    """The layered unit of a package module: `comigs_hf.hub.client` -> `hub`; `None` for the package itself."""
+    """The layered unit of a package module: `comigs_hf.data.loading` -> `data`, each transport its own
+    (`comigs_hf.transports.hub.client` -> `transports.hub`); `None` for the package itself."""
     parts = module.split(".")
+    if len(parts) > 2 and parts[1] == "transports":
+        return f"transports.{parts[2]}"
     return parts[1] if len(parts) > 1 else None
 
 
@@ -187,14 +191,14 @@ def test_remote_code_imports_only_what_a_remote_loader_has_and_nothing_by_string
 
 def test_a_forbidden_edge_is_caught():
     # the checks above must be able to fail: a transport importing the face is refused
-    assert LAYERS["rounds"] < LAYERS["config"]
+    assert LAYERS["transports.accelerate"] < LAYERS["config"]
     with pytest.raises(AssertionError, match="imports comigs_hf.config"):
         test_no_module_imports_from_a_layer_above_it_nor_one_transport_from_another(
-            ("comigs_hf.rounds", "comigs_hf.config", 1)
+            ("comigs_hf.transports.accelerate", "comigs_hf.config", 1)
         )
-    with pytest.raises(AssertionError, match="imports comigs_hf.hub.client"):
+    with pytest.raises(AssertionError, match="imports comigs_hf.transports.hub.client"):
         test_no_module_imports_from_a_layer_above_it_nor_one_transport_from_another(
-            ("comigs_hf.rounds", "comigs_hf.hub.client", 1)
+            ("comigs_hf.transports.accelerate", "comigs_hf.transports.hub.client", 1)
         )
 
 

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from comigs_hf import parameter_role
-from comigs_hf import rounds as rounds_module
 from comigs_hf.algorithms import PCL, get_strategy
 from comigs_hf.algorithms import pcl as pcl_module
 from comigs_hf.algorithms.hetlora import prune_ranks
@@ -25,6 +24,7 @@ from comigs_hf.config import load_config
 from comigs_hf.recipe import run, setup_federation
 from comigs_hf.server import sample_clients
 from comigs_hf.trainer import ClientUpdate, train_client_round
+from comigs_hf.transports import accelerate as rounds_module
 
 
 @pytest.fixture
@@ -342,7 +342,7 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before_naming_the_file(
     ran(world, tmp_path / "out", rounds=2)
     checkpoints = tmp_path / "out" / "checkpoints"
     (checkpoints / "clients" / "client-1" / "round-2.pt").write_bytes(b"garbage")
-    with caplog.at_level("WARNING", logger="comigs_hf.rounds"):
+    with caplog.at_level("WARNING", logger="comigs_hf.transports.accelerate"):
         resumed = ran(world, tmp_path / "out", rounds=2, resume="true")  # round 2 again, from round 1
     assert "client-1/round-2.pt is unreadable" in caplog.text
     assert [c["test_loss"] for c in resumed["clients"]] == pytest.approx(two_rounds, rel=1e-5)
@@ -362,7 +362,7 @@ def test_a_missing_pointer_resumes_from_the_newest_round_and_a_fresh_start_never
         ran(world, tmp_path / "out", rounds=2)
     resumed = ran(world, tmp_path / "out", rounds=2, resume="true")
     assert [c["test_loss"] for c in resumed["clients"]] == pytest.approx(two_rounds, rel=1e-5)
-    with caplog.at_level("WARNING", logger="comigs_hf.rounds"):
+    with caplog.at_level("WARNING", logger="comigs_hf.transports.accelerate"):
         ran(world, tmp_path / "empty", rounds=1, resume="true")
     assert "holds no checkpoint: starting at round 1" in caplog.text
 
@@ -527,7 +527,7 @@ def test_pcl_combines_only_on_its_schedule_with_each_clients_own_trust_weights(
 
 
 def test_pcl_and_the_hub_refuse_each_other_saying_why(world, tmp_path):
-    from comigs_hf.hub import check_hub_strategy
+    from comigs_hf.transports.hub import check_hub_strategy
 
     with pytest.raises(ValueError, match="has none: each client combines every client's tensors itself"):
         check_hub_strategy(get_strategy("pcl"))

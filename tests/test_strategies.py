@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from comigs_hf.algorithms import PCL, STRATEGIES, Centralized, FDLoRAFusion, FedProx, HetLoRA, get_strategy
-from comigs_hf.hub import check_hub_strategy
 from comigs_hf.ranks import lora_ranks, payload_bytes, payload_parameters
 from comigs_hf.strategies import Strategy, aggregation_weights, partition_state_dict
+from comigs_hf.transports.hub import check_hub_strategy
 
 GENERALIST_A = "model.transformer.h.0.mlp.c_fc.lora_A.generalist_0.weight"
 GENERALIST_B = "model.transformer.h.0.mlp.c_fc.lora_B.generalist_0.weight"

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from federated_setup import tiny_overrides
 
-from comigs_hf import rounds as rounds_module
 from comigs_hf.cli import main as comigs
 from comigs_hf.tables import load_table_config, run_table
+from comigs_hf.transports import accelerate as rounds_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = sorted((ROOT / "recipes" / "tables").glob("*.yaml"))

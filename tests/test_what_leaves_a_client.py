@@ -16,17 +16,17 @@ from flwr.app import ConfigRecord, RecordDict
 from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file
 
-from comigs_hf import rounds as rounds_module
 from comigs_hf.adapters import generalist_state_dict
 from comigs_hf.algorithms.privacy import update_norm
 from comigs_hf.client import Client
 from comigs_hf.client_state import initial_shared_state
 from comigs_hf.config import load_config
-from comigs_hf.flower import shared_to_arrays, update_from_reply
 from comigs_hf.flower_app import build_node
-from comigs_hf.hub import hub_client_id, update_folder
 from comigs_hf.recipe import run, run_hub_round, seed_hub
 from comigs_hf.strategies import partition_state_dict
+from comigs_hf.transports import accelerate as rounds_module
+from comigs_hf.transports.flower import shared_to_arrays, update_from_reply
+from comigs_hf.transports.hub import hub_client_id, update_folder
 
 REPO = "local-user/what-leaves"
 CLIPPING = 0.005  # far below what one round moves the generalist: every update is clipped

@@ -17,7 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..modeling_comigs import CoMiGSForCausalLM
+from ...modeling_comigs import CoMiGSForCausalLM
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -48,7 +48,7 @@ def template_path(name: str) -> Traversable:
     packaged = importlib.resources.files("comigs_hf").joinpath("_model_cards", name)
     if packaged.is_file():
         return packaged
-    source = Path(__file__).resolve().parents[2] / "model_cards" / name
+    source = Path(__file__).resolve().parents[3] / "model_cards" / name
     if source.is_file():
         return source
     raise FileNotFoundError(

@@ -29,7 +29,7 @@ from typing import Any
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
-from ..adapters import quote_untrusted, read_untrusted_json
+from ...adapters import quote_untrusted, read_untrusted_json
 from .repo import _tag_target, round_tag, with_retries
 
 logger = logging.getLogger("comigs_hf.hub")

@@ -25,10 +25,10 @@ import torch
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from ..adapters import ADAPTER_CONFIG_NAME, export_generalist, load_generalist
-from ..checkpoint_comigs import check_publication_confirmed
-from ..modeling_comigs import CoMiGSForCausalLM
-from ..strategies import LORA_FACTORS, Strategy
+from ...adapters import ADAPTER_CONFIG_NAME, export_generalist, load_generalist
+from ...checkpoint_comigs import check_publication_confirmed
+from ...modeling_comigs import CoMiGSForCausalLM
+from ...strategies import LORA_FACTORS, Strategy
 from .cards import README_NAME, EvalResults, render_client_model_card, render_generalist_card
 
 logger = logging.getLogger("comigs_hf.hub")

@@ -20,7 +20,7 @@ from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import load_file
 
-from ..adapters import (
+from ...adapters import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     check_float_tensors,
@@ -28,7 +28,7 @@ from ..adapters import (
     quote_untrusted,
     read_untrusted_json,
 )
-from ..server import InvalidUpdate, check_update
+from ...server import InvalidUpdate, check_update
 from .federation import MANIFEST_NAME, FederationManifest, client_commits, trusted_round_commit
 from .repo import round_tag, with_retries
 from .report import RejectedUpdate

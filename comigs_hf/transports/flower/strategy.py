@@ -29,8 +29,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
-from ..evaluation import EvaluationConfig
-from ..server import (
+from ...evaluation import EvaluationConfig
+from ...server import (
     InvalidUpdate,
     apply_mean_update,
     check_secure_aggregation,
@@ -40,8 +40,8 @@ from ..server import (
     sample_clients,
     server_step,
 )
-from ..strategies import Strategy
-from ..trainer import ClientUpdate
+from ...strategies import Strategy
+from ...trainer import ClientUpdate
 from .messages import (
     arrays_to_shared,
     evaluation_from_reply,
@@ -79,9 +79,9 @@ class CoMiGSStrategy(FlowerStrategy):
         min_train_nodes (`int`, *optional*): the fewest updates a round aggregates; fewer raise
             [`FederationIncomplete`]. Defaults to every client asked.
         timeout (`float`): seconds to wait for nodes to join before round 1, and for query replies.
-        secure_aggregation ([`~comigs_hf.flower.secure.SecureAggregation`], *optional*): run each round's train
-            phase as SecAgg+ (see `comigs_hf.flower.secure`): the server holds only the sum of the updates, and
-            takes their equal-weight mean. `None`: plain replies, each checked.
+        secure_aggregation ([`~comigs_hf.transports.flower.secure.SecureAggregation`], *optional*): run each
+            round's train phase as SecAgg+ (see `comigs_hf.transports.flower.secure`): the server holds only the sum
+            of the updates, and takes their equal-weight mean. `None`: plain replies, each checked.
     """
 
     def __init__(

@@ -24,7 +24,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..adapters import (
+from ...adapters import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     check_float_tensors,
@@ -32,9 +32,9 @@ from ..adapters import (
     quote_untrusted,
     read_untrusted_json,
 )
-from ..modeling_comigs import CoMiGSForCausalLM
-from ..server import MAX_TRAIN_TOKENS
-from ..trainer import ClientUpdate
+from ...modeling_comigs import CoMiGSForCausalLM
+from ...server import MAX_TRAIN_TOKENS
+from ...trainer import ClientUpdate
 from .federation import ForgedRound, check_client_id, published_round_commit
 from .repo import _generalist_files, round_tag, with_retries
 
@@ -63,7 +63,7 @@ def submit_update(
     token: str | bool | None = None,
 ) -> str:
     """Upload this client's generalist after local training in round `round`, for
-    [`~comigs_hf.hub.aggregator.aggregate_round`].
+    [`~comigs_hf.transports.hub.aggregator.aggregate_round`].
 
     Writes `updates/round-<t>/<client_id>/` (PEFT adapter plus `update.json` with the client id, round, number of
     training tokens and base model) in one commit. Submitting again for the same round replaces the update.

@@ -3,9 +3,9 @@
 The repo replaces the Accelerate transport's collective; the protocol is the same. A client
 ([`~comigs_hf.client.Client`], as on every transport) pulls the global tagged `round-<t>`, runs its round
 (`Client.train`, seeded as every transport seeds it), and uploads its update's shared tensors with
-[`~comigs_hf.hub.updates.submit_update`]; the aggregator runs the server step (`server.server_step` inside
-[`~comigs_hf.hub.aggregator.aggregate_round`]) and publishes `round-<t+1>`. With the same recipe, the results equal the
-Accelerate run's.
+[`~comigs_hf.transports.hub.updates.submit_update`]; the aggregator runs the server step (`server.server_step`
+inside [`~comigs_hf.transports.hub.aggregator.aggregate_round`]) and publishes `round-<t+1>`. With the same recipe,
+the results equal the Accelerate run's.
 
 ```
 coordinator   seed_hub_rounds(model, shared, repo_id)                  pushes the global tagged round-1
@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from huggingface_hub import HfApi
 
-from ..adapters import read_generalist
-from ..client import Client
-from ..modeling_comigs import CoMiGSForCausalLM
-from ..ranks import lora_ranks, payload_bytes
-from ..strategies import Strategy
+from ...adapters import read_generalist
+from ...client import Client
+from ...modeling_comigs import CoMiGSForCausalLM
+from ...ranks import lora_ranks, payload_bytes
+from ...strategies import Strategy
 from .federation import MANIFEST_NAME, FederationManifest, published_round_commit
 from .repo import check_hub_strategy, push_generalist_to_hub, round_tag
 from .updates import submit_update
@@ -75,9 +75,9 @@ def seed_hub_rounds(
         strategy ([`~comigs_hf.strategies.Strategy`]): must share the generalist only.
         token (`str` or `bool`, *optional*): Hub token; defaults to `HF_TOKEN` or the stored login.
         private (`bool`, *optional*): visibility of a newly created repo.
-        manifest ([`~comigs_hf.hub.federation.FederationManifest`], *optional*): who takes part, written as
+        manifest ([`~comigs_hf.transports.hub.federation.FederationManifest`], *optional*): who takes part, written as
             `federation.json` into the same commit: only its client ids count, and where it names Hub users, only
-            their commits (see `comigs_hf.hub.federation`). Without one, any client id counts.
+            their commits (see `comigs_hf.transports.hub.federation`). Without one, any client id counts.
 
     Returns:
         `str`: the sha of the commit tagged `round-1`. Publishing the same state again is a no-op.

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from ..server import MAX_ABS_VALUE, InvalidUpdate
-from ..trainer import ClientUpdate
+from ...server import MAX_ABS_VALUE, InvalidUpdate
+from ...trainer import ClientUpdate
 
 # an npy header is at most a few hundred bytes (numpy pads it to 64-byte multiples; 4 KiB bounds any version)
 NPY_HEADER_BYTES = 4096

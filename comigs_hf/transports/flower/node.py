@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from flwr.app import RecordDict
 
-from ..client import Client
-from ..client_state import client_folder_name
-from ..strategies import Strategy
-from ..trainer import ClientUpdate
+from ...client import Client
+from ...client_state import client_folder_name
+from ...strategies import Strategy
+from ...trainer import ClientUpdate
 from .messages import (
     SECURE_TRAIN_CONFIG,
     evaluation_to_reply,

@@ -39,14 +39,14 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .client import Client
-from .client_state import client_folder_name, fresh_parameters, initial_shared_state, saved_client_parameters
-from .data import ClientData
-from .evaluation import EvaluationConfig
-from .modeling_comigs import CoMiGSForCausalLM
-from .server import evaluation_row, sample_clients, server_step
-from .strategies import Strategy, partition_state_dict
-from .trainer import ClientUpdate
+from ..client import Client
+from ..client_state import client_folder_name, fresh_parameters, initial_shared_state, saved_client_parameters
+from ..data import ClientData
+from ..evaluation import EvaluationConfig
+from ..modeling_comigs import CoMiGSForCausalLM
+from ..server import evaluation_row, sample_clients, server_step
+from ..strategies import Strategy, partition_state_dict
+from ..trainer import ClientUpdate
 
 logger = logging.getLogger("comigs_hf.rounds")
 

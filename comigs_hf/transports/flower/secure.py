@@ -15,8 +15,8 @@ bound (`max_update_norm`, or `dp_clipping_norm`'s) is left to the clients, and t
 update, are refused.
 
 Train messages and replies use Flower's FitIns/FitRes record names, which `secaggplus_mod` reads; what they carry
-is this package's: named arrays checked as [`~comigs_hf.flower.messages.arrays_to_shared`] checks them, and the
-reply's metrics and report in `fitres.metrics`, read as any reply's.
+is this package's: named arrays checked as [`~comigs_hf.transports.flower.messages.arrays_to_shared`] checks them,
+and the reply's metrics and report in `fitres.metrics`, read as any reply's.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from ..server import InvalidUpdate
-from ..trainer import ClientUpdate
+from ...server import InvalidUpdate
+from ...trainer import ClientUpdate
 from .messages import SECURE_TRAIN_ARRAYS as TRAIN_ARRAYS
 from .messages import SECURE_TRAIN_CONFIG as TRAIN_CONFIG
 from .messages import shared_to_arrays

@@ -1,7 +1,7 @@
 """The aggregator of Hub-mediated rounds: wait for a round's updates, check them, run the server step, publish.
 
 Round `t` starts from the global tagged `round-<t>`; clients upload their updates under `updates/round-<t>/`
-(`comigs_hf.hub.updates`), and [`aggregate_round`] combines the valid ones through the server step
+(`comigs_hf.transports.hub.updates`), and [`aggregate_round`] combines the valid ones through the server step
 (`comigs_hf.server.server_step`) into the global tagged `round-<t+1>`, with `aggregation.json` reporting what
 was accepted and what was rejected, and why.
 """
@@ -19,15 +19,15 @@ from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from safetensors.torch import save
 
-from ..adapters import (
+from ...adapters import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     quote_untrusted,
     read_untrusted_json,
 )
-from ..algorithms import get_strategy
-from ..server import server_step
-from ..strategies import Strategy, aggregation_weights
+from ...algorithms import get_strategy
+from ...server import server_step
+from ...strategies import Strategy, aggregation_weights
 from .cards import README_NAME, render_generalist_card
 from .federation import (
     FederationManifest,
@@ -101,8 +101,8 @@ def aggregate_round(
     config agreeing with the global's (rank, alpha, rsLoRA, targets), `update.json` for this round with a positive
     `num_tokens`, the same base model, then the server step's checks ([`~comigs_hf.server.check_update`]: the
     global's tensor names, shapes and dtype, finite values), and one update per client. Failing updates are logged
-    (`comigs_hf.hub` warnings) and listed in the report; they never block the others. Without a global `round-<t>`,
-    or with `expected_shapes`, the format most updates share (of those shapes) is the reference.
+    (warnings of the `comigs_hf.hub` logger) and listed in the report; they never block the others. Without a global
+    `round-<t>`, or with `expected_shapes`, the format most updates share (of those shapes) is the reference.
 
     The accepted updates are combined by the server step, [`~comigs_hf.server.server_step`], with the
     strategy's rule and weighting (the recipe's `aggregation`, `aggregation_kwargs` and `weighting`, so
